@@ -1,0 +1,136 @@
+"""Checkpoints: safetensors weights + JSON metadata. Loading never unpickles.
+
+The metadata is the single place for the facts every consumer needs (model preset, backbone,
+input size, normalisation, threshold); engines and the viewer read them from here (or from the
+exported model), never from constants of their own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from . import __version__
+from .models import create_model, resolve
+
+FORMAT = "kdas-checkpoint/1"
+METADATA_KEY = "kdas"
+REQUIRED = ("preset", "backbone", "input_size", "mean", "std", "threshold")
+
+
+class CheckpointError(RuntimeError):
+    """A file that is not a usable KDAS checkpoint; the message names the file and the fix."""
+
+
+def build_metadata(model_name: str, **extra: Any) -> dict[str, Any]:
+    """Metadata for a model of preset `model_name`; `extra` overrides or adds fields
+    (input_size, threshold, data, val_metrics, epoch, ...)."""
+    preset = resolve(model_name)
+    meta = {
+        "format": FORMAT,
+        "preset": model_name,
+        "backbone": preset.backbone,
+        "channel": preset.channel,
+        "input_size": preset.input_size,
+        "mean": list(preset.mean),
+        "std": list(preset.std),
+        "threshold": 0.5,
+        "code_version": __version__,
+    }
+    meta.update(extra)
+    return meta
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str]) -> None:
+    """Write to a temp file beside `path`, then rename: a crash never leaves half a checkpoint."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=directory)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_checkpoint(path: str, model: torch.nn.Module, meta: dict[str, Any]) -> None:
+    missing = [k for k in REQUIRED if k not in meta]
+    if missing:
+        raise ValueError(f"checkpoint metadata lacks {missing}")
+    model = getattr(model, "module", model)  # unwrap DDP
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    _atomic_save(state, path, {METADATA_KEY: json.dumps(meta, sort_keys=True)})
+
+
+def save_tensors(path: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Generic tensors + JSON metadata (optimizer state, RNG state for --resume)."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    _atomic_save(tensors, path, {METADATA_KEY: json.dumps(meta, sort_keys=True)})
+
+
+def read_metadata(path: str) -> dict[str, Any]:
+    """The checkpoint's metadata, with a clear error for missing/corrupt/foreign files."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        with safe_open(path, framework="pt") as f:
+            raw = (f.metadata() or {}).get(METADATA_KEY)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(
+            f"{path}: not a readable safetensors file ({exc}); KDAS checkpoints are written by "
+            "kdas_core.train / kdas_core.distill"
+        ) from exc
+    if raw is None:
+        raise CheckpointError(f"{path}: safetensors file without KDAS metadata; was it written by kdas_core?")
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: KDAS metadata is not valid JSON ({exc})") from exc
+    missing = [k for k in REQUIRED if k not in meta]
+    if missing:
+        raise CheckpointError(f"{path}: metadata lacks {missing}")
+    return meta
+
+
+def read_tensors(path: str, device: str = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    meta = read_metadata(path)
+    tensors = {}
+    with safe_open(path, framework="pt", device=device) as f:
+        for k in f.keys():
+            tensors[k] = f.get_tensor(k)
+    return tensors, meta
+
+
+def load_checkpoint(path: str, device: str = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
+    """(model in eval mode on `device`, metadata). Raises CheckpointError on any mismatch."""
+    state, meta = read_tensors(path)
+    name = meta["preset"]
+    try:
+        model = create_model(name, pretrained=None)
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: {exc}") from exc
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointError(
+            f"{path}: weights do not fit preset {name!r} (missing {len(result.missing_keys)}, "
+            f"unexpected {len(result.unexpected_keys)}, e.g. {(result.missing_keys + result.unexpected_keys)[:3]})"
+        )
+    return model.to(device).eval(), meta
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -1,0 +1,80 @@
+"""Backbone encoders: any timm model with four feature stages at strides 4/8/16/32."""
+
+from __future__ import annotations
+
+import os
+
+import timm
+import torch
+import torch.nn as nn
+
+from .efficientnet_lite_weights import PACKAGES as OFFLINE_PACKAGES, load_offline_imagenet
+
+
+class Encoder(nn.Module):
+    """Wraps `timm.create_model(..., features_only=True)` and exposes the 4 stages at strides 4..32."""
+
+    def __init__(self, backbone: str):
+        super().__init__()
+        probe = timm.create_model(backbone, pretrained=False, features_only=True)
+        reductions = probe.feature_info.reduction()
+        wanted = [reductions.index(r) for r in (4, 8, 16, 32) if r in reductions]
+        if len(wanted) != 4:
+            raise ValueError(f"backbone {backbone!r} has no stages at strides 4/8/16/32 (it has {reductions})")
+        self.backbone_name = backbone
+        self.body = timm.create_model(backbone, pretrained=False, features_only=True, out_indices=tuple(wanted))
+        self.channels: list[int] = self.body.feature_info.channels()
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return list(self.body(x))
+
+    def load_pretrained(self, source: str | None) -> str:
+        """Initialise from ImageNet weights. `source`: None/'none', 'timm' (hub), 'offline'
+        (registry package, EfficientNet-Lite0/1/2), or a path to a timm-format .safetensors/.pth.
+        Returns a short description of what was loaded, for the run's config."""
+        if source in (None, "", "none"):
+            return "none"
+        if source == "auto":
+            source = "offline" if self.backbone_name in OFFLINE_PACKAGES else "none"
+            if source == "none":
+                return "none (no offline ImageNet weights for this backbone; use --pretrained timm or PATH)"
+        if source == "timm":
+            full = timm.create_model(self.backbone_name, pretrained=True)
+            state, desc = full.state_dict(), f"timm hub ({self.backbone_name})"
+        elif source == "offline":
+            full = timm.create_model(self.backbone_name, pretrained=False)
+            state = load_offline_imagenet(self.backbone_name, full.state_dict())
+            desc = f"offline ImageNet ({OFFLINE_PACKAGES.get(self.backbone_name)})"
+        else:
+            state, desc = _read_state_file(source), f"file {os.path.abspath(source)}"
+        self._load_classifier_state(state, desc)
+        return desc
+
+    def _load_classifier_state(self, state: dict[str, torch.Tensor], desc: str) -> None:
+        own = self.body.state_dict()
+        # features_only models drop the head and keep the body's names (or prefix with 'body.' style
+        # in FeatureListNet). Match by name, ignore only classifier/head tensors.
+        matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+        missing = [k for k in own if k not in matched and not k.endswith("num_batches_tracked")]
+        if missing:
+            raise RuntimeError(
+                f"pretrained weights from {desc} leave {len(missing)} backbone tensors unmatched "
+                f"(e.g. {missing[:4]}); is it a checkpoint of {self.backbone_name!r}?"
+            )
+        self.body.load_state_dict(matched, strict=False)
+
+
+def _read_state_file(path: str) -> dict[str, torch.Tensor]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--pretrained {path}: no such file")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    # A user-given .pth/.bin: weights_only refuses to run any pickled code.
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(obj, dict) and "state_dict" in obj:
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise ValueError(f"--pretrained {path}: expected a state dict of tensors")
+    return obj
