@@ -1,0 +1,16 @@
+from .dataset import (
+    DatasetError,
+    DatasetLayout,
+    EvalDataset,
+    TrainDataset,
+    find_pairs,
+    read_image,
+    read_mask,
+    resolve_layout,
+    split_train_val,
+)
+
+__all__ = [
+    "DatasetError", "DatasetLayout", "EvalDataset", "TrainDataset", "find_pairs", "read_image",
+    "read_mask", "resolve_layout", "split_train_val",
+]

@@ -1,0 +1,178 @@
+"""Datasets: image/mask folders matched by file stem, or a PraNet root.
+
+PraNet layout:  ROOT/TrainDataset/{images,masks}, ROOT/TestDataset/<name>/{images,masks}.
+Plain layout:   DIR/{images,masks} (used for both training and as a single test set).
+
+Every problem is an error that names the files; nothing is skipped silently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .transforms import TrainAugment, to_tensor
+
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"}
+Pair = tuple[str, str]
+
+
+class DatasetError(ValueError):
+    """Bad or inconsistent data; the message names the offending files."""
+
+
+def _list_images(folder: Path) -> dict[str, Path]:
+    files: dict[str, Path] = {}
+    for p in sorted(folder.iterdir()):
+        if p.is_file() and p.suffix.lower() in IMAGE_EXTS:
+            if p.stem in files:
+                raise DatasetError(f"{folder}: two files share the stem {p.stem!r}: {files[p.stem].name}, {p.name}")
+            files[p.stem] = p
+    return files
+
+
+def find_pairs(folder: str | os.PathLike) -> list[Pair]:
+    """(image, mask) paths of DIR/images and DIR/masks, matched by stem."""
+    folder = Path(folder)
+    img_dir, mask_dir = folder / "images", folder / "masks"
+    for d in (img_dir, mask_dir):
+        if not d.is_dir():
+            raise DatasetError(f"{folder}: expected sub-folders images/ and masks/; {d} is missing")
+    images, masks = _list_images(img_dir), _list_images(mask_dir)
+    if not images:
+        raise DatasetError(f"{img_dir}: no images ({', '.join(sorted(IMAGE_EXTS))})")
+    no_mask = sorted(set(images) - set(masks))
+    no_image = sorted(set(masks) - set(images))
+    problems = []
+    if no_mask:
+        problems.append(f"{len(no_mask)} image(s) without a mask in {mask_dir}: " + ", ".join(images[s].name for s in no_mask[:8]))
+    if no_image:
+        problems.append(f"{len(no_image)} mask(s) without an image in {img_dir}: " + ", ".join(masks[s].name for s in no_image[:8]))
+    if problems:
+        raise DatasetError("; ".join(problems))
+    return [(str(images[s]), str(masks[s])) for s in sorted(images)]
+
+
+@dataclass
+class DatasetLayout:
+    root: str
+    train: list[Pair]
+    tests: dict[str, list[Pair]] = field(default_factory=dict)
+    kind: str = "pranet"
+
+
+def resolve_layout(root: str | os.PathLike) -> DatasetLayout:
+    """A PraNet root (TrainDataset/, TestDataset/<name>/) or a plain images/masks folder."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"{root}: no such data folder")
+    if (root / "TrainDataset").is_dir() or (root / "TestDataset").is_dir():
+        train = find_pairs(root / "TrainDataset") if (root / "TrainDataset").is_dir() else []
+        tests = {}
+        test_root = root / "TestDataset"
+        if test_root.is_dir():
+            for sub in sorted(p for p in test_root.iterdir() if p.is_dir()):
+                tests[sub.name] = find_pairs(sub)
+        return DatasetLayout(str(root), train, tests, "pranet")
+    if (root / "images").is_dir():
+        pairs = find_pairs(root)
+        return DatasetLayout(str(root), pairs, {root.name: pairs}, "plain")
+    raise DatasetError(f"{root}: neither a PraNet root (TrainDataset/, TestDataset/) nor a folder with images/ and masks/")
+
+
+def split_train_val(pairs: list[Pair], val_fraction: float, seed: int = 0) -> tuple[list[Pair], list[Pair]]:
+    """Deterministic split by hashing file stems: stable across machines, file order and runs."""
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    if val_fraction == 0:
+        return list(pairs), []
+    keyed = sorted(pairs, key=lambda p: hashlib.sha1(f"{seed}:{Path(p[0]).stem}".encode()).hexdigest())
+    n_val = max(1, round(len(pairs) * val_fraction))
+    if n_val >= len(pairs):
+        raise DatasetError(f"only {len(pairs)} training pairs: too few to hold out a validation split")
+    val = sorted(keyed[:n_val])
+    train = sorted(keyed[n_val:])
+    return train, val
+
+
+def read_image(path: str) -> np.ndarray:
+    """RGB uint8 HxWx3."""
+    data = cv2.imread(path, cv2.IMREAD_COLOR)
+    if data is None:
+        raise DatasetError(f"{path}: unreadable or corrupt image")
+    return cv2.cvtColor(data, cv2.COLOR_BGR2RGB)
+
+
+def read_mask(path: str) -> np.ndarray:
+    """Binary uint8 HxW in {0, 1}; thresholded at 127 because upstream masks are often JPEG."""
+    data = cv2.imread(path, cv2.IMREAD_GRAYSCALE)
+    if data is None:
+        raise DatasetError(f"{path}: unreadable or corrupt mask")
+    return (data > 127).astype(np.uint8)
+
+
+def read_pair(image_path: str, mask_path: str) -> tuple[np.ndarray, np.ndarray]:
+    image, mask = read_image(image_path), read_mask(mask_path)
+    if image.shape[:2] != mask.shape:
+        raise DatasetError(
+            f"size mismatch: {image_path} is {image.shape[1]}x{image.shape[0]} but {mask_path} is {mask.shape[1]}x{mask.shape[0]}"
+        )
+    return image, mask
+
+
+class TrainDataset(Dataset):
+    """Augmented training samples at a fixed size (multi-scale happens per batch in the trainer)."""
+
+    def __init__(self, pairs: list[Pair], size: int, mean, std, augment: bool = True):
+        if not pairs:
+            raise DatasetError("empty training set")
+        self.pairs, self.size, self.mean, self.std = pairs, size, mean, std
+        self.augment = TrainAugment(size) if augment else None
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int) -> dict:
+        image, mask = read_pair(*self.pairs[i])
+        image_t, mask_t = to_tensor(image, mask, self.size)
+        if self.augment is not None:
+            image_t, mask_t = self.augment(image_t, mask_t)
+        return {"image": _normalise(image_t, self.mean, self.std), "mask": mask_t, "name": Path(self.pairs[i][0]).stem}
+
+
+class EvalDataset(Dataset):
+    """Image resized to the model size; mask kept at its original size (metrics are computed there)."""
+
+    def __init__(self, pairs: list[Pair], size: int, mean, std):
+        if not pairs:
+            raise DatasetError("empty evaluation set")
+        self.pairs, self.size, self.mean, self.std = pairs, size, mean, std
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int) -> dict:
+        image, mask = read_pair(*self.pairs[i])
+        image_t, _ = to_tensor(image, None, self.size)
+        return {"image": _normalise(image_t, self.mean, self.std), "mask": torch.from_numpy(mask),
+                "name": Path(self.pairs[i][0]).stem, "raw": torch.from_numpy(image)}
+
+
+def _normalise(image: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 CHW -> float CHW normalised with the checkpoint's mean/std."""
+    m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    return (image.float() / 255.0 - m) / s
+
+
+def eval_collate(batch: list[dict]) -> dict:
+    """Masks differ in size between images: keep them as a list."""
+    return {"image": torch.stack([b["image"] for b in batch]), "mask": [b["mask"] for b in batch],
+            "name": [b["name"] for b in batch], "raw": [b["raw"] for b in batch]}
