@@ -8,9 +8,10 @@ from .dataset import (
     read_mask,
     resolve_layout,
     split_train_val,
+    subset_pairs,
 )
 
 __all__ = [
     "DatasetError", "DatasetLayout", "EvalDataset", "TrainDataset", "find_pairs", "read_image",
-    "read_mask", "resolve_layout", "split_train_val",
+    "read_mask", "resolve_layout", "split_train_val", "subset_pairs",
 ]

@@ -176,3 +176,19 @@ def eval_collate(batch: list[dict]) -> dict:
     """Masks differ in size between images: keep them as a list."""
     return {"image": torch.stack([b["image"] for b in batch]), "mask": [b["mask"] for b in batch],
             "name": [b["name"] for b in batch], "raw": [b["raw"] for b in batch]}
+
+
+def subset_pairs(pairs: list[Pair], spec: str) -> list[Pair]:
+    """'k/K': the k-th (1-based) of K disjoint, near-equal parts, assigned by hashed stem so the
+    parts stay the same whatever the file order (multi-teacher KD trains one teacher per part)."""
+    try:
+        k, total = (int(x) for x in spec.split("/"))
+    except ValueError:
+        raise ValueError(f"--subset expects k/K such as 2/4, got {spec!r}") from None
+    if not 1 <= k <= total:
+        raise ValueError(f"--subset {spec}: k must be between 1 and K")
+    keyed = sorted(pairs, key=lambda p: hashlib.sha1(f"subset:{Path(p[0]).stem}".encode()).hexdigest())
+    part = sorted(keyed[k - 1::total])
+    if not part:
+        raise DatasetError(f"--subset {spec}: part {k} of {total} is empty ({len(pairs)} training pairs)")
+    return part

@@ -1,0 +1,58 @@
+"""Distil a student from one or more trained teachers.
+
+Examples:
+  python -m kdas_core.distill --teacher runs/teacher/best.safetensors --model polyppvt-lite0 \\
+      --data ../shared/data/polyp --out runs/lite0-kdas                      # KDAS (default)
+  python -m kdas_core.distill --teacher T.safetensors --model polyppvt-b0 --kd kdas,cwd:0.5 ...
+  python -m kdas_core.distill --teacher T1 --teacher T2 --teacher T3 --kd mtkd ...  # multi-teacher
+
+The student's own loss is the structure loss on P1 and P2; each --kd method adds its terms
+(KDAS: (1-a)*L_seg + a*[tau^2*(KL1+KL2) + SGM], a=0.3, tau=2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .cli_common import run_cli
+from .engine.config import add_training_args, config_from_args
+
+
+def _methods_epilog() -> str:
+    from .losses import available
+
+    lines = ["--kd methods (combine with commas, weight with a colon: --kd kdas,cwd:0.5):"]
+    lines += [f"  {name:<6} {summary}" for name, summary in available().items()]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m kdas_core.distill", description=__doc__,
+                                epilog=_methods_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("distillation")
+    g.add_argument("--teacher", action="append", required=True, metavar="CKPT",
+                   help="teacher checkpoint (.safetensors from kdas_core.train); repeat for several teachers")
+    g.add_argument("--kd", default="kdas", metavar="METHOD[,METHOD...]",
+                   help="distillation method(s), see the list below (default: kdas)")
+    add_training_args(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+
+    def go() -> None:
+        from .engine.trainer import run_training
+        from .losses import parse_kd_spec
+
+        parse_kd_spec(args.kd)  # fail before loading anything
+        result = run_training(config_from_args(args))
+        print(f"[kdas] done: best validation mDice {result['best_val_mDice']:.4f} at epoch {result['best_epoch']} "
+              f"-> {result['best']}")
+
+    return run_cli(go, "kdas_core.distill")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

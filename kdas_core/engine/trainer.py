@@ -1,0 +1,332 @@
+"""The training loop behind `train`, `distill` and `ablate`.
+
+One loop for plain and distilled training: a distilled run is a plain run plus frozen teachers
+and a list of distillers whose terms are added to the (possibly down-weighted) structure loss.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+
+from ..checkpoint import build_metadata, file_sha256, load_checkpoint, read_metadata, read_tensors, save_checkpoint
+from ..data.dataset import TrainDataset, resolve_layout, split_train_val, subset_pairs
+from ..losses import build_distillers, structure_loss
+from ..models import create_model, resolve
+from . import distributed
+from .config import TrainConfig
+from .state import load_train_state, save_train_state
+
+
+@dataclass
+class Teacher:
+    model: nn.Module
+    meta: dict
+    path: str
+
+
+class TrainStep(nn.Module):
+    """Student + distillers in one module, so DDP syncs adapter gradients too.
+    Teachers are kept outside the module tree: frozen, never saved with the student."""
+
+    def __init__(self, student: nn.Module, distillers: nn.ModuleList, teachers: list[Teacher], student_norm):
+        super().__init__()
+        self.student = student
+        self.distillers = distillers
+        self._teachers = teachers
+        self.seg_weight = min([d.seg_weight for d in distillers], default=1.0)
+        self._student_norm = student_norm
+
+    def forward(self, image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        s_out = self.student(image)
+        terms = {"seg": self.seg_weight * (structure_loss(s_out["p1"], mask) + structure_loss(s_out["p2"], mask))}
+        if self.distillers:
+            t_outs = []
+            with torch.no_grad():
+                for t in self._teachers:
+                    t_outs.append(t.model(_renormalise(image, self._student_norm, t.meta)))
+            batch = {"image": image, "mask": mask}
+            for d in self.distillers:
+                terms.update(d(s_out, t_outs, batch))
+        total = sum(terms.values())
+        return total, terms
+
+
+def _renormalise(image: torch.Tensor, student_norm: tuple, teacher_meta: dict) -> torch.Tensor:
+    """Teachers normalised differently from the student get the same pixels in their own normalisation."""
+    s_mean, s_std = student_norm
+    if list(s_mean) == list(teacher_meta["mean"]) and list(s_std) == list(teacher_meta["std"]):
+        return image
+    dev = image.device
+    sm, ss = torch.tensor(s_mean, device=dev).view(1, 3, 1, 1), torch.tensor(s_std, device=dev).view(1, 3, 1, 1)
+    tm = torch.tensor(teacher_meta["mean"], device=dev).view(1, 3, 1, 1)
+    ts = torch.tensor(teacher_meta["std"], device=dev).view(1, 3, 1, 1)
+    return ((image * ss + sm) - tm) / ts
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def _lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _rescale(image: torch.Tensor, mask: torch.Tensor, rate: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Polyp-PVT multi-scale training: whole batch to round(size * rate / 32) * 32."""
+    if rate == 1.0:
+        return image, mask
+    side = max(32, int(round(image.shape[-1] * rate / 32) * 32))
+    image = F.interpolate(image, size=(side, side), mode="bilinear", align_corners=True)
+    mask = (F.interpolate(mask, size=(side, side), mode="bilinear", align_corners=True) > 0.5).float()
+    return image, mask
+
+
+def _load_teachers(paths: list[str], device: torch.device) -> list[Teacher]:
+    teachers = []
+    for p in paths:
+        model, meta = load_checkpoint(p, device=str(device))
+        for q in model.parameters():
+            q.requires_grad_(False)
+        teachers.append(Teacher(model.eval(), meta, p))
+    return teachers
+
+
+class RunLog:
+    """Per-epoch CSV + TensorBoard (when installed); rank 0 only."""
+
+    def __init__(self, out: str, resume: bool):
+        self.csv_path = os.path.join(out, "log.csv")
+        self.rows: list[dict] = []
+        if resume and os.path.exists(self.csv_path):
+            with open(self.csv_path, newline="") as f:
+                self.rows = list(csv.DictReader(f))
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(os.path.join(out, "tb"))
+        except Exception:  # tensorboard missing: the CSV is the log
+            self.tb = None
+
+    def write(self, row: dict) -> None:
+        self.rows.append(row)
+        keys: list[str] = []
+        for r in self.rows:
+            keys += [k for k in r if k not in keys]
+        tmp = self.csv_path + ".tmp"
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys)
+            w.writeheader()
+            w.writerows(self.rows)
+        os.replace(tmp, self.csv_path)
+        if self.tb is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k != "epoch":
+                    self.tb.add_scalar(k, v, row["epoch"])
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def run_training(cfg: TrainConfig) -> dict[str, Any]:
+    """Train (or distil) as configured; returns a summary with paths and the best validation score."""
+    from ..evaluate import evaluate_pairs  # late import: evaluate imports heavy optional bits
+
+    device, rank, world = distributed.setup(cfg.device)
+    is_main = rank == 0
+    try:
+        preset = resolve(cfg.model)
+        size = cfg.image_size or preset.input_size
+        mean, std = list(preset.mean), list(preset.std)
+
+        layout = resolve_layout(cfg.data)
+        if not layout.train:
+            raise ValueError(f"{cfg.data}: no training data (TrainDataset/ or images/+masks/)")
+        train_pairs, val_pairs = split_train_val(layout.train, cfg.val_fraction, seed=0)
+        if cfg.subset:
+            train_pairs = subset_pairs(train_pairs, cfg.subset)
+
+        os.makedirs(cfg.out, exist_ok=True)
+        last_path = os.path.join(cfg.out, "last.safetensors")
+        best_path = os.path.join(cfg.out, "best.safetensors")
+        state_path = os.path.join(cfg.out, "train_state.safetensors")
+        if cfg.resume and not (os.path.exists(last_path) and os.path.exists(state_path)):
+            raise FileNotFoundError(f"--resume: {cfg.out} has no last.safetensors + train_state.safetensors to resume from")
+        if not cfg.resume and os.path.exists(last_path):
+            raise FileExistsError(f"{cfg.out} already holds a run; use --resume to continue it or choose another --out")
+
+        student = create_model(cfg.model, pretrained=None if cfg.resume else cfg.pretrained)
+        pretrained_desc = getattr(student, "pretrained_source", "none")
+        teachers = _load_teachers(cfg.teachers, device)
+        if cfg.kd != "none" and not teachers:
+            raise ValueError(f"--kd {cfg.kd} needs at least one --teacher checkpoint")
+        distillers = build_distillers(cfg.kd, student, [t.model for t in teachers])
+        step_module = TrainStep(student, distillers, teachers, (mean, std)).to(device)
+        if device.type == "cuda":
+            step_module = step_module.to(memory_format=torch.channels_last)
+
+        params = [p for p in step_module.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        use_amp = cfg.amp and device.type == "cuda"
+        amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+        scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+
+        progress = {"epoch": 0, "step": 0, "best_score": -1.0, "best_epoch": 0, "train_seconds": 0.0}
+        if cfg.resume:
+            weights, meta = read_tensors(last_path)
+            student.load_state_dict(weights)
+            progress = load_train_state(state_path, optimizer, distillers, scaler)
+            pretrained_desc = meta.get("pretrained", pretrained_desc)
+
+        wrapped: nn.Module = step_module
+        if world > 1:
+            wrapped = DistributedDataParallel(step_module, find_unused_parameters=bool(list(distillers.parameters())))
+
+        dataset = TrainDataset(train_pairs, size, mean, std, augment=True)
+        steps_per_epoch = math.ceil(len(dataset) / (cfg.batch_size * world))
+        if cfg.steps_per_epoch:
+            steps_per_epoch = min(steps_per_epoch, cfg.steps_per_epoch)
+        total_steps = steps_per_epoch * cfg.epochs
+        warmup = int(cfg.warmup_epochs * steps_per_epoch)
+
+        data_info = {"root": os.path.abspath(cfg.data), "n_train": len(train_pairs), "n_val": len(val_pairs),
+                     "val_fraction": cfg.val_fraction, "subset": cfg.subset}
+        teacher_info = [{"path": os.path.abspath(t.path), "preset": t.meta["preset"], "sha256": file_sha256(t.path)}
+                        for t in teachers]
+        if is_main:
+            with open(os.path.join(cfg.out, "config.json"), "w") as f:
+                json.dump({**cfg.to_dict(), "resolved": {"image_size": size, "mean": mean, "std": std,
+                           "device": str(device), "world_size": world, "amp": str(amp_dtype) if use_amp else "off",
+                           "pretrained": pretrained_desc, "steps_per_epoch": steps_per_epoch,
+                           "params_student": sum(p.numel() for p in student.parameters()),
+                           "teachers": teacher_info, "data": data_info}}, f, indent=2)
+            log = RunLog(cfg.out, cfg.resume)
+            print(f"[kdas] {cfg.model} ({sum(p.numel() for p in student.parameters()) / 1e6:.2f} M params, init: "
+                  f"{pretrained_desc}) on {device}, {len(train_pairs)} train / {len(val_pairs)} val images at "
+                  f"{size}px, kd={cfg.kd}, epochs {progress['epoch'] + 1}..{cfg.epochs}", flush=True)
+
+        for epoch in range(progress["epoch"], cfg.epochs):
+            # Seeding per epoch makes an epoch depend only on (seed, epoch, weights): --resume is exact.
+            _seed_everything(cfg.seed * 100003 + epoch)
+            gen = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
+            sampler = (DistributedSampler(dataset, seed=cfg.seed) if world > 1 else RandomSampler(dataset, generator=gen))
+            if world > 1:
+                sampler.set_epoch(epoch)
+            loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
+                                drop_last=len(dataset) >= cfg.batch_size * world * 2, pin_memory=device.type == "cuda",
+                                generator=gen, persistent_workers=False)
+            step_module.train()
+            for t in teachers:
+                t.model.eval()
+            sums: dict[str, float] = {}
+            n_seen, t0 = 0, time.time()
+            bar = _progress(loader, steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}", cfg.progress and is_main)
+            for i, batch in enumerate(bar):
+                if i >= steps_per_epoch:
+                    break
+                lr = cfg.lr * _lr_factor(progress["step"], total_steps, warmup, cfg.schedule)
+                for g in optimizer.param_groups:
+                    g["lr"] = lr
+                image = batch["image"].to(device, non_blocking=True)
+                mask = batch["mask"].to(device, non_blocking=True)
+                image, mask = _rescale(image, mask, random.choice(cfg.multiscale))
+                if device.type == "cuda":
+                    image = image.contiguous(memory_format=torch.channels_last)
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                    loss, terms = wrapped(image, mask)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch + 1}, step {i + 1}: "
+                                             f"terms {({k: float(v) for k, v in terms.items()})}; lower --lr?")
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if cfg.clip_grad > 0:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
+                scaler.step(optimizer)
+                scaler.update()
+                progress["step"] += 1
+                n_seen += image.shape[0]
+                for k, v in {"loss": loss, **terms}.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.detach())
+                if hasattr(bar, "set_postfix"):
+                    bar.set_postfix(loss=f"{sums['loss'] / (i + 1):.4f}", lr=f"{lr:.1e}",
+                                    img_s=f"{n_seen * world / max(1e-6, time.time() - t0):.1f}")
+            if hasattr(bar, "close"):
+                bar.close()
+            steps_done = max(1, min(steps_per_epoch, i + 1))
+            epoch_seconds = time.time() - t0
+            progress["train_seconds"] += epoch_seconds
+            row: dict[str, Any] = {"epoch": epoch + 1, "lr": lr, "seconds": round(epoch_seconds, 1),
+                                   "img_per_s": round(n_seen * world / max(1e-6, epoch_seconds), 2)}
+            row.update({f"train_{k}": distributed.mean_across(v / steps_done, device) for k, v in sums.items()})
+            progress["epoch"] = epoch + 1
+
+            if is_main:
+                val_metrics: dict[str, float] = {}
+                is_last = epoch + 1 == cfg.epochs
+                if val_pairs and ((epoch + 1) % cfg.val_every == 0 or is_last):
+                    summary, _ = evaluate_pairs(student, val_pairs, size, mean, std, cfg.threshold, str(device),
+                                                batch_size=max(1, cfg.batch_size // 2), desc="validate", progress=cfg.progress)
+                    val_metrics = {k: float(summary[k]) for k in ("mDice", "mIoU", "MAE") if k in summary}
+                    row.update({f"val_{k}": v for k, v in val_metrics.items()})
+                    improved = val_metrics["mDice"] > progress["best_score"]
+                elif not val_pairs:
+                    improved = True  # no validation split: best = last, said in the metadata
+                else:
+                    improved = False
+                meta = build_metadata(cfg.model, input_size=size, threshold=cfg.threshold, epoch=epoch + 1,
+                                      data=data_info, val_metrics=val_metrics, pretrained=pretrained_desc,
+                                      kd=cfg.kd, teachers=teacher_info,
+                                      selection="best validation mDice" if val_pairs else "last epoch (no validation split)")
+                if improved:
+                    progress["best_score"] = val_metrics.get("mDice", progress["best_score"])
+                    progress["best_epoch"] = epoch + 1
+                    save_checkpoint(best_path, student, meta)
+                save_checkpoint(last_path, student, meta)
+                save_train_state(state_path, optimizer, distillers, progress, scaler)
+                log.write(row)
+                msg = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
+                print(f"[kdas] {msg}{'  *best*' if improved else ''}", flush=True)
+            distributed.barrier()
+
+        if is_main:
+            log.close()
+        return {"out": cfg.out, "best": best_path, "last": last_path, "best_val_mDice": progress["best_score"],
+                "best_epoch": progress["best_epoch"], "train_seconds": progress["train_seconds"],
+                "params": sum(p.numel() for p in student.parameters())}
+    finally:
+        distributed.cleanup()
+
+
+def _progress(loader, total: int, desc: str, enabled: bool):
+    if not enabled:
+        return loader
+    from tqdm.auto import tqdm
+
+    return tqdm(loader, total=total, desc=desc, unit="batch", dynamic_ncols=True, leave=False)
+
+
+def student_size_from(path: str) -> int:
+    return int(read_metadata(path)["input_size"])

@@ -1,0 +1,44 @@
+"""Train a model on masks alone (teachers, or students without KD).
+
+Examples:
+  python -m kdas_core.train --model polyppvt-lite2 --data ../shared/data/polyp --out runs/teacher-lite2
+  python -m kdas_core.train --model polyppvt-b2 --pretrained timm --data DATA --out runs/teacher-b2 --device cuda
+  python -m kdas_core.train --model polyppvt-lite0 --data DATA --out runs/lite0 --epochs 20 --image-size 256
+  python -m kdas_core.train ... --out runs/lite0 --resume          # continue exactly where it stopped
+  torchrun --nproc_per_node 4 -m kdas_core.train ...               # several GPUs (DDP)
+
+Writes RUN/best.safetensors (best validation mDice), RUN/last.safetensors, RUN/config.json,
+RUN/log.csv and TensorBoard logs in RUN/tb.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .cli_common import run_cli
+from .engine.config import add_training_args, config_from_args
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m kdas_core.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_training_args(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+
+    def go() -> None:
+        from .engine.trainer import run_training
+
+        result = run_training(config_from_args(args))
+        print(f"[kdas] done: best validation mDice {result['best_val_mDice']:.4f} at epoch {result['best_epoch']} "
+              f"-> {result['best']}")
+
+    return run_cli(go, "kdas_core.train")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
