@@ -96,15 +96,17 @@ def _open(name: str, path: str, kind: str, opts: dict, notes: list[str]) -> Back
     if name == "tensorrt":
         from .backends import tensorrt_backend as trt_b
 
-        reason = trt_b.why_unavailable()
+        reason = trt_b.why_unavailable(opts["device"])
         if reason:
             raise BackendError(reason)
-        engine = path if kind == "engine" else trt_b.find_cached_engine(path, opts["image_size"])
+        engine = path if kind == "engine" else trt_b.find_cached_engine(path, opts["image_size"], opts["device"])
         b = trt_b.TensorRTBackend(engine, device=opts["device"])
+        if engine != path:
+            notes.append(f"tensorrt runs the prebuilt engine {engine}")
         return b
 
     if kind == "engine":
-        from .backends.tensorrt_backend import read_sidecar
+        from .trt_common import read_sidecar
 
         side = read_sidecar(path)
         sources = [side.get("onnx"), side.get("checkpoint")] if name == "onnxruntime" else [side.get("checkpoint")]

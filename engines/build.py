@@ -1,0 +1,125 @@
+"""python -m engines.build: export a KDAS checkpoint to ONNX, optionally build a TensorRT engine,
+optionally verify the result against the PyTorch checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .cli_common import EXIT_CODES_HELP, EXIT_OK, UnavailableError, VerifyError, run
+
+DESCRIPTION = """\
+Export a KDAS checkpoint (.safetensors) for deployment.
+
+ONNX (always written): the graph takes uint8 RGB frames, NHWC (N,S,S,3), already resized to
+the model size, with a dynamic batch N; it normalises inside and outputs float32 probabilities
+(N,S,S) = sigmoid(P1 + P2). Input size, threshold, mean/std and the checkpoint's SHA-256 are
+embedded as ONNX metadata (kdas.*), so apps hold no pre/post-processing constants.
+
+TensorRT (--format tensorrt, extra [trt], NVIDIA GPU): builds an engine from that ONNX with a
+strongly typed network (FP16 comes from an FP16 ONNX: works on TensorRT 10 and 11), batch 1-4,
+a timing cache, and names the engine by GPU, compute capability, TensorRT version, precision
+and input size, with a JSON sidecar. Builds take minutes; progress is printed.
+"""
+
+EPILOG = f"""\
+examples:
+  python -m engines.build --weights runs/student/best.safetensors --out deploy/ --verify
+  python -m engines.build --weights best.safetensors --out deploy/ --format tensorrt --precision fp16 --verify
+  python -m engines.build --weights best.safetensors --out deploy/ --image-size 256
+
+--verify runs the artefact and the PyTorch checkpoint on the same frames (--verify-frames DIR,
+or synthetic ones) and fails unless: fp32 max prob diff <= 1e-3; fp16 mask Dice >= 0.99 and no
+all-empty masks where the reference has foreground.
+
+{EXIT_CODES_HELP}
+"""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m engines.build", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--weights", required=True, metavar="CKPT", help="KDAS checkpoint (.safetensors from kdas_core.train/distill)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (created if needed)")
+    p.add_argument("--format", choices=("onnx", "tensorrt"), default="onnx", help="artefact to build (default: onnx; tensorrt also writes the ONNX it builds from)")
+    p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32", help="fp32 (default) or fp16 (network in half precision; for TensorRT/GPU)")
+    p.add_argument("--image-size", type=int, metavar="S", help="square input side (default: the checkpoint's input_size; multiples of 32 recommended)")
+    p.add_argument("--verify", action="store_true", help="compare the artefact with the PyTorch checkpoint and fail on disagreement")
+    p.add_argument("--verify-frames", metavar="DIR", help="images to verify on (default: synthetic frames)")
+    p.add_argument("--max-batch", type=int, default=4, metavar="N", help="TensorRT profile: largest batch (default 4)")
+    p.add_argument("--device", default=None, metavar="DEV", help="CUDA device for TensorRT, e.g. cuda:1 (default cuda:0)")
+    args = p.parse_args(argv)
+    if args.image_size is not None and not 32 <= args.image_size <= 2048:
+        p.error(f"--image-size must be between 32 and 2048, got {args.image_size}")
+    if args.max_batch < 1:
+        p.error("--max-batch must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from kdas_core.checkpoint import file_sha256, read_metadata
+
+    from .backends.torch_backend import load_torch_checkpoint
+    from .export import export_onnx
+
+    meta = read_metadata(args.weights)  # CheckpointError -> exit 2 with the file named
+    size = int(args.image_size or meta["input_size"])
+    model, meta = load_torch_checkpoint(args.weights)
+
+    if args.format == "tensorrt":
+        # Fail before a long export when TensorRT cannot run here at all.
+        from .backends.tensorrt_backend import why_unavailable
+
+        reason = why_unavailable(args.device)
+        if reason:
+            raise UnavailableError(f"--format tensorrt: {reason}")
+
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.splitext(os.path.basename(args.weights))[0]
+    onnx_path = os.path.join(args.out, f"{stem}-{size}-{args.precision}.onnx")
+    export_onnx(
+        model, meta, onnx_path, image_size=size, precision=args.precision,
+        source_sha256=file_sha256(args.weights), source_path=args.weights, log=_say,
+    )
+    artefact = onnx_path
+    if args.format == "tensorrt":
+        from .trt_build import build_engine
+
+        artefact = build_engine(onnx_path, args.out, max_batch=args.max_batch, device=args.device, checkpoint=args.weights, log=_say)
+
+    if args.verify:
+        _verify(args, artefact, size)
+    print(artefact)  # stdout: the artefact path only, for scripts
+    return EXIT_OK
+
+
+def _verify(args: argparse.Namespace, artefact: str, size: int) -> None:
+    from . import load_backend
+    from .verify import compare, load_frames, synthetic_frames
+
+    frames = load_frames(args.verify_frames, size) if args.verify_frames else synthetic_frames(3, size)
+    reference = load_backend(args.weights, backend="torch", device="cpu", image_size=size)
+    if artefact.endswith(".onnx"):
+        candidate = load_backend(artefact, backend="onnxruntime", device="cpu")
+    else:
+        candidate = load_backend(artefact, backend="tensorrt", device=args.device)
+    _say(f"verifying {candidate.name} against torch (cpu, fp32) on {len(frames)} {'image' if args.verify_frames else 'synthetic'} frames ...")
+    try:
+        result = compare(reference.predict(frames), candidate.predict(frames), args.precision, reference.threshold)
+    finally:
+        reference.close()
+        candidate.close()
+    _say(result.summary())
+    if not result.ok:
+        raise VerifyError(f"{artefact} disagrees with {args.weights}; see above")
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(run(main))
