@@ -119,12 +119,17 @@ def load_checkpoint(path: str, device: str = "cpu") -> tuple[torch.nn.Module, di
         model = create_model(name, pretrained=None)
     except ValueError as exc:
         raise CheckpointError(f"{path}: {exc}") from exc
-    result = model.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong_shape = [k for k in own if k in state and own[k].shape != state[k].shape]
+    if missing or unexpected or wrong_shape:
         raise CheckpointError(
-            f"{path}: weights do not fit preset {name!r} (missing {len(result.missing_keys)}, "
-            f"unexpected {len(result.unexpected_keys)}, e.g. {(result.missing_keys + result.unexpected_keys)[:3]})"
+            f"{path}: weights do not fit preset {name!r} (missing {len(missing)}, unexpected {len(unexpected)}, "
+            f"wrong shape {len(wrong_shape)}, e.g. {(missing + unexpected + wrong_shape)[:3]}); "
+            "the file's metadata names another model than its weights"
         )
+    model.load_state_dict(state, strict=True)
     return model.to(device).eval(), meta
 
 

@@ -1,0 +1,46 @@
+"""Shared fixtures. Real data lives in ../shared/data beside the checkout (absent in a user's clone)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+# Two cores in CI: keep intra-op threads predictable.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def shared_data(*parts: str) -> Path:
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"real data not present at {path} (only in the team's checkout with ../shared)")
+    return path
+
+
+def write_pair_folder(root: Path, n: int, size: int = 48, seed: int = 0) -> Path:
+    """A tiny images/masks folder: bright discs on a dark textured background."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "masks").mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        img = (rng.random((size, size, 3)) * 60 + 40).astype(np.uint8)
+        mask = np.zeros((size, size), np.uint8)
+        cx, cy, r = rng.integers(size // 4, 3 * size // 4, 2).tolist() + [int(rng.integers(size // 8, size // 4))]
+        cv2.circle(mask, (cx, cy), r, 255, -1)
+        img[mask > 0] = (200, 120, 110)
+        cv2.imwrite(str(root / "images" / f"{i:03d}.jpg"), img)
+        cv2.imwrite(str(root / "masks" / f"{i:03d}.png"), mask)
+    return root
+
+
+@pytest.fixture
+def pair_folder(tmp_path: Path) -> Path:
+    return write_pair_folder(tmp_path / "set", 6)
