@@ -105,7 +105,7 @@ def _folds_and_depth(rng, h, w, unit, lumen_xy=None):
     shadow = np.clip(-np.cos(phase - 0.9), 0, 1) ** 2.5  # soft crease just behind the crest
     strength = rng.uniform(0.5, 1.0)
     shade = depth * (1 + strength * (0.12 * ridge - 0.28 * shadow))
-    return shade.astype(np.float32), (ridge * depth).astype(np.float32)
+    return shade.astype(np.float32), (ridge * depth).astype(np.float32), depth.astype(np.float32)
 
 
 def _vessels(rng, h, w, unit):
@@ -132,16 +132,12 @@ def _vessels(rng, h, w, unit):
     return cv2.GaussianBlur(layer, (0, 0), 0.6 + unit / 400)
 
 
-def _polyp(rng, h, w, unit, centre=None, radius=None):
-    """One polyp: (rho map, height map, normals z/x/y) as fields over the frame.
+def _polyp(rng, h, w, centre, radius):
+    """One polyp: (rho map, height map, height gradients x/y) as fields over the frame.
 
     rho < 1 is inside; the outline is an ellipse with low-order Fourier wobble so shapes vary
     from round to lobulated."""
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    if radius is None:
-        radius = unit * rng.uniform(0.06, 0.3)
-    if centre is None:
-        centre = (rng.uniform(0.12, 0.88) * w, rng.uniform(0.12, 0.88) * h)
     cx, cy = centre
     ang = rng.uniform(0, np.pi)
     elong = rng.uniform(0.6, 1.0)
@@ -174,10 +170,21 @@ def _shade_normals(gx, gy, light):
     return lambert, spec
 
 
-def _render_scene(rng, h, w, unit, n_polyps, lumen_xy=None, polyp_sites=None):
-    """Linear-ish float RGB scene (no camera effects) and its binary polyp mask."""
+def _polyp_centre(rng, h, w, depth, margin):
+    """A centre away from the dark lumen: a polyp lost in the dark would teach "lumen = polyp"."""
+    for _ in range(20):
+        cx, cy = rng.uniform(margin, 1 - margin) * w, rng.uniform(margin, 1 - margin) * h
+        if depth[int(cy), int(cx)] > 0.6:
+            break
+    return cx, cy
+
+
+def _render_scene(rng, h, w, unit, n_polyps, lumen_xy=None, radius_range=(0.06, 0.3), margin=0.12):
+    """Linear-ish float RGB scene (no camera effects) and its binary polyp mask.
+
+    Polyp radii are drawn from `radius_range` x unit, centres within `margin` of the borders."""
     rgb, base = _mucosa(rng, h, w, unit)
-    shade, ridge = _folds_and_depth(rng, h, w, unit, lumen_xy)
+    shade, ridge, depth = _folds_and_depth(rng, h, w, unit, lumen_xy)
     vessels = _vessels(rng, h, w, unit)
     rgb *= 1 - vessels[..., None] * rng.uniform(0.3, 0.6) * np.array([0.3, 0.75, 0.6], np.float32)
 
@@ -185,9 +192,9 @@ def _render_scene(rng, h, w, unit, n_polyps, lumen_xy=None, polyp_sites=None):
     light /= np.linalg.norm(light)
     mask = np.zeros((h, w), bool)
     spec_map = np.zeros((h, w), np.float32)
-    for i in range(n_polyps):
-        site = polyp_sites[i] if polyp_sites is not None else (None, None)
-        rho, height, gx, gy = _polyp(rng, h, w, unit, *site)
+    for _ in range(n_polyps):
+        centre = _polyp_centre(rng, h, w, depth, margin)
+        rho, height, gx, gy = _polyp(rng, h, w, centre, unit * rng.uniform(*radius_range))
         lambert, spec = _shade_normals(gx, gy, light)
         contrast = rng.uniform(0.15, 1.0)
         if rng.random() < 0.6:  # paler/yellowish (many adenomas) ...
@@ -259,12 +266,9 @@ def render_clip(n_frames: int, size: int, seed: int = 0) -> Iterator[tuple[np.nd
     rng = np.random.default_rng([seed, 3])
     scene_size = 3 * size
     n_polyps = int(rng.integers(4, 7))
-    sites = []
-    for _ in range(n_polyps):
-        sites.append(((rng.uniform(0.2, 0.8) * scene_size, rng.uniform(0.2, 0.8) * scene_size),
-                      size * rng.uniform(0.08, 0.25)))
     lumen = (scene_size * rng.uniform(0.4, 0.6), scene_size * rng.uniform(0.4, 0.6))
-    scene, scene_mask = _render_scene(rng, scene_size, scene_size, size, n_polyps, lumen, sites)
+    scene, scene_mask = _render_scene(rng, scene_size, scene_size, size, n_polyps, lumen,
+                                      radius_range=(0.08, 0.25), margin=0.2)
     mask_f = scene_mask.astype(np.float32)
 
     # Camera path: periods of ~150-400 frames regardless of n_frames, so speed does not depend on length.
