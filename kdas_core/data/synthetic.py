@@ -259,16 +259,16 @@ def render_frame(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.nd
 def render_clip(n_frames: int, size: int, seed: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield `n_frames` (frame_rgb uint8 HxWx3, mask uint8 HxW in {0,1}) with smooth camera motion.
 
-    A scene 3x the frame size is rendered once (a lumen, 4-6 polyps); a virtual camera pans,
+    A scene 3x the frame size is rendered once (a lumen, 3-5 polyps); a virtual camera pans,
     zooms and rolls over it along slow Lissajous paths (about 1-2 % of the frame per frame),
     so polyps drift into and out of view. Lighting gain flickers gently. Deterministic per seed.
     """
     rng = np.random.default_rng([seed, 3])
     scene_size = 3 * size
-    n_polyps = int(rng.integers(4, 7))
+    n_polyps = int(rng.integers(3, 6))
     lumen = (scene_size * rng.uniform(0.4, 0.6), scene_size * rng.uniform(0.4, 0.6))
     scene, scene_mask = _render_scene(rng, scene_size, scene_size, size, n_polyps, lumen,
-                                      radius_range=(0.08, 0.25), margin=0.2)
+                                      radius_range=(0.08, 0.25), margin=0.1)
     mask_f = scene_mask.astype(np.float32)
 
     # Camera path: periods of ~150-400 frames regardless of n_frames, so speed does not depend on length.
