@@ -1,0 +1,231 @@
+"""Compare distillation methods under one schedule: the table a paper prints.
+
+Examples:
+  python -m kdas_core.ablate --teacher runs/teacher/best.safetensors --model polyppvt-lite0 \\
+      --data ../shared/data/polyp --methods kdas,kd,at,cwd,skd,hlfd,grd --out runs/ablation
+  python -m kdas_core.ablate ... --methods kdas,kdas+cwd:0.5      # '+' combines methods in one row
+  python -m kdas_core.ablate ... --resume                          # continue an interrupted ablation
+
+For every method (and `none`, the student trained on the masks alone, unless --no-baseline) the
+student is trained with exactly the same flags and seed (same initialisation, same batches), in
+OUT/<method>/, by the trainer behind `kdas_core.distill`. The checkpoint chosen by validation
+mDice (--checkpoint best) is then evaluated on every test set of --data (or --test-data), and
+OUT/ablation.md + OUT/ablation.json hold mDice and mIoU per set, their mean over sets, the
+student's parameter count and its training time. The teachers are evaluated too, as reference
+rows (--no-teacher-rows skips that).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import sys
+import time
+
+from .cli_common import run_cli
+from .engine.config import add_training_args, config_from_args
+
+RESULT_FILE = "ablation_result.json"
+
+
+def parse_methods(spec: str, baseline: bool = True) -> list[tuple[str, str]]:
+    """'kdas,kdas+cwd:0.5' -> [('none', 'none'), ('kdas', 'kdas'), ('kdas+cwd:0.5', 'kdas,cwd:0.5')]:
+    (row label, --kd spec). Every name is checked against the registry."""
+    from .losses import parse_kd_spec
+
+    rows = [("none", "none")] if baseline else []
+    for label in filter(None, (s.strip() for s in spec.split(","))):
+        kd = label.replace("+", ",")
+        parse_kd_spec(kd)  # unknown names fail here, before any training
+        if label not in [r[0] for r in rows]:
+            rows.append((label, kd))
+    if not rows:
+        raise ValueError("--methods is empty (and --no-baseline leaves nothing to train)")
+    return rows
+
+
+def run_dir_name(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.+-]", "-", label.replace(":", "-"))
+
+
+def test_sets(data: str, test_data: list[str] | None) -> dict[str, list]:
+    from .data import resolve_layout
+
+    sets: dict[str, list] = {}
+    for root in test_data or [data]:
+        layout = resolve_layout(root)
+        for name, pairs in layout.tests.items():
+            sets[name if name not in sets else f"{name}@{os.path.basename(os.path.normpath(root))}"] = pairs
+    if not sets:
+        raise ValueError(f"{', '.join(test_data or [data])}: no test sets (TestDataset/<name>/ or images/+masks/); use --test-data")
+    return sets
+
+
+def evaluate_checkpoint(path: str, sets: dict[str, list], device: str, batch_size: int, progress: bool) -> dict:
+    """mDice/mIoU (and whatever else the evaluator reports) per test set for one checkpoint."""
+    from .checkpoint import load_checkpoint
+    from .evaluate import evaluate_pairs
+
+    model, meta = load_checkpoint(path, device=device)
+    out = {}
+    for name, pairs in sets.items():
+        summary, _ = evaluate_pairs(model, pairs, int(meta["input_size"]), meta["mean"], meta["std"],
+                                    float(meta["threshold"]), device, batch_size=batch_size, desc=name, progress=progress)
+        out[name] = {k: float(v) for k, v in summary.items() if isinstance(v, (int, float))}
+        out[name]["n"] = len(pairs)
+    return {"tests": out, "params": sum(p.numel() for p in model.parameters()), "preset": meta.get("preset")}
+
+
+def _mean_over_sets(tests: dict, key: str) -> float | None:
+    vals = [t[key] for t in tests.values() if key in t]
+    return sum(vals) / len(vals) if vals else None
+
+
+def _fmt_time(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = int(round(seconds))
+    return f"{s // 3600}h{(s % 3600) // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def markdown_table(rows: list[dict], set_names: list[str], header: str = "") -> str:
+    cols = ["Method", "Params (M)", "Train time"]
+    for n in set_names:
+        cols += [f"{n} mDice", f"{n} mIoU"]
+    cols += ["Mean mDice", "Mean mIoU"]
+    lines = [header.rstrip() + "\n"] if header else []
+    lines += ["| " + " | ".join(cols) + " |", "|" + "|".join(["---"] + ["---:"] * (len(cols) - 1)) + "|"]
+    best = {k: max((r["mean"][k] for r in rows if r["role"] == "student" and r["mean"].get(k) is not None), default=None)
+            for k in ("mDice", "mIoU")}
+    for r in rows:
+        cells = [r["label"], f"{r['params'] / 1e6:.2f}", _fmt_time(r.get("train_seconds"))]
+        for n in set_names:
+            t = r["tests"].get(n, {})
+            cells += [f"{t['mDice']:.4f}" if "mDice" in t else "-", f"{t['mIoU']:.4f}" if "mIoU" in t else "-"]
+        for k in ("mDice", "mIoU"):
+            v = r["mean"].get(k)
+            cell = "-" if v is None else f"{v:.4f}"
+            # Bold the best student, as a paper would; teachers are reference rows.
+            cells.append(f"**{cell}**" if v is not None and r["role"] == "student" and v == best[k] else cell)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run_ablation(cfg, methods: list[tuple[str, str]], out: str, sets: dict[str, list], resume: bool = False,
+                 checkpoint: str = "best", teacher_rows: bool = True, eval_batch_size: int = 4,
+                 command: str = "") -> dict:
+    """Train + evaluate every (label, kd) in `methods` with the base TrainConfig `cfg`."""
+    from .engine.trainer import run_training
+
+    os.makedirs(out, exist_ok=True)
+    device = cfg.device or ("cuda" if _cuda() else "cpu")
+    rows: list[dict] = []
+    if teacher_rows:
+        for i, path in enumerate(cfg.teachers):
+            ev = evaluate_checkpoint(path, sets, device, eval_batch_size, cfg.progress)
+            rows.append({"label": f"teacher {ev['preset']}" + (f" #{i + 1}" if len(cfg.teachers) > 1 else ""),
+                         "role": "teacher", "kd": None, "checkpoint": os.path.abspath(path), "train_seconds": None,
+                         **ev})
+    for label, kd in methods:
+        run_out = os.path.join(out, run_dir_name(label))
+        result_path = os.path.join(run_out, RESULT_FILE)
+        if resume and os.path.exists(result_path):
+            with open(result_path) as f:
+                rows.append(json.load(f))
+            print(f"[ablate] {label}: done earlier, kept ({result_path})", flush=True)
+            continue
+        started = os.path.exists(os.path.join(run_out, "last.safetensors"))
+        run_cfg = dataclasses.replace(cfg, kd=kd, out=run_out, teachers=[] if kd == "none" else list(cfg.teachers),
+                                      resume=resume and started)
+        print(f"[ablate] {label}: training (--kd {kd}) -> {run_out}", flush=True)
+        t0 = time.time()
+        result = run_training(run_cfg)
+        wall = time.time() - t0
+        ckpt = result["best"] if checkpoint == "best" and os.path.exists(result["best"]) else result["last"]
+        ev = evaluate_checkpoint(ckpt, sets, device, eval_batch_size, cfg.progress)
+        row = {"label": label, "role": "student", "kd": kd, "checkpoint": os.path.abspath(ckpt),
+               "train_seconds": result["train_seconds"], "wall_seconds": wall, "best_epoch": result["best_epoch"],
+               "best_val_mDice": result["best_val_mDice"], **ev}
+        row["mean"] = {k: _mean_over_sets(row["tests"], k) for k in ("mDice", "mIoU")}
+        with open(result_path, "w") as f:
+            json.dump(row, f, indent=2)
+        rows.append(row)
+    for r in rows:
+        r.setdefault("mean", {k: _mean_over_sets(r["tests"], k) for k in ("mDice", "mIoU")})
+
+    set_names = list(sets)
+    header = (f"Ablation: student `{cfg.model}`, {cfg.epochs} epoch(s)"
+              + (f" x at most {cfg.steps_per_epoch} steps" if cfg.steps_per_epoch else "")
+              + f", image size {cfg.image_size or 'preset'}, batch {cfg.batch_size}, seed {cfg.seed}, device {device}; "
+              f"checkpoint: {checkpoint}; test sets: " + ", ".join(f"{n} ({len(p)})" for n, p in sets.items())
+              + ". Mean = unweighted mean over test sets.")
+    md = markdown_table(rows, set_names, header)
+    report = {"command": command, "config": cfg.to_dict(), "checkpoint": checkpoint, "test_sets": {n: len(p) for n, p in sets.items()},
+              "rows": rows}
+    with open(os.path.join(out, "ablation.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    with open(os.path.join(out, "ablation.md"), "w") as f:
+        f.write(md)
+    print(md, flush=True)
+    return report
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _methods_epilog() -> str:
+    from .losses import available
+
+    lines = ["methods (--methods a,b,c; 'a+b:0.5' trains one row with both, b weighted 0.5):"]
+    return "\n".join(lines + [f"  {name:<6} {summary}" for name, summary in available().items()])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m kdas_core.ablate", description=__doc__, epilog=_methods_epilog(),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("ablation")
+    g.add_argument("--teacher", action="append", required=True, metavar="CKPT",
+                   help="teacher checkpoint; repeat for several teachers (mtkd)")
+    g.add_argument("--methods", required=True, metavar="M[,M...]",
+                   help="methods to compare, one row each (see the list below); 'none' is added unless --no-baseline")
+    g.add_argument("--no-baseline", dest="baseline", action="store_false", help="do not train the 'none' row")
+    g.add_argument("--test-data", action="append", metavar="DIR",
+                   help="evaluate on the test sets of DIR instead of --data's (repeatable)")
+    g.add_argument("--checkpoint", choices=["best", "last"], default="best",
+                   help="which checkpoint of each run is evaluated (default: best, chosen on the validation split)")
+    g.add_argument("--no-teacher-rows", dest="teacher_rows", action="store_false", help="do not evaluate the teachers")
+    g.add_argument("--eval-batch-size", type=int, default=4, metavar="B", help="evaluation batch size (default: 4)")
+    add_training_args(p)
+    # The shared training flags, re-described for an ablation.
+    for action in p._actions:
+        if action.dest == "out":
+            action.help = "ablation folder: one run per method in OUT/<method>/, and OUT/ablation.md + ablation.json"
+            action.metavar = "OUT"
+        elif action.dest == "resume":
+            action.help = "continue an interrupted ablation: finished rows are kept, an interrupted run resumes exactly"
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+
+    def go() -> None:
+        methods = parse_methods(args.methods, args.baseline)  # fail on a typo before anything runs
+        sets = test_sets(args.data, args.test_data)
+        cfg = config_from_args(args)
+        cfg = dataclasses.replace(cfg, resume=False)
+        run_ablation(cfg, methods, args.out, sets, resume=args.resume, checkpoint=args.checkpoint,
+                     teacher_rows=args.teacher_rows, eval_batch_size=args.eval_batch_size,
+                     command="python -m kdas_core.ablate " + " ".join(argv if argv is not None else sys.argv[1:]))
+
+    return run_cli(go, "kdas_core.ablate")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""`kdas_core.ablate`: a tiny end-to-end ablation on synthetic data (CPU, one step per method)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from kdas_core.ablate import main, markdown_table, parse_methods, run_dir_name
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory):
+    from kdas_core.checkpoint import build_metadata, save_checkpoint
+    from kdas_core.data.synthetic import write_dataset
+    from kdas_core.models import create_model
+
+    root = tmp_path_factory.mktemp("ablate")
+    data = write_dataset(root / "data", n_train=6, n_test=3, size=64, seed=0)
+    teacher = create_model("polyppvt-lite0")  # an untrained stand-in: only the plumbing is tested
+    ckpt = str(root / "teacher.safetensors")
+    save_checkpoint(ckpt, teacher, build_metadata("polyppvt-lite0", input_size=64))
+    return root, str(data), ckpt
+
+
+def _args(root, data, ckpt, methods, *extra):
+    return ["--teacher", ckpt, "--model", "polyppvt-lite0", "--data", data, "--methods", methods,
+            "--out", str(root / "abl"), "--epochs", "1", "--steps-per-epoch", "1", "--image-size", "64",
+            "--batch-size", "2", "--device", "cpu", "--pretrained", "none", "--multiscale", "1",
+            "--workers", "0", "--val-fraction", "0.34", "--no-progress", "--seed", "3", *extra]
+
+
+def test_parse_methods():
+    assert parse_methods("kdas,kdas+cwd:0.5") == [("none", "none"), ("kdas", "kdas"), ("kdas+cwd:0.5", "kdas,cwd:0.5")]
+    assert parse_methods("none,kd", baseline=False) == [("none", "none"), ("kd", "kd")]
+    assert run_dir_name("kdas+cwd:0.5") == "kdas+cwd-0.5"
+    with pytest.raises(ValueError, match="unknown --kd method"):
+        parse_methods("kdas,nope")
+
+
+def test_unknown_method_fails_before_training(tiny_setup, capsys):
+    root, data, ckpt = tiny_setup
+    assert main(_args(root, data, ckpt, "kd,hfld")) == 2
+    assert "unknown --kd method 'hfld'" in capsys.readouterr().err
+    assert not (root / "abl" / "none").exists()
+
+
+def test_tiny_ablation_writes_tables_and_resumes(tiny_setup):
+    root, data, ckpt = tiny_setup
+    assert main(_args(root, data, ckpt, "hlfd+cwd:0.5")) == 0
+    out = root / "abl"
+    report = json.loads((out / "ablation.json").read_text())
+    labels = [r["label"] for r in report["rows"]]
+    assert labels == ["teacher polyppvt-lite0", "none", "hlfd+cwd:0.5"]
+    for r in report["rows"]:
+        assert set(r["tests"]) == {"Synthetic"}
+        assert 0.0 <= r["tests"]["Synthetic"]["mDice"] <= 1.0 and "mIoU" in r["tests"]["Synthetic"]
+        assert r["params"] > 1e6
+    students = [r for r in report["rows"] if r["role"] == "student"]
+    assert all(r["train_seconds"] > 0 and r["mean"]["mDice"] is not None for r in students)
+    assert students[1]["kd"] == "hlfd,cwd:0.5"
+    md = (out / "ablation.md").read_text()
+    assert "| Method | Params (M) | Train time | Synthetic mDice | Synthetic mIoU | Mean mDice | Mean mIoU |" in md
+    assert sum(line.startswith("| ") for line in md.splitlines()) == 1 + 3  # column names + 3 rows
+
+    # --resume keeps finished rows without retraining them.
+    stamp = os.path.getmtime(out / "none" / "ablation_result.json")
+    assert main(_args(root, data, ckpt, "hlfd+cwd:0.5", "--resume", "--no-teacher-rows")) == 0
+    assert os.path.getmtime(out / "none" / "ablation_result.json") == stamp
+    again = json.loads((out / "ablation.json").read_text())
+    assert [r["label"] for r in again["rows"]] == ["none", "hlfd+cwd:0.5"]
+
+
+def test_markdown_table_bolds_best_student_only():
+    rows = [{"label": "teacher", "role": "teacher", "params": 25e6, "tests": {"A": {"mDice": 0.9, "mIoU": 0.8}},
+             "mean": {"mDice": 0.9, "mIoU": 0.8}},
+            {"label": "none", "role": "student", "params": 3e6, "train_seconds": 75, "tests": {"A": {"mDice": 0.5, "mIoU": 0.4}},
+             "mean": {"mDice": 0.5, "mIoU": 0.4}},
+            {"label": "kd", "role": "student", "params": 3e6, "train_seconds": 3700, "tests": {"A": {"mDice": 0.6, "mIoU": 0.5}},
+             "mean": {"mDice": 0.6, "mIoU": 0.5}}]
+    md = markdown_table(rows, ["A"])
+    assert "| kd | 3.00 | 1h01m | 0.6000 | 0.5000 | **0.6000** | **0.5000** |" in md
+    assert "| teacher | 25.00 | - | 0.9000 | 0.8000 | 0.9000 | 0.8000 |" in md
+    assert "| none | 3.00 | 1m15s |" in md
