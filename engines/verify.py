@@ -45,7 +45,9 @@ def compare(reference: np.ndarray, candidate: np.ndarray, precision: str, thresh
     problems = []
     if not np.isfinite(candidate).all():
         problems.append("non-finite probabilities (NaN/Inf) in the output")
-    diff = float(np.nanmax(np.abs(reference.astype(np.float64) - candidate.astype(np.float64))))
+    diff = float(np.max(np.abs(reference.astype(np.float64) - candidate.astype(np.float64))))
+    if not np.isfinite(diff):
+        diff = float("inf")
     ref_mask, cand_mask = reference >= threshold, candidate >= threshold
     inter = np.logical_and(ref_mask, cand_mask).sum()
     total = ref_mask.sum() + cand_mask.sum()

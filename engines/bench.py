@@ -1,0 +1,217 @@
+"""python -m engines.bench: latency/throughput of a model on a backend, or several side by side."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+
+from . import CHOICES, load_backend
+from .cli_common import EXIT_CODES_HELP, EXIT_OK, run
+
+DESCRIPTION = """\
+Benchmark KDAS models: warm-up, then timed predict() calls on synthetic uint8 frames, reporting
+p50/p95 latency per call and throughput (frames/s). Timing covers the whole predict call the
+viewer makes (host->device, inference, sigmoid, device->host), not just the network.
+
+--compare runs several models and/or backends in one process, interleaved call by call (in
+rotating order), so ratios between them hold even on a busy, noisy machine.
+"""
+
+EPILOG = f"""\
+models: a .safetensors checkpoint, an exported .onnx, a TensorRT .engine/.plan, or
+  preset:NAME (e.g. preset:polyppvt-b0): randomly initialised weights of that preset, for speed
+  measurements only (latency does not depend on the weights).
+
+examples:
+  python -m engines.bench --model best.safetensors --backend auto
+  python -m engines.bench --model deploy/best-352-fp32.onnx --backend onnxruntime --threads 2 --json bench.json
+  python -m engines.bench --compare --backend onnxruntime --threads 2 --image-size 352 \\
+      --model preset:polyppvt-lite0 --model preset:polyppvt-b0 --model preset:polyppvt-b2
+  python -m engines.bench --compare --model best.safetensors --backend onnxruntime,torch
+
+JSON (--json OUT): backend, latency_ms_p50, latency_ms_p95, throughput_fps (+ details); with
+--compare: {{"results": [one such object per model/backend], ...}} and each result's
+ratio_p50_to_first (its p50 / the first entry's p50).
+
+{EXIT_CODES_HELP}
+"""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m engines.bench", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--model", action="append", required=True, metavar="PATH", help="model file or preset:NAME (repeat with --compare)")
+    p.add_argument("--backend", default="auto", help=f"one of {', '.join(CHOICES)}; with --compare a comma-separated list (default auto)")
+    p.add_argument("--image-size", type=int, metavar="S", help="square input side (default: the model's; an .onnx/.engine must match)")
+    p.add_argument("--batch", type=int, default=1, metavar="N", help="frames per predict call (default 1)")
+    p.add_argument("--runs", type=int, default=50, metavar="N", help="timed calls per model/backend (default 50)")
+    p.add_argument("--warmup", type=int, default=10, metavar="N", help="untimed calls first (default 10)")
+    p.add_argument("--threads", type=int, metavar="N", help="CPU threads for onnxruntime/torch (default: the runtime's)")
+    p.add_argument("--graph-opt", default="all", help="onnxruntime graph optimisation: disable|basic|extended|all; with --compare a comma list (default all)")
+    p.add_argument("--device", default=None, metavar="DEV", help="cpu, cuda or cuda:N (default: best available)")
+    p.add_argument("--compare", action="store_true", help="benchmark every model x backend (x graph-opt) interleaved in one run")
+    p.add_argument("--json", metavar="OUT", help="write results as JSON to OUT")
+    args = p.parse_args(argv)
+    args.backends = [b.strip() for b in args.backend.split(",") if b.strip()]
+    args.graph_opts = [g.strip() for g in args.graph_opt.split(",") if g.strip()]
+    bad = [b for b in args.backends if b not in CHOICES]
+    if bad:
+        p.error(f"unknown backend(s) {bad}; choose from {', '.join(CHOICES)}")
+    bad = [g for g in args.graph_opts if g not in ("disable", "basic", "extended", "all")]
+    if bad:
+        p.error(f"unknown --graph-opt {bad}; choose from disable, basic, extended, all")
+    if not args.compare and (len(args.model) > 1 or len(args.backends) > 1 or len(args.graph_opts) > 1):
+        p.error("several models/backends/graph-opts need --compare")
+    for name in ("batch", "runs"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be >= 1")
+    if args.warmup < 0:
+        p.error("--warmup must be >= 0")
+    return args
+
+
+def preset_checkpoint(spec: str) -> str:
+    """`preset:NAME` -> a cached random-init checkpoint of that preset (speed tests only)."""
+    import torch
+
+    from kdas_core.checkpoint import build_metadata, save_checkpoint
+    from kdas_core.models import create_model
+
+    from .cache import cache_dir
+
+    name = spec.split(":", 1)[1]
+    path = os.path.join(cache_dir("bench"), f"{name.replace(':', '_')}-random.safetensors")
+    if not os.path.isfile(path):
+        try:
+            torch.manual_seed(0)
+            model = create_model(name, pretrained=None)
+        except ValueError as exc:
+            raise FileNotFoundError(f"--model {spec}: {exc}") from exc
+        save_checkpoint(path, model, build_metadata(name, weights="random init (benchmark only)"))
+    return path
+
+
+class Candidate:
+    def __init__(self, label: str, model: str, backend, graph_opt: str | None):
+        self.label, self.model, self.backend, self.graph_opt = label, model, backend, graph_opt
+        self.times: list[float] = []
+
+    def result(self, batch: int) -> dict:
+        t = np.asarray(self.times) * 1000.0
+        return {
+            "label": self.label,
+            "model": self.model,
+            "backend": self.backend.name,
+            "graph_opt": self.graph_opt,
+            "image_size": list(self.backend.input_size),
+            "batch": batch,
+            "runs": len(t),
+            "latency_ms_p50": round(float(np.percentile(t, 50)), 3),
+            "latency_ms_p95": round(float(np.percentile(t, 95)), 3),
+            "latency_ms_mean": round(float(t.mean()), 3),
+            "latency_ms_min": round(float(t.min()), 3),
+            "throughput_fps": round(float(batch * len(t) * 1000.0 / t.sum()), 2),
+            "notes": list(self.backend.notes),
+        }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from .backends.onnxruntime_backend import OnnxRuntimeBackend
+
+    say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    candidates: list[Candidate] = []
+    try:
+        for spec in args.model:
+            path = preset_checkpoint(spec) if spec.startswith("preset:") else spec
+            label = spec.split(":", 1)[1] if spec.startswith("preset:") else os.path.basename(spec)
+            for backend in args.backends:
+                say(f"loading {label} on {backend} ...")
+                b = load_backend(path, backend=backend, device=args.device, image_size=args.image_size, threads=args.threads)
+                variants = [(b, getattr(b, "graph_opt", None))]
+                if b.name == "onnxruntime" and args.graph_opts != ["all"]:
+                    kept = [n for n in b.notes if not n.startswith("onnxruntime providers")]
+                    variants = []
+                    for opt in args.graph_opts:
+                        v = OnnxRuntimeBackend(b.path, device=args.device, threads=args.threads, graph_opt=opt)
+                        v.notes[:0] = kept
+                        variants.append((v, opt))
+                    b.close()
+                for v, opt in variants:
+                    name = f"{label} [{v.name}" + (f", opt={opt}" if len(variants) > 1 else "") + "]"
+                    candidates.append(Candidate(name, spec, v, opt))
+        for note in {n for c in candidates for n in c.backend.notes}:
+            say(f"  note: {note}")
+        _measure(candidates, args, say)
+    finally:
+        for c in candidates:
+            c.backend.close()
+
+    results = [c.result(args.batch) for c in candidates]
+    first = results[0]["latency_ms_p50"]
+    for r in results:
+        r["ratio_p50_to_first"] = round(r["latency_ms_p50"] / first, 3)
+    _print_table(results, args)
+    if args.json:
+        env = {
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "threads": args.threads,
+            "device": args.device,
+            "warmup": args.warmup,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        doc = {"results": results, "environment": env} if args.compare else {**results[0], "environment": env}
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(doc, f, indent=2)
+            f.write("\n")
+        say(f"wrote {args.json}")
+    return EXIT_OK
+
+
+def _measure(candidates: list[Candidate], args: argparse.Namespace, say) -> None:
+    from .verify import synthetic_frames
+
+    sizes = {c.backend.input_size for c in candidates}
+    frames = {s: synthetic_frames(args.batch, s[0], seed=1) for s in sizes}
+    say(f"warm-up: {args.warmup} calls each ...")
+    for c in candidates:
+        for _ in range(args.warmup):
+            c.backend.predict(frames[c.backend.input_size])
+    say(f"timing: {args.runs} calls each, batch {args.batch}" + (", interleaved" if len(candidates) > 1 else "") + " ...")
+    n = len(candidates)
+    report_every = max(1, args.runs // 5)
+    for r in range(args.runs):
+        for k in range(n):  # rotate the order each round: no candidate always runs right after another
+            c = candidates[(r + k) % n]
+            x = frames[c.backend.input_size]
+            t0 = time.perf_counter()
+            c.backend.predict(x)
+            c.times.append(time.perf_counter() - t0)
+        if (r + 1) % report_every == 0 and r + 1 < args.runs:
+            say(f"  {r + 1}/{args.runs}")
+
+
+def _print_table(results: list[dict], args: argparse.Namespace) -> None:
+    width = max(len(r["label"]) for r in results)
+    print(f"{'model [backend]':<{width}}  {'p50 ms':>8}  {'p95 ms':>8}  {'frames/s':>9}  {'p50/first':>9}")
+    for r in results:
+        print(
+            f"{r['label']:<{width}}  {r['latency_ms_p50']:>8.2f}  {r['latency_ms_p95']:>8.2f}  "
+            f"{r['throughput_fps']:>9.1f}  {r['ratio_p50_to_first']:>8.2f}x"
+        )
+    size = results[0]["image_size"]
+    print(f"(batch {args.batch}, {size[0]}x{size[1]}, {args.runs} runs after {args.warmup} warm-up, threads {args.threads or 'default'})")
+
+
+if __name__ == "__main__":
+    sys.exit(run(main))
