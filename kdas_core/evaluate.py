@@ -1,0 +1,330 @@
+"""Evaluate a checkpoint on polyp test sets: `python -m kdas_core.evaluate --weights CKPT --data DIR`.
+
+`evaluate_pairs(...)` is the reusable core (the trainer calls it for validation each epoch):
+images are resized to the model's input size, the probability map sigmoid(P1 + P2) is resized
+bilinearly back to each mask's ORIGINAL size, and metrics are computed there (see
+kdas_core.metrics for the definitions and their sources).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import heapq
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from .checkpoint import CheckpointError, load_checkpoint, read_metadata
+from .data.dataset import DatasetError, EvalDataset, Pair, eval_collate, resolve_layout
+from .metrics import SUMMARY_KEYS, SegMetrics
+
+# ---------------------------------------------------------------- overlays
+
+PANEL = 224           # each panel fits in PANEL x PANEL (letterboxed)
+CAPTION = 20          # caption strip height above each tile
+TILES_PER_SHEET = 6   # images per PNG sheet
+WORST_K = 6           # the lowest-Dice images get a sheet of their own
+GT_BGR, PRED_BGR = (0, 200, 0), (0, 230, 255)  # green ground truth, yellow prediction
+
+
+def _letterbox(img: np.ndarray, interpolation: int) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """Fit into PANEL x PANEL keeping the aspect ratio; returns the panel and the placed box."""
+    h, w = img.shape[:2]
+    scale = PANEL / max(h, w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    small = cv2.resize(img, (nw, nh), interpolation=interpolation)
+    panel = np.zeros((PANEL, PANEL) + img.shape[2:], img.dtype)
+    y0, x0 = (PANEL - nh) // 2, (PANEL - nw) // 2
+    panel[y0:y0 + nh, x0:x0 + nw] = small
+    return panel, (y0, x0, nh, nw)
+
+
+def overlay_tile(raw_rgb: np.ndarray, mask: np.ndarray, prob: np.ndarray, threshold: float, caption: str) -> np.ndarray:
+    """BGR tile: input | input with GT (green) and prediction (yellow) contours | probability map."""
+    image, _ = _letterbox(cv2.cvtColor(raw_rgb, cv2.COLOR_RGB2BGR), cv2.INTER_AREA)
+    gt, _ = _letterbox(mask.astype(np.uint8), cv2.INTER_NEAREST)
+    prob_small, _ = _letterbox(prob.astype(np.float32), cv2.INTER_AREA)
+    pred = (prob_small >= threshold).astype(np.uint8)
+
+    over = image.copy()
+    fill = over.copy()
+    fill[pred > 0] = PRED_BGR
+    over = cv2.addWeighted(over, 0.75, fill, 0.25, 0)  # translucent prediction area
+    for m, colour in ((gt, GT_BGR), (pred, PRED_BGR)):
+        contours, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(over, contours, -1, colour, 2, cv2.LINE_AA)
+    heat = cv2.applyColorMap((np.clip(prob_small, 0, 1) * 255).astype(np.uint8), cv2.COLORMAP_INFERNO)
+
+    body = np.concatenate([image, over, heat], axis=1)
+    strip = np.full((CAPTION, body.shape[1], 3), 32, np.uint8)
+    cv2.putText(strip, caption[:80], (4, CAPTION - 6), cv2.FONT_HERSHEY_SIMPLEX, 0.42, (235, 235, 235), 1, cv2.LINE_AA)
+    return np.concatenate([strip, body], axis=0)
+
+
+class OverlayWriter:
+    """Writes sheets of TILES_PER_SHEET tiles (`sheet_000.png`, ...) plus `worst_dice.png`."""
+
+    def __init__(self, folder: str | os.PathLike, threshold: float):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.threshold = threshold
+        self.pending: list[np.ndarray] = []
+        self.sheets = 0
+        self.worst: list[tuple[float, int, np.ndarray]] = []  # max-heap on Dice via negation
+        self.count = 0
+
+    def add(self, raw_rgb, mask, prob, row: dict) -> None:
+        caption = f"{row['name']}  Dice {row['Dice']:.3f}  IoU {row['IoU']:.3f}"
+        tile = overlay_tile(raw_rgb, mask, prob, self.threshold, caption)
+        self.pending.append(tile)
+        # keep the WORST_K lowest-Dice tiles: heap keyed on -Dice pops the best of the kept ones
+        heapq.heappush(self.worst, (-row["Dice"], self.count, tile))
+        if len(self.worst) > WORST_K:
+            heapq.heappop(self.worst)
+        self.count += 1
+        if len(self.pending) == TILES_PER_SHEET:
+            self._flush()
+
+    def _write(self, name: str, tiles: list[np.ndarray]) -> None:
+        sheet = np.concatenate(tiles, axis=0)
+        header = np.full((CAPTION, sheet.shape[1], 3), 0, np.uint8)
+        cv2.putText(header, "input | green: ground truth, yellow: prediction | probability",
+                    (4, CAPTION - 6), cv2.FONT_HERSHEY_SIMPLEX, 0.42, (200, 200, 200), 1, cv2.LINE_AA)
+        path = self.folder / name
+        if not cv2.imwrite(str(path), np.concatenate([header, sheet], axis=0)):
+            raise OSError(f"{path}: could not write overlay image")
+
+    def _flush(self) -> None:
+        if self.pending:
+            self._write(f"sheet_{self.sheets:03d}.png", self.pending)
+            self.sheets += 1
+            self.pending = []
+
+    def close(self) -> None:
+        self._flush()
+        if self.worst:
+            ordered = [tile for _, _, tile in sorted(self.worst, key=lambda t: (-t[0], t[1]))]
+            self._write("worst_dice.png", ordered)
+
+
+# ---------------------------------------------------------------- evaluation core
+
+@torch.no_grad()
+def evaluate_pairs(model: torch.nn.Module, pairs: list[Pair], size: int, mean, std, threshold: float,
+                   device: str | torch.device, batch_size: int = 8, desc: str | None = None,
+                   overlays_dir: str | os.PathLike | None = None, progress: bool = True,
+                   minmax: bool = False, num_workers: int = 0) -> tuple[dict, list[dict]]:
+    """Score `model` on (image, mask) pairs; returns (summary, per-image rows).
+
+    summary: {"mDice", "mIoU", "mDice_mean256", "mIoU_mean256", "Sm", "Em", "wFm", "MAE", "n"}.
+    The model runs in eval mode under no_grad (its previous train/eval mode is restored on return);
+    `device` is where the batches go (the model must already be there). `minmax`: the toolbox's
+    per-map min-max normalisation (see kdas_core.metrics).
+    """
+    from tqdm import tqdm  # only evaluation needs it
+
+    net = getattr(model, "module", model)  # DDP: run the bare module on this rank only
+    was_training = net.training
+    net.eval()
+    device = torch.device(device)
+    loader = DataLoader(EvalDataset(pairs, size, mean, std), batch_size=batch_size, shuffle=False,
+                        num_workers=num_workers, collate_fn=eval_collate)
+    acc = SegMetrics(threshold, minmax=minmax)
+    writer = OverlayWriter(overlays_dir, threshold) if overlays_dir is not None else None
+    bar = tqdm(total=len(pairs), desc=desc or "evaluate", unit="img", disable=not progress, leave=False,
+               dynamic_ncols=True)
+    try:
+        for batch in loader:
+            probs = torch.sigmoid(net.predict_logits(batch["image"].to(device)).float())
+            for i, mask in enumerate(batch["mask"]):
+                h, w = mask.shape
+                prob = F.interpolate(probs[i:i + 1], size=(h, w), mode="bilinear", align_corners=False)
+                prob = prob[0, 0].clamp_(0, 1).cpu().numpy()
+                mask_np = mask.numpy()
+                row = acc.update(prob, mask_np, batch["name"][i])
+                if writer is not None:
+                    writer.add(batch["raw"][i].numpy(), mask_np, prob, row)
+            bar.update(len(batch["mask"]))
+            if progress and acc.rows:
+                bar.set_postfix(mDice=f"{acc.summary()['mDice']:.3f}")
+        if writer is not None:
+            writer.close()
+    finally:
+        bar.close()
+        net.train(was_training)
+    return acc.summary(), acc.rows
+
+
+# ---------------------------------------------------------------- CLI
+
+TABLE_COLUMNS = ("n", "mDice", "mIoU", "Sm", "Em", "wFm", "MAE", "mDice_mean256", "mIoU_mean256")
+CSV_COLUMNS = ("set", "name", "height", "width", "gt_pixels", "pred_pixels", "Dice", "IoU",
+               "Dice_mean256", "IoU_mean256", "Sm", "Em", "wFm", "MAE")
+
+
+class UsageError(Exception):
+    """A problem the user can fix (exit code 2, no traceback)."""
+
+
+def format_table(results: dict[str, dict]) -> str:
+    name_w = max([len("test set")] + [len(k) for k in results])
+    head = f"{'test set':<{name_w}}  " + "  ".join(f"{c:>{max(6, len(c))}}" for c in TABLE_COLUMNS)
+    lines = [head, "-" * len(head)]
+    for name, s in results.items():
+        cells = []
+        for c in TABLE_COLUMNS:
+            width = max(6, len(c))
+            cells.append(f"{s[c]:>{width}d}" if c == "n" else f"{s[c]:>{width}.4f}")
+        lines.append(f"{name:<{name_w}}  " + "  ".join(cells))
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m kdas_core.evaluate",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
+            "Evaluate a KDAS checkpoint on polyp test sets, with the protocol of PraNet/Polyp-PVT:\n"
+            "each image is resized to the model's input size, sigmoid(P1+P2) is resized back to the\n"
+            "mask's original size, and the metrics are computed there, per image, then averaged.\n\n"
+            "--data takes either a PraNet root (every TestDataset/<name>/{images,masks} is one test\n"
+            "set, reported separately) or one folder with images/ and masks/ (one set, named after\n"
+            "the folder). Images and masks are matched by file stem.\n\n"
+            "Input size, mean/std and threshold come from the checkpoint's metadata.\n\n"
+            "metrics (per image, then the mean over images):\n"
+            "  mDice, mIoU      Dice / IoU of  prob >= threshold\n"
+            "  mDice_mean256,   the papers' 'meanDic'/'meanIoU': Dice / IoU averaged over 256\n"
+            "  mIoU_mean256     thresholds 0, 1/255, ..., 1 (PraNet MATLAB toolbox)\n"
+            "  Sm, Em, wFm, MAE S-alpha, mean E-phi, weighted F-beta, mean absolute error (pysodmetrics)\n"
+            "  An image with an empty mask and an empty prediction has Dice = IoU = 1; wFm is 0 on\n"
+            "  empty masks (pysodmetrics' rule)."
+        ),
+        epilog=(
+            "outputs:\n"
+            "  a table on stdout;\n"
+            "  --json OUT: {\"<test set>\": {\"mDice\", \"mIoU\", \"Sm\", \"Em\", \"wFm\", \"MAE\", \"n\",\n"
+            "              \"mDice_mean256\", \"mIoU_mean256\"}, ...};\n"
+            "  per-image CSV: --csv PATH, or by default OUT with the suffix _per_image.csv beside the JSON;\n"
+            "  --save-overlays DIR: DIR/<test set>/sheet_000.png, ... (input | contours | probability,\n"
+            "              6 images per sheet) and worst_dice.png (the 6 lowest-Dice images).\n\n"
+            "examples:\n"
+            "  python -m kdas_core.evaluate --weights runs/student/best.safetensors \\\n"
+            "      --data ../shared/data/polyp --json results/student.json\n"
+            "  python -m kdas_core.evaluate --weights best.safetensors --data my_frames/ --save-overlays /tmp/ov\n\n"
+            "exit codes: 0 success; 2 missing/corrupt checkpoint, bad data folder or bad option;\n"
+            "1 unexpected error (a bug: please report the traceback)."
+        ),
+    )
+    p.add_argument("--weights", required=True, metavar="CKPT", help="checkpoint (.safetensors) written by kdas_core.train/distill")
+    p.add_argument("--data", required=True, metavar="DIR", help="PraNet root (TestDataset/<name>/...) or a folder with images/ and masks/")
+    p.add_argument("--json", metavar="OUT", help="write the summary JSON here")
+    p.add_argument("--csv", metavar="PATH", help="per-image CSV (default: beside --json as <json stem>_per_image.csv)")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available, else cpu")
+    p.add_argument("--save-overlays", metavar="DIR", help="write picture sheets for people to look at (see below)")
+    p.add_argument("--threshold", type=float, help="binarisation threshold for mDice/mIoU (default: from the checkpoint, usually 0.5)")
+    p.add_argument("--image-size", type=int, help="model input size in pixels (default: from the checkpoint)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: %(default)s)")
+    p.add_argument("--minmax", action="store_true",
+                   help="min-max normalise each probability map before scoring, as the MATLAB toolbox and "
+                        "Polyp-PVT's Test.py do (for comparison with papers; default: score raw probabilities)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def _pick_device(requested: str | None) -> str:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA GPU is visible to PyTorch here; use --device cpu")
+    return requested or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in r.items()})
+
+
+def _json_safe(summary: dict) -> dict:
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in summary.items()}
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
+        raise UsageError(f"--threshold must be in [0, 1], got {args.threshold}")
+    if args.image_size is not None and (args.image_size < 32 or args.image_size % 32):
+        raise UsageError(f"--image-size must be a multiple of 32 (the encoder's stride), at least 32; got {args.image_size}")
+    device = _pick_device(args.device)
+
+    # Cheap checks first (checkpoint metadata, data folders), then the model load.
+    read_metadata(args.weights)
+    layout = resolve_layout(args.data)
+    if not layout.tests:
+        raise UsageError(f"{args.data}: no test sets; expected TestDataset/<name>/{{images,masks}} folders "
+                         "(a PraNet root) or images/ and masks/ directly in the folder")
+    model, meta = load_checkpoint(args.weights, device)
+    size = int(args.image_size or meta["input_size"])
+    threshold = float(meta["threshold"] if args.threshold is None else args.threshold)
+    print(f"checkpoint {args.weights}: preset {meta['preset']}, input {size}x{size}, threshold {threshold:g}, "
+          f"device {device}" + (", min-max normalised maps" if args.minmax else ""), file=sys.stderr)
+
+    results: dict[str, dict] = {}
+    all_rows: list[dict] = []
+    start = time.perf_counter()
+    for name, pairs in layout.tests.items():
+        overlays = Path(args.save_overlays) / name if args.save_overlays else None
+        summary, rows = evaluate_pairs(model, pairs, size, meta["mean"], meta["std"], threshold, device,
+                                       batch_size=args.batch_size, desc=name, overlays_dir=overlays,
+                                       progress=not args.no_progress, minmax=args.minmax)
+        results[name] = {k: summary[k] for k in ("mDice", "mIoU", "Sm", "Em", "wFm", "MAE", "n")}
+        results[name].update({k: summary[k] for k in SUMMARY_KEYS if k not in results[name]})
+        all_rows += [{"set": name, **r} for r in rows]
+
+    print(format_table(results))
+    print(f"({sum(r['n'] for r in results.values())} images in {time.perf_counter() - start:.1f}s)", file=sys.stderr)
+
+    csv_path = Path(args.csv) if args.csv else None
+    if args.json:
+        json_path = Path(args.json)
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(json_path, "w") as f:
+            json.dump({k: _json_safe(v) for k, v in results.items()}, f, indent=2)
+            f.write("\n")
+        print(f"wrote {json_path}", file=sys.stderr)
+        if csv_path is None:
+            csv_path = json_path.with_name(json_path.stem + "_per_image.csv")
+    if csv_path is not None:
+        _write_csv(csv_path, all_rows)
+        print(f"wrote {csv_path}", file=sys.stderr)
+    if args.save_overlays:
+        print(f"wrote overlays under {args.save_overlays}", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except (CheckpointError, DatasetError, UsageError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # unwritable output folder, disk full, ...
+        print(f"error: {exc.filename or ''} {exc.strerror or exc}".strip(), file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
