@@ -1,0 +1,185 @@
+"""Evaluation: evaluate_pairs (the trainer's validation) and the `python -m kdas_core.evaluate` CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from kdas_core.checkpoint import build_metadata, save_checkpoint
+from kdas_core.data import find_pairs, resolve_layout
+from kdas_core.data.synthetic import write_dataset
+from kdas_core.evaluate import evaluate_pairs, main
+from kdas_core.models import create_model
+
+from .conftest import shared_data
+
+JSON_KEYS = {"mDice", "mIoU", "Sm", "Em", "wFm", "MAE", "n", "mDice_mean256", "mIoU_mean256"}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "lite0-64.safetensors"
+    torch.manual_seed(0)
+    save_checkpoint(str(path), create_model("polyppvt-lite0"), build_metadata("polyppvt-lite0", input_size=64))
+    return path
+
+
+@pytest.fixture(scope="module")
+def synth_root(tmp_path_factory):
+    return write_dataset(tmp_path_factory.mktemp("synth"), n_train=2, n_test=7, size=72, seed=3)
+
+
+def _run(capsys, *argv):
+    code = main([*map(str, argv), "--no-progress"])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_end_to_end_on_synthetic_pranet_root(tmp_path, capsys, checkpoint, synth_root):
+    out_json = tmp_path / "res" / "student.json"
+    code, out, err = _run(capsys, "--weights", checkpoint, "--data", synth_root, "--json", out_json,
+                          "--save-overlays", tmp_path / "ov", "--device", "cpu")
+    assert code == 0, err
+    result = json.loads(out_json.read_text())
+    assert list(result) == ["Synthetic"]
+    summary = result["Synthetic"]
+    assert set(summary) == JSON_KEYS and summary["n"] == 7
+    assert all(0.0 <= summary[k] <= 1.0 for k in JSON_KEYS - {"n"})
+    assert "Synthetic" in out and "mDice" in out  # the table
+    assert "input 64x64" in err and "threshold 0.5" in err  # settings came from the metadata
+
+    with open(tmp_path / "res" / "student_per_image.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 7 and {r["set"] for r in rows} == {"Synthetic"}
+    assert [r["name"] for r in rows] == [f"test_{i:05d}" for i in range(7)]
+    assert all((r["height"], r["width"]) == ("72", "72") for r in rows)
+    assert np.mean([float(r["Dice"]) for r in rows]) == pytest.approx(summary["mDice"], abs=1e-5)
+
+    sheets = sorted(p.name for p in (tmp_path / "ov" / "Synthetic").iterdir())
+    assert sheets == ["sheet_000.png", "sheet_001.png", "worst_dice.png"]  # 6 + 1 tiles
+    first = cv2.imread(str(tmp_path / "ov" / "Synthetic" / "sheet_000.png"))
+    assert first is not None and first.shape[1] == 3 * 224 and first.shape[0] > 6 * 224
+
+
+def test_cli_plain_folder_varied_sizes_and_overrides(tmp_path, capsys, checkpoint, synth_root):
+    """A plain images/masks folder is one set named after it; sizes differ per image."""
+    plain = tmp_path / "frames"
+    (plain / "images").mkdir(parents=True)
+    (plain / "masks").mkdir()
+    sizes = [(50, 90), (81, 47), (72, 72)]  # (h, w): non-square, odd sizes
+    for (img_path, mask_path), (h, w) in zip(resolve_layout(synth_root).tests["Synthetic"], sizes):
+        name = img_path.rsplit("/", 1)[-1]
+        cv2.imwrite(str(plain / "images" / name), cv2.resize(cv2.imread(img_path), (w, h)))
+        mask = cv2.resize(cv2.imread(mask_path, cv2.IMREAD_GRAYSCALE), (w, h), interpolation=cv2.INTER_NEAREST)
+        cv2.imwrite(str(plain / "masks" / name.replace(".jpg", ".png")), mask)
+    per_image = tmp_path / "rows.csv"
+    code, out, err = _run(capsys, "--weights", checkpoint, "--data", plain, "--json", tmp_path / "r.json",
+                          "--csv", per_image, "--threshold", "0.3", "--image-size", "32")
+    assert code == 0, err
+    assert list(json.loads((tmp_path / "r.json").read_text())) == ["frames"]
+    assert "input 32x32" in err and "threshold 0.3" in err
+    with open(per_image) as f:
+        rows = list(csv.DictReader(f))
+    assert [(int(r["height"]), int(r["width"])) for r in rows] == sizes
+    assert not (tmp_path / "r_per_image.csv").exists()  # --csv wins over the default
+
+
+@pytest.mark.parametrize("problem", ["missing_weights", "corrupt_weights", "no_masks", "missing_data", "no_test_sets"])
+def test_cli_user_errors_exit_2_with_a_clear_message(tmp_path, capsys, checkpoint, synth_root, problem):
+    weights, data = checkpoint, synth_root
+    if problem == "missing_weights":
+        weights, expect = tmp_path / "nope.safetensors", ["nope.safetensors", "no such checkpoint"]
+    elif problem == "corrupt_weights":
+        weights = tmp_path / "bad.safetensors"
+        weights.write_bytes(b"\x00garbage" * 40)
+        expect = ["bad.safetensors", "not a readable safetensors"]
+    elif problem == "no_masks":
+        data = tmp_path / "only_images"
+        shutil.copytree(synth_root / "TestDataset" / "Synthetic" / "images", data / "images")
+        expect = ["masks", "missing"]
+    elif problem == "missing_data":
+        data, expect = tmp_path / "typo", ["typo", "no such data folder"]
+    else:
+        data = tmp_path / "train_only"
+        shutil.copytree(synth_root / "TrainDataset", data / "TrainDataset")
+        expect = ["no test sets", "TestDataset"]
+    code, out, err = _run(capsys, "--weights", weights, "--data", data, "--json", tmp_path / "r.json")
+    assert code == 2
+    assert err.startswith("error: ") and "Traceback" not in err
+    for text in expect:
+        assert text in err
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_cli_bad_options(tmp_path, capsys, checkpoint, synth_root):
+    code, _, err = _run(capsys, "--weights", checkpoint, "--data", synth_root, "--image-size", "70")
+    assert code == 2 and "--image-size" in err
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    assert "TestDataset/<name>" in text and "mean256" in text and "exit codes" in text
+
+
+class _DiscFinder(torch.nn.Module):
+    """Stand-in model that 'segments' bright pixels: logits from the normalised red channel.
+
+    Tests that probabilities are resized back to each mask's own (non-square) size in the
+    right orientation: a transposed or misaligned map would score far lower."""
+
+    def __init__(self):
+        super().__init__()
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def predict_logits(self, x):
+        return (x[:, :1] - 0.5) * 20
+
+
+def test_evaluate_pairs_scores_at_original_size_and_restores_mode(tmp_path):
+    folder = tmp_path / "discs"
+    (folder / "images").mkdir(parents=True)
+    (folder / "masks").mkdir()
+    for i, (h, w) in enumerate([(60, 100), (110, 70), (64, 64)]):
+        mask = np.zeros((h, w), np.uint8)
+        cv2.ellipse(mask, (w // 3, h // 2), (w // 5, h // 4), 0, 0, 360, 255, -1)
+        image = np.full((h, w, 3), 60, np.uint8)
+        image[mask > 0] = (90, 90, 230)  # BGR: red disc
+        cv2.imwrite(str(folder / "images" / f"{i}.png"), image)
+        cv2.imwrite(str(folder / "masks" / f"{i}.png"), mask)
+    model = _DiscFinder().train()
+    summary, rows = evaluate_pairs(model, find_pairs(folder), 64, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), 0.5, "cpu",
+                                   batch_size=2, progress=False, overlays_dir=tmp_path / "ov")
+    assert model.training  # the trainer's mode is given back
+    assert summary["n"] == 3 and [(r["height"], r["width"]) for r in rows] == [(60, 100), (110, 70), (64, 64)]
+    assert summary["mDice"] > 0.9 and summary["MAE"] < 0.1
+    assert (tmp_path / "ov" / "sheet_000.png").is_file() and (tmp_path / "ov" / "worst_dice.png").is_file()
+
+
+def test_real_kvasir_images_of_varied_sizes(tmp_path, capsys, checkpoint):
+    """Five real Kvasir pairs (copied to tmp to keep it fast) at their original, varied sizes."""
+    kvasir = shared_data("polyp", "TestDataset", "Kvasir")
+    smallest = sorted((kvasir / "images").glob("*.jpg"), key=lambda p: p.stat().st_size)[:5]
+    subset = tmp_path / "Kvasir5"
+    (subset / "images").mkdir(parents=True)
+    (subset / "masks").mkdir()
+    for image in smallest:
+        shutil.copy(image, subset / "images" / image.name)
+        shutil.copy(kvasir / "masks" / f"{image.stem}.png", subset / "masks" / f"{image.stem}.png")
+    code, out, err = _run(capsys, "--weights", checkpoint, "--data", subset, "--json", tmp_path / "k.json")
+    assert code == 0, err
+    assert json.loads((tmp_path / "k.json").read_text())["Kvasir5"]["n"] == 5
+    with open(tmp_path / "k_per_image.csv") as f:
+        rows = {r["name"]: r for r in csv.DictReader(f)}
+    sizes = set()
+    for image in smallest:
+        h, w = cv2.imread(str(image)).shape[:2]
+        assert (int(rows[image.stem]["height"]), int(rows[image.stem]["width"])) == (h, w)
+        assert int(rows[image.stem]["gt_pixels"]) > 0
+        sizes.add((h, w))
+    assert len(sizes) >= 3
