@@ -1,0 +1,160 @@
+"""Command line of the viewer and its headless twin (`python -m app --help`)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from . import DEFAULT_WEIGHTS, DEMO_CLIP, DISCLAIMER
+from .errors import AppError
+
+BACKENDS = ("auto", "tensorrt", "onnxruntime", "torch")
+
+DESCRIPTION = f"""\
+Real-time polyp segmentation on endoscopy video: the model's mask is drawn over the video
+as a tinted fill with a contour. {DISCLAIMER}.
+
+Window (default): play a file, a camera or the bundled demo clip, tune threshold and
+opacity live, record the overlaid video, save snapshots. Headless (--headless): the same
+pipeline, every input frame written to --out, throughput and latency to --stats."""
+
+EPILOG = f"""\
+SOURCE
+  a video file      anything FFmpeg reads (mp4, mkv, avi, ...)
+  a camera          0, 1, ... or /dev/video0 (V4L2, 1-frame buffer: lowest latency)
+  nothing           the demo clip {DEMO_CLIP.name} with the bundled default student
+
+model
+  --weights CKPT    a .safetensors checkpoint (kdas_core.train / distill)
+  --engine PATH     an exported .onnx or a TensorRT .engine (python -m engines.build)
+  (neither)         {DEFAULT_WEIGHTS.relative_to(DEFAULT_WEIGHTS.parents[2])}
+  Input size, normalisation and the default threshold come from the model's own metadata.
+  --backend auto tries tensorrt -> onnxruntime -> torch; if the chosen one fails, the next
+  one takes over and the window says so.
+
+examples
+  python -m app                                  demo clip in the window
+  python -m app colonoscopy.mp4 --record out/    record from the start into out/
+  python -m app /dev/video0 --backend tensorrt --engine student.engine
+  python -m app clip.mp4 --headless --out clip-overlay.mp4 --stats stats.json
+  python -m app.soak --frames 10000              memory soak benchmark (headless)
+
+window keys
+  Space play/pause   Left/Right seek 5 s   Up/Down threshold   [ ] opacity   C contour
+  R record           S snapshot            Ctrl+O open file    Ctrl+K camera   F1 keys
+
+exit status: 0 ok, 1 failure (message on stderr), 2 bad arguments, 130/143 interrupted."""
+
+
+def _unit_interval(name: str):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number in [0, 1], got {text!r}") from None
+        if not 0.0 <= value <= 1.0:
+            raise argparse.ArgumentTypeError(f"{name} must be in [0, 1], got {value}")
+        return value
+
+    return parse
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m app",
+        usage="\n  python -m app [SOURCE] [--weights CKPT | --engine PATH] [--backend auto|tensorrt|onnxruntime|torch]\n"
+              "                [--threshold T] [--opacity A] [--record DIR]\n"
+              "  python -m app SOURCE --headless --out OUT.mp4 [--stats STATS.json]",
+        description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("source", nargs="?", metavar="SOURCE", help="video file, camera (0, /dev/video0), or nothing for the demo clip")
+    model = p.add_mutually_exclusive_group()
+    model.add_argument("--weights", metavar="CKPT", help="KDAS .safetensors checkpoint (default: the bundled student)")
+    model.add_argument("--engine", metavar="PATH", help="exported model: .onnx or TensorRT .engine/.plan")
+    p.add_argument("--backend", choices=BACKENDS, default="auto", help="inference backend (default: auto = fastest that works)")
+    p.add_argument("--threads", type=_positive_int, metavar="N",
+                   help="CPU threads for the onnxruntime/torch backends (default: theirs); on a busy or small "
+                        "machine fewer threads than cores leaves room for decode/overlay/encode")
+    p.add_argument("--threshold", type=_unit_interval("--threshold"), metavar="T",
+                   help="mask threshold on the probability, 0..1 (default: the model's own, from its metadata)")
+    p.add_argument("--opacity", type=_unit_interval("--opacity"), default=0.4, metavar="A",
+                   help="opacity of the mask's tinted fill, 0..1 (default: 0.4)")
+    p.add_argument("--no-contour", dest="contour", action="store_false", help="do not draw the mask's outline")
+    p.add_argument("--record", metavar="DIR",
+                   help="window: start recording at once; recordings and snapshots go to DIR (default DIR for the R key: ./recordings)")
+    h = p.add_argument_group("headless")
+    h.add_argument("--headless", action="store_true", help="no window: write the overlaid video to --out")
+    h.add_argument("--out", metavar="OUT.mp4", help="headless: the overlaid video (H.264 MP4), every input frame")
+    h.add_argument("--stats", metavar="STATS.json",
+                   help="throughput and latency figures as JSON (headless; in the window: written on exit)")
+    h.add_argument("--loop", type=_positive_int, default=1, metavar="N", help="headless: play a file N times (soak benchmarks)")
+    h.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="headless progress bar (default: on when stderr is a terminal)")
+    w = p.add_argument_group("window benchmarks")
+    w.add_argument("--exit-at-end", action="store_true", help="window: close when the file ends (with --stats: measure the window)")
+    return p
+
+
+def resolve_model(args) -> str:
+    if args.engine:
+        path = args.engine
+        if not os.path.isfile(path):
+            raise AppError(f"--engine {path}: no such file; build one with `python -m engines.build`")
+        return path
+    if args.weights:
+        if not os.path.isfile(args.weights):
+            raise AppError(f"--weights {args.weights}: no such checkpoint file")
+        return args.weights
+    if not DEFAULT_WEIGHTS.is_file():
+        raise AppError(
+            f"the default weights {DEFAULT_WEIGHTS} are missing; pass --weights CKPT (a .safetensors checkpoint) "
+            "or --engine PATH (.onnx / TensorRT engine)"
+        )
+    return str(DEFAULT_WEIGHTS)
+
+
+def resolve_source(args) -> str:
+    if args.source:
+        return args.source
+    if not DEMO_CLIP.is_file():
+        raise AppError(f"no SOURCE given and the demo clip {DEMO_CLIP} is missing; give a video file or camera, "
+                       "or regenerate it with `python -m app.make_demo --out assets/demo.mp4`")
+    return str(DEMO_CLIP)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.headless and not args.out:
+        parser.error("--headless needs --out OUT.mp4 (where the overlaid video goes)")
+    if args.out and not args.headless:
+        parser.error("--out is for --headless; in the window use the record button (R) or --record DIR")
+    if args.loop != 1 and not args.headless:
+        parser.error("--loop is for --headless")
+    try:
+        if args.headless:
+            from .headless import run_headless
+
+            result = run_headless(resolve_source(args), args.out, model_path=resolve_model(args), backend=args.backend,
+                                  stats_path=args.stats, threshold=args.threshold, opacity=args.opacity,
+                                  contour=args.contour, loop=args.loop, progress=args.progress, threads=args.threads)
+            return result.exit_code
+        from .ui.app import check_display, run_window
+
+        check_display()
+        return run_window(args, model_path=resolve_model(args), source=resolve_source(args))
+    except AppError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

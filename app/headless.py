@@ -1,0 +1,214 @@
+"""Headless mode: the viewer's pipeline without a window, writing every frame to an MP4.
+
+    python -m app SOURCE --headless --out OUT.mp4 [--stats STATS.json]
+
+Never drops a frame (blocking queues between stages; cameras excepted: a live device cannot
+wait, so it keeps its latest-frame-wins slot and drops are counted). The recording is
+finalised on every exit path: end of file, bad data, Ctrl+C, SIGTERM. Exit status: 0 done,
+1 failure (the message says what and what to do), 130 / 143 interrupted by SIGINT / SIGTERM.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+
+from .errors import AppError
+from .pipeline.inference import ModelInfo
+from .pipeline.items import EndOfStream, Frame
+from .pipeline.overlay import OverlaySettings
+from .pipeline.recorder import Recorder
+from .pipeline.runner import Pipeline, PipelineEvents
+from .pipeline.source import open_reader
+
+
+class Interrupted(Exception):
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class _Events(PipelineEvents):
+    def __init__(self, log):
+        self.log = log
+        self.done = threading.Event()
+        self.error: str | None = None
+        self.notices: list[str] = []
+        self.info: ModelInfo | None = None
+
+    def model_ready(self, info: ModelInfo) -> None:
+        self.info = info
+        self.log(f"model: {info.label}")
+        for note in info.notes:
+            self.log(f"  {note}")
+
+    def notice(self, text: str) -> None:
+        self.notices.append(text)
+        self.log(f"notice: {text}")
+
+    def signal(self, ok: bool, text: str) -> None:
+        self.notice(text)
+
+    def fatal(self, text: str) -> None:
+        self.error = self.error or text
+        self.done.set()
+
+    def end_of_stream(self, eos: EndOfStream) -> None:
+        if eos.error:
+            self.error = self.error or eos.error
+        self.done.set()
+
+
+@dataclass
+class HeadlessResult:
+    exit_code: int
+    stats: dict = field(default_factory=dict)
+
+
+def run_headless(source: str, out: str, *, model_path: str, backend: str = "auto", stats_path: str | None = None,
+                 threshold: float | None = None, opacity: float = 0.4, contour: bool = True, loop: int = 1,
+                 progress: bool | None = None, backend_factory=None, log=None, on_frame=None,
+                 threads: int | None = None) -> HeadlessResult:
+    """Run the pipeline over `source` into `out`. `on_frame(frame)` (soak benchmark) is called
+    after each recorded frame, in the overlay thread."""
+    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    if not str(out).lower().endswith(".mp4"):
+        raise AppError(f"--out {out}: the recording is an MP4; give a path ending in .mp4")
+    reader = open_reader(source)
+    events = _Events(log)
+    settings = OverlaySettings(threshold=threshold, opacity=opacity, contour=contour)
+    pipeline = Pipeline(model_path, backend, settings=settings, events=events, realtime=reader.live,
+                        backend_factory=backend_factory, threads=threads, measure_model_only=True)
+    recorder: list[Recorder] = []  # created by the first frame: its size is the frame's
+    total = reader.frame_count * max(1, loop) if reader.frame_count else None
+    bar = _progress(total, progress)
+
+    def sink(frame: Frame) -> None:
+        if frame.refresh:
+            return
+        if not recorder:
+            h, w = frame.overlay.shape[:2]
+            recorder.append(Recorder(out, reader.fps, w, h))
+        recorder[0].write(frame.overlay)
+        pipeline.stats.frame_out(frame.t_capture)
+        if bar is not None:
+            bar.update(1)
+        if on_frame is not None:
+            on_frame(frame)
+
+    pipeline.sinks.append(sink)
+    interrupted: Interrupted | None = None
+    previous = _install_signal_handlers()
+    try:
+        log(f"source: {reader.description}")
+        pipeline.start()
+        pipeline.open(reader, loop=loop)
+        while not events.done.wait(0.2):  # short waits: the main thread must stay free for signals
+            pass
+    except Interrupted as exc:
+        interrupted = exc
+    finally:
+        pipeline.close()
+        if bar is not None:
+            bar.close()
+        record_error = None
+        for r in recorder:
+            try:
+                r.close()
+            except AppError as exc:
+                record_error = str(exc)
+        pipeline.stats.stop()
+
+    stats = pipeline.stats.summary()
+    info = events.info
+    model_only = pipeline.inference.model_only or {}
+    stats.update({
+        "backend": info.backend if info else None,
+        "model": info.path if info else model_path,
+        "input_size": list(info.input_size) if info else None,
+        "threshold": settings.threshold if settings.threshold is not None else (info.threshold if info else None),
+        "source": str(source),
+        "out": str(out),
+        "frames_recorded": recorder[0].frames_written if recorder else 0,
+        **model_only,
+    })
+    if model_only.get("model_only_fps"):
+        stats["fps_vs_model_only"] = round(stats["fps"] / model_only["model_only_fps"], 3)
+    error = events.error or record_error
+    if interrupted is not None:
+        error = f"interrupted by {interrupted.args[0]}"
+    stats.update({"notices": events.notices, "backend_notes": info.notes if info else [], "error": error,
+                  "complete": error is None})
+    if stats_path:
+        _write_json(stats_path, stats)
+    _restore_signal_handlers(previous)
+
+    if error is None and stats["frames_in"] != stats["frames_out"]:
+        error = f"internal error: {stats['frames_in']} frames in, {stats['frames_out']} out"
+    if error:
+        where = f"; the {stats['frames_recorded']} frames before it are in {out}" if stats["frames_recorded"] else ""
+        log(f"error: {error}{where}")
+        code = 128 + interrupted.signum if interrupted is not None else 1
+        return HeadlessResult(code, stats)
+    ratio = f" ({stats['fps_vs_model_only']:.2f} x model-only {stats['model_only_fps']:.1f} fps)" if "fps_vs_model_only" in stats else ""
+    log(f"wrote {out}: {stats['frames_out']} frames, {stats['fps']:.1f} fps{ratio}, "
+        f"inference p50 {stats['inference_ms_p50']} ms, latency p50/p95 {stats['latency_ms_p50']}/{stats['latency_ms_p95']} ms")
+    return HeadlessResult(0, stats)
+
+
+def _progress(total, enabled):
+    if enabled is None:
+        enabled = sys.stderr.isatty()
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="frame", dynamic_ncols=True, file=sys.stderr)
+
+
+def _install_signal_handlers():
+    """SIGTERM and SIGINT raise Interrupted in the main thread, so `finally` finalises the MP4."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    fired = []
+
+    def handler(signum, _frame):
+        if fired:  # already stopping: a second Ctrl+C must not cut the MP4 finalisation short
+            print("finalising the recording, please wait…", file=sys.stderr, flush=True)
+            return
+        fired.append(signum)
+        raise Interrupted(signum)
+
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        previous[sig] = signal.signal(sig, handler)
+    return previous
+
+
+def _restore_signal_handlers(previous) -> None:
+    if previous:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
+
+
+def _write_json(path: str, data: dict) -> None:
+    """Atomic: a temp file beside `path`, then rename."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".stats-", suffix=".json", dir=directory)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

@@ -1,0 +1,207 @@
+"""Inference stage: the only thread that touches the backend.
+
+The backend (and with it every CUDA context, TensorRT execution context or ORT session) is
+constructed *inside* this thread, and a warm-up prediction runs here before the first frame,
+so lazily created GPU objects belong to this thread too.
+
+Fallback: if the asked-for backend cannot be built or cannot run (engine built for another
+GPU, missing CUDA, broken export), the next one in tensorrt -> onnxruntime -> torch is tried
+and a notice says so. Input size and threshold come only from the backend (model metadata).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from ..errors import AppError
+from .channels import Closed
+from .items import EndOfStream, Frame
+from .preprocess import resize_for_model
+
+ORDER = ("tensorrt", "onnxruntime", "torch")
+
+
+@dataclass
+class ModelInfo:
+    backend: str
+    path: str
+    input_size: tuple[int, int]  # (H, W)
+    threshold: float
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        h, w = self.input_size
+        return f"{self.backend} \u00b7 {_short(self.path)} \u00b7 {w}x{h}"
+
+
+def _short(path: str) -> str:
+    import os
+
+    return os.path.basename(path)
+
+
+def _default_factory(path, backend="auto", device=None, threads=None):
+    from engines import load_backend
+
+    return load_backend(path, backend=backend, device=device, threads=threads)
+
+
+def fallbacks_after(name: str) -> list[str]:
+    return list(ORDER[ORDER.index(name) + 1:]) if name in ORDER else []
+
+
+def open_backend(path: str, requested: str, *, factory: Callable = _default_factory, device=None, threads=None,
+                 notice: Callable[[str], None] = lambda s: None, skip: tuple[str, ...] = ()):
+    """A backend that has run one warm-up prediction: `requested` first, then the backends
+    after it in ORDER (for "auto", engines already tries them all while loading; we only go on
+    if the one it picked loads but cannot run). Raises AppError listing every failure."""
+    chain = [requested] + (fallbacks_after(requested) if requested != "auto" else [])
+    tried: set[str] = set(skip)
+    errors: list[str] = []
+    while chain:
+        name = chain.pop(0)
+        if name in tried:
+            continue
+        backend = None
+        try:
+            backend = factory(path, backend=name, device=device, threads=threads)
+            # A backend can load and still fail on first use (lazy CUDA objects): run it once.
+            h, w = backend.input_size
+            backend.predict(np.zeros((1, h, w, 3), np.uint8))
+            return backend
+        except Exception as exc:  # BackendError, or whatever a broken runtime raises
+            actual = getattr(backend, "name", None) or name
+            if backend is not None:
+                try:
+                    backend.close()
+                except Exception:
+                    pass
+            tried.update({name, actual})
+            errors.append(f"{actual}: {_oneline(exc)}")
+            if name == "auto" and backend is not None:
+                chain = [b for b in fallbacks_after(actual) if b not in tried]
+            chain = [b for b in chain if b not in tried]
+            if chain:
+                notice(f"{actual} backend failed ({_oneline(exc)}); falling back to {chain[0]}")
+    raise AppError(f"{path}: no backend could run the model:\n  " + "\n  ".join(errors))
+
+
+def _oneline(exc: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
+
+
+class InferenceStage(threading.Thread):
+    """inbox (Frames with model_input) -> outbox (Frames with probs)."""
+
+    def __init__(self, model_path: str, requested: str, inbox, outbox, *, stats_ref: Callable, events,
+                 factory: Callable | None = None, device=None, threads: int | None = None,
+                 measure_model_only: bool = False):
+        super().__init__(name="inference", daemon=True)
+        self.model_path = model_path
+        self.requested = requested
+        self.inbox = inbox
+        self.outbox = outbox
+        self.stats_ref = stats_ref  # () -> current RunStats (the window swaps it per source)
+        self.events = events
+        self.factory = factory or _default_factory
+        self.device = device
+        self.threads = threads
+        self.measure_model_only = measure_model_only
+        self.info: ModelInfo | None = None
+        self.ready = threading.Event()  # set when a backend runs, or when all failed
+        self.failed: str | None = None
+        self.model_only: dict | None = None
+        self._recent_inputs: list[np.ndarray] = []  # a few real inputs for the model-only benchmark
+        self._backend = None
+        self._halt = threading.Event()
+
+    def stop(self) -> None:
+        self._halt.set()
+
+    def run(self) -> None:
+        try:
+            self._load(self.requested, skip=())
+        except AppError as exc:
+            self.failed = str(exc)
+            self.ready.set()
+            self.events.fatal(str(exc))
+            return
+        try:
+            while not self._halt.is_set():
+                item = self.inbox.get(timeout=0.1)
+                if item is None:
+                    continue
+                if isinstance(item, EndOfStream):
+                    if self.measure_model_only and item.error is None:
+                        self.model_only = self.benchmark()
+                    self.outbox.put(item)
+                    continue
+                self.outbox.put(self._infer(item))
+        except Closed:
+            pass
+        except AppError as exc:
+            self.events.fatal(str(exc))
+        finally:
+            if self._backend is not None:
+                try:
+                    self._backend.close()
+                except Exception:
+                    pass
+
+    def _load(self, requested: str, skip: tuple[str, ...]) -> None:
+        self._backend = open_backend(self.model_path, requested, factory=self.factory, device=self.device,
+                                     threads=self.threads, notice=self.events.notice, skip=skip)
+        b = self._backend
+        self.info = ModelInfo(b.name, str(getattr(b, "path", self.model_path)), tuple(b.input_size),
+                              float(b.threshold), list(getattr(b, "notes", []) or []))
+        self.ready.set()
+        self.events.model_ready(self.info)
+
+    def _infer(self, frame: Frame) -> Frame:
+        x = frame.model_input
+        if x is None or x.shape[:2] != self.info.input_size:  # a fallback changed the model size
+            x = resize_for_model(frame.image, self.info.input_size)
+        t0 = time.perf_counter()
+        try:
+            probs = self._backend.predict(x[None])[0]
+        except Exception as exc:
+            # Runtime failure (device lost, driver error): next backend, same frame.
+            failed = self._backend.name
+            self.events.notice(f"{failed} backend failed while running ({_oneline(exc)}); falling back")
+            try:
+                self._backend.close()
+            except Exception:
+                pass
+            nxt = fallbacks_after(failed)
+            if not nxt:
+                raise AppError(f"{self.model_path}: the {failed} backend failed while running: {_oneline(exc)}") from exc
+            self._load(nxt[0], skip=tuple(ORDER[: ORDER.index(failed) + 1]))
+            return self._infer(frame)
+        ms = (time.perf_counter() - t0) * 1000.0
+        frame.probs = probs
+        frame.infer_ms = ms
+        if not frame.refresh:
+            self.stats_ref().inference(ms)
+        if len(self._recent_inputs) < 8:
+            self._recent_inputs.append(x)
+        return frame
+
+    def benchmark(self, max_frames: int = 200, max_seconds: float = 8.0) -> dict:
+        """The backend's own throughput on real inputs, in this thread, right after the run:
+        predict() alone, batch 1, nothing else in the loop. The headless fps is judged against it."""
+        inputs = self._recent_inputs or [np.zeros((*self.info.input_size, 3), np.uint8)]
+        frames = min(max_frames, max(20, self.stats_ref().frames_out))
+        n, t0 = 0, time.perf_counter()
+        while n < frames and (n < 20 or time.perf_counter() - t0 < max_seconds):
+            self._backend.predict(inputs[n % len(inputs)][None])
+            n += 1
+        dt = time.perf_counter() - t0
+        return {"model_only_fps": round(n / dt, 3) if dt > 0 else 0.0, "model_only_frames": n,
+                "model_only_ms": round(dt / n * 1000.0, 3) if n else None}

@@ -1,0 +1,16 @@
+"""Preprocess stage: resize the frame to the model's input size (taken from the backend)."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+
+def resize_for_model(image: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
+    """RGB uint8 at `size_hw`. Area filter when shrinking (no aliasing), bilinear when growing.
+    Normalisation is the backend's job: it reads mean/std from the model's own metadata."""
+    h, w = size_hw
+    if image.shape[:2] == (h, w):
+        return np.ascontiguousarray(image)
+    shrink = image.shape[0] > h or image.shape[1] > w
+    return cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)

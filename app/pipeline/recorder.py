@@ -1,0 +1,137 @@
+"""H.264 MP4 recorder of the overlaid stream (PyAV), with its own encode thread.
+
+`write` only queues the frame (blocking when the queue is full: a recording never loses a
+frame, a slow disk slows the pipeline instead); the encode thread does colour conversion,
+x264 and muxing. `close` flushes the encoder and writes the MP4 index, so the file plays.
+Every exit path of the viewer and headless mode calls `close` (window close, end of file,
+errors, Ctrl+C, SIGTERM); only a hard kill (SIGKILL, power loss) can leave an unplayable file.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from fractions import Fraction
+
+import av
+import numpy as np
+
+from ..errors import AppError
+from .channels import BoundedQueue, Closed
+
+TIME_BASE = Fraction(1, 90000)  # MPEG clock: exact for 24, 25, 30, 29.97, 50, 60 fps
+_STOP = object()
+
+
+def encoder_options(width: int, height: int) -> dict:
+    # Fast presets keep encoding behind inference; 1080p gets the fastest one so a GPU
+    # pipeline at >= 120 fps is not encoder-bound.
+    preset = "superfast" if width * height >= 1280 * 720 else "veryfast"
+    return {"preset": preset, "crf": "20"}
+
+
+class Recorder:
+    def __init__(self, path: str, fps: float, width: int, height: int, queue_size: int = 32):
+        self.path = str(path)
+        self.fps = float(fps) if fps and fps > 0 else 25.0
+        self.width, self.height = int(width), int(height)
+        # yuv420p needs even sizes: pad (never crop) by one replicated row/column.
+        self._pad = (self.height % 2, self.width % 2)
+        directory = os.path.dirname(os.path.abspath(self.path))
+        try:
+            os.makedirs(directory, exist_ok=True)
+            self._container = av.open(self.path, "w", format="mp4")
+        except (OSError, av.FFmpegError) as exc:
+            raise AppError(f"{self.path}: cannot create the recording ({exc}); check the folder exists and is writable") from exc
+        stream = self._container.add_stream("libx264", rate=Fraction(self.fps).limit_denominator(1001))
+        stream.width = self.width + self._pad[1]
+        stream.height = self.height + self._pad[0]
+        stream.pix_fmt = "yuv420p"
+        stream.codec_context.time_base = TIME_BASE
+        stream.options = encoder_options(self.width, self.height)
+        self._stream = stream
+        self._queue = BoundedQueue(queue_size)
+        self._error: BaseException | None = None
+        self._last_pts = -1
+        self.frames_written = 0
+        self._closed = False
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._encode_loop, name="recorder", daemon=True)
+        self._thread.start()
+
+    def write(self, image: np.ndarray, t: float | None = None) -> None:
+        """Queue one RGB frame. `t`: its time in seconds from the recording's start (None: the
+        nominal frame rate). Raises AppError if the encoder failed (e.g. disk full)."""
+        if self._error is not None:
+            raise AppError(f"{self.path}: recording failed: {self._error}")
+        if self._closed:
+            raise AppError(f"{self.path}: recording already closed")
+        if image.shape[:2] != (self.height, self.width):
+            raise AppError(f"{self.path}: frame size changed from {self.width}x{self.height} to {image.shape[1]}x{image.shape[0]}")
+        try:
+            self._queue.put((image, t))
+        except Closed:
+            raise AppError(f"{self.path}: recording already closed") from None
+
+    def _encode_loop(self) -> None:
+        while True:
+            try:
+                item = self._queue.get(timeout=0.5)
+            except Closed:
+                return
+            if item is None:
+                continue
+            if item is _STOP:
+                return
+            if self._error is not None:
+                continue  # keep draining so writers never block on a dead encoder
+            try:
+                self._encode(*item)
+            except Exception as exc:  # disk full, encoder failure: reported on next write/close
+                self._error = exc
+
+    def _encode(self, image: np.ndarray, t: float | None) -> None:
+        if self._pad != (0, 0):
+            image = np.pad(image, ((0, self._pad[0]), (0, self._pad[1]), (0, 0)), mode="edge")
+        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
+        if t is None:
+            pts = round(self.frames_written / self.fps / TIME_BASE)
+        else:
+            pts = round(t / TIME_BASE)
+        pts = max(pts, self._last_pts + 1)  # strictly increasing, whatever the clock did
+        self._last_pts = pts
+        frame.pts = pts
+        frame.time_base = TIME_BASE
+        for packet in self._stream.encode(frame):
+            self._container.mux(packet)
+        self.frames_written += 1
+
+    def close(self) -> None:
+        """Encode what is queued, flush x264, write the MP4 index. Idempotent; raises AppError
+        if anything failed (the file is still finalised as far as possible)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        try:
+            self._queue.put(_STOP)
+        except Closed:
+            pass
+        self._thread.join()
+        try:
+            if self._error is None:
+                for packet in self._stream.encode(None):
+                    self._container.mux(packet)
+        except Exception as exc:
+            self._error = self._error or exc
+        finally:
+            try:
+                self._container.close()
+            except Exception as exc:
+                self._error = self._error or exc
+        if self._error is not None:
+            raise AppError(f"{self.path}: recording failed: {self._error}")
+
+    @property
+    def closed(self) -> bool:
+        return self._closed

@@ -1,0 +1,227 @@
+"""The pipeline: stage threads wired by channels. The window and headless mode both use it.
+
+    source --ch--> preprocess --ch--> inference --q--> postprocess --q--> overlay --> sinks
+    (thread)       (thread)           (thread)         (thread)           (thread)
+
+Each stage runs on its own thread so decode, resize, overlay and encode overlap with
+inference: throughput approaches the model's own. In real-time mode (the window, cameras)
+the two channels in front of the model are latest-frame-wins slots: the model always gets the
+newest frame and drops are counted; headless uses blocking queues and never drops.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from typing import Callable
+
+from .channels import BoundedQueue, Closed, LatestSlot
+from .inference import InferenceStage, ModelInfo
+from .items import EndOfStream, Frame
+from .overlay import OverlaySettings, draw_overlay
+from .postprocess import probs_to_mask
+from .preprocess import resize_for_model
+from .source import Epoch, SourceStage
+from .stats import RunStats
+
+
+class PipelineEvents:
+    """Callbacks from the stage threads (never the GUI thread): keep them short and thread-safe.
+    The window turns them into Qt signals; headless mode prints / records them."""
+
+    def model_ready(self, info: ModelInfo) -> None: ...
+
+    def notice(self, text: str) -> None: ...  # fallbacks and other things the user should see
+
+    def signal(self, ok: bool, text: str) -> None: ...  # live source lost / back
+
+    def fatal(self, text: str) -> None: ...  # the pipeline cannot go on (no backend, stage crashed)
+
+    def end_of_stream(self, eos: EndOfStream) -> None: ...
+
+
+class _Worker(threading.Thread):
+    """Loop: take from inbox, apply `fn` to Frames, pass on. EndOfStream passes straight through."""
+
+    def __init__(self, name: str, fn: Callable[[Frame], Frame | None], inbox, outbox, on_error: Callable[[str], None]):
+        super().__init__(name=name, daemon=True)
+        self.fn, self.inbox, self.outbox, self.on_error = fn, inbox, outbox, on_error
+        self._halt = threading.Event()
+
+    def stop(self) -> None:
+        self._halt.set()
+
+    def run(self) -> None:
+        try:
+            while not self._halt.is_set():
+                item = self.inbox.get(timeout=0.1)
+                if item is None:
+                    continue
+                if isinstance(item, Frame):
+                    item = self.fn(item)
+                    if item is None:
+                        continue
+                self.outbox.put(item)
+        except Closed:
+            pass
+        except Exception as exc:  # a bug in a stage: stop loudly, never freeze silently
+            self.on_error(f"{self.name} stage failed: {type(exc).__name__}: {exc}")
+
+
+class _Deliver:
+    """The overlay stage's outbox: hands results to the sinks (in the overlay thread)."""
+
+    def __init__(self, pipeline: "Pipeline"):
+        self.p = pipeline
+
+    def put(self, item) -> None:
+        self.p._deliver(item)
+
+
+class Pipeline:
+    def __init__(self, model_path: str, backend: str = "auto", *, settings: OverlaySettings | None = None,
+                 events: PipelineEvents | None = None, realtime: bool = True, device=None, threads: int | None = None,
+                 backend_factory: Callable | None = None, measure_model_only: bool = False):
+        self.settings = settings or OverlaySettings()
+        self.events = events or PipelineEvents()
+        self.realtime = realtime
+        self.stats = RunStats()
+        self.epoch = Epoch()
+        self.sinks: list[Callable[[Frame], None]] = []  # called in the overlay thread, in order
+        self.source: SourceStage | None = None
+        self._last_inferred: Frame | None = None
+        self._closed = False
+
+        if realtime:  # latest frame wins in front of the model; short queues after it
+            self.q_source = LatestSlot(on_drop=self._dropped)
+            self.q_model = LatestSlot(on_drop=self._dropped)
+            depth = 2
+        else:  # never drop; queues deep enough to absorb jitter of each stage
+            self.q_source = BoundedQueue(4)
+            self.q_model = BoundedQueue(4)
+            depth = 4
+        self.q_probs = BoundedQueue(depth)
+        self.q_mask = BoundedQueue(depth)
+
+        self.inference = InferenceStage(model_path, backend, self.q_model, self.q_probs, stats_ref=lambda: self.stats,
+                                        events=self.events, factory=backend_factory, device=device, threads=threads,
+                                        measure_model_only=measure_model_only)
+        self.workers = [
+            _Worker("preprocess", self._preprocess, self.q_source, self.q_model, self._fail),
+            _Worker("postprocess", self._postprocess, self.q_probs, self.q_mask, self._fail),
+            _Worker("overlay", self._overlay, self.q_mask, _Deliver(self), self._fail),
+        ]
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self) -> "Pipeline":
+        self.inference.start()
+        for w in self.workers:
+            w.start()
+        return self
+
+    @property
+    def model(self) -> ModelInfo | None:
+        return self.inference.info
+
+    def wait_ready(self, timeout: float | None = None) -> ModelInfo | None:
+        self.inference.ready.wait(timeout)
+        return self.inference.info
+
+    def open(self, reader, *, loop: int = 1, start_paused: bool = False) -> SourceStage:
+        """Start decoding `reader` (replacing any current source). Frames of the old source
+        still in flight are skipped; stats start afresh."""
+        self._stop_source()
+        self.epoch.bump()
+        self.stats = RunStats()
+        self._last_inferred = None
+        self.source = SourceStage(reader, self.q_source, stats=self.stats, events=self.events, epoch=self.epoch,
+                                  realtime=self.realtime, loop=loop,
+                                  start_paused=start_paused, gate=self.inference.ready)
+        self.source.start()
+        return self.source
+
+    def _stop_source(self) -> None:
+        if self.source is not None:
+            self.source.stop()
+            self.source.join(timeout=5)
+            self.source = None
+
+    def close(self) -> None:
+        """Stop every thread (frames in flight are abandoned; sinks own their files)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.source is not None:
+            self.source.stop()
+        self.inference.stop()
+        for w in self.workers:
+            w.stop()
+        for ch in (self.q_source, self.q_model, self.q_probs, self.q_mask):
+            ch.close()
+        for t in [self.source, self.inference, *self.workers]:
+            if t is not None and t.is_alive():
+                t.join(timeout=5)
+        self.stats.stop()
+
+    # -- controls (GUI thread) -------------------------------------------------------------
+    def pause(self) -> None:
+        if self.source:
+            self.source.pause()
+
+    def resume(self) -> None:
+        if self.source:
+            self.source.resume()
+
+    def seek(self, seconds: float) -> None:
+        if self.source:
+            self.source.seek(seconds)
+
+    def refresh(self) -> bool:
+        """Re-render the last frame with the current settings (sliders moved while paused).
+        Goes through postprocess + overlay only; not recorded, not counted."""
+        last = self._last_inferred
+        if last is None:
+            return False
+        again = dataclasses.replace(last, refresh=True, mask=None, overlay=None, epoch=self.epoch.value)
+        return self.q_probs.offer(again)
+
+    # -- stages ----------------------------------------------------------------------------
+    def _preprocess(self, frame: Frame) -> Frame | None:
+        self.inference.ready.wait()
+        info = self.inference.info
+        if info is None:
+            return None  # no backend: nothing can run; the fatal event has been sent
+        self.stats.start()  # throughput is timed from the first frame the model can take
+        frame.model_input = resize_for_model(frame.image, info.input_size)
+        return frame
+
+    def _postprocess(self, frame: Frame) -> Frame:
+        if not frame.refresh:
+            self._last_inferred = frame
+        threshold = self.settings.threshold
+        if threshold is None:
+            threshold = self.inference.info.threshold
+        frame.mask = probs_to_mask(frame.probs, frame.image.shape[:2], threshold)
+        return frame
+
+    def _overlay(self, frame: Frame) -> Frame:
+        s = self.settings
+        frame.overlay = draw_overlay(frame.image, frame.mask, s.opacity, s.contour, s.color)
+        return frame
+
+    def _deliver(self, item) -> None:
+        if getattr(item, "epoch", None) != self.epoch.value:
+            return  # from before a seek / source change
+        if isinstance(item, EndOfStream):
+            self.events.end_of_stream(item)
+            return
+        for sink in self.sinks:
+            sink(item)
+
+    def _dropped(self, item) -> None:
+        if isinstance(item, Frame) and item.epoch == self.epoch.value:
+            self.stats.frame_dropped()
+
+    def _fail(self, text: str) -> None:
+        self.events.fatal(text)

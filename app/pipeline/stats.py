@@ -1,0 +1,140 @@
+"""Run statistics: what the status bar shows live and what `--stats` writes.
+
+Memory stays constant however long the run: whole-run percentiles come from a log-spaced
+histogram (about 1 % resolution), live readouts from small ring buffers.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import threading
+import time
+
+import numpy as np
+
+
+class Histogram:
+    """Percentiles of positive values (milliseconds) in constant memory."""
+
+    LO, HI, BINS = 0.01, 1e6, 1600  # 10 us .. 1000 s, ratio ~1.0116 per bin
+
+    def __init__(self):
+        self.counts = np.zeros(self.BINS + 2, dtype=np.int64)
+        self._scale = self.BINS / math.log(self.HI / self.LO)
+        self.n = 0
+
+    def add(self, value: float) -> None:
+        if value <= self.LO:
+            i = 0
+        elif value >= self.HI:
+            i = self.BINS + 1
+        else:
+            i = 1 + int(math.log(value / self.LO) * self._scale)
+        self.counts[min(i, self.BINS + 1)] += 1
+        self.n += 1
+
+    def percentile(self, q: float) -> float | None:
+        if self.n == 0:
+            return None
+        rank = q / 100.0 * (self.n - 1)
+        i = int(np.searchsorted(np.cumsum(self.counts), rank, side="right"))
+        if i == 0:
+            return self.LO
+        if i > self.BINS:
+            return self.HI
+        # geometric centre of the bin
+        return self.LO * math.exp((i - 0.5) / self._scale)
+
+
+class RunStats:
+    """Thread-safe counters for one pipeline run (one source)."""
+
+    def __init__(self, window: int = 120):
+        self._lock = threading.Lock()
+        self.frames_in = 0  # decoded / grabbed by the source
+        self.frames_out = 0  # shown (window) or handed to the recorder (headless)
+        self.dropped = 0  # replaced in a latest-frame-wins slot before being processed or shown
+        self.infer_hist = Histogram()
+        self.latency_hist = Histogram()
+        self._infer_recent: collections.deque = collections.deque(maxlen=window)
+        self._latency_recent: collections.deque = collections.deque(maxlen=window)
+        self._out_times: collections.deque = collections.deque(maxlen=window)
+        self.t_start: float | None = None  # first frame may enter the model (backend ready)
+        self.t_end: float | None = None
+
+    # -- producers -------------------------------------------------------------------------
+    def frame_in(self) -> None:
+        with self._lock:
+            self.frames_in += 1
+
+    def frame_dropped(self, _item=None) -> None:
+        with self._lock:
+            self.dropped += 1
+
+    def inference(self, ms: float) -> None:
+        with self._lock:
+            self.infer_hist.add(ms)
+            self._infer_recent.append(ms)
+
+    def frame_out(self, t_capture: float, now: float | None = None) -> None:
+        now = time.perf_counter() if now is None else now
+        ms = (now - t_capture) * 1000.0
+        with self._lock:
+            self.frames_out += 1
+            self.latency_hist.add(ms)
+            self._latency_recent.append(ms)
+            self._out_times.append(now)
+
+    def start(self) -> None:
+        with self._lock:
+            if self.t_start is None:
+                self.t_start = time.perf_counter()
+
+    def stop(self) -> None:
+        with self._lock:
+            self.t_end = time.perf_counter()
+
+    # -- readers ---------------------------------------------------------------------------
+    def live(self) -> dict:
+        """Recent-window figures for the status bar."""
+        with self._lock:
+            times = list(self._out_times)
+            infer = list(self._infer_recent)
+            lat = list(self._latency_recent)
+            dropped, seen = self.dropped, self.frames_in
+        now = time.perf_counter()
+        recent = [t for t in times if now - t <= 2.0]
+        fps = (len(recent) - 1) / (recent[-1] - recent[0]) if len(recent) >= 2 and recent[-1] > recent[0] else 0.0
+        return {
+            "display_fps": fps,
+            "inference_ms": float(np.median(infer)) if infer else None,
+            "latency_ms_p50": float(np.percentile(lat, 50)) if lat else None,
+            "latency_ms_p95": float(np.percentile(lat, 95)) if lat else None,
+            "dropped": dropped,
+            "dropped_pct": 100.0 * dropped / seen if seen else 0.0,
+        }
+
+    def summary(self) -> dict:
+        """Whole-run figures (the --stats JSON)."""
+        with self._lock:
+            t0 = self.t_start
+            t1 = self.t_end or time.perf_counter()
+            wall = (t1 - t0) if t0 is not None else 0.0
+            out = {
+                "frames_in": self.frames_in,
+                "frames_out": self.frames_out,
+                "dropped": self.dropped,
+                "dropped_pct": round(100.0 * self.dropped / self.frames_in, 3) if self.frames_in else 0.0,
+                "wall_s": round(wall, 3),
+                "fps": round(self.frames_out / wall, 3) if wall > 0 else 0.0,
+                "inference_ms_p50": _r(self.infer_hist.percentile(50)),
+                "inference_ms_p95": _r(self.infer_hist.percentile(95)),
+                "latency_ms_p50": _r(self.latency_hist.percentile(50)),
+                "latency_ms_p95": _r(self.latency_hist.percentile(95)),
+            }
+        return out
+
+
+def _r(v: float | None) -> float | None:
+    return None if v is None else round(v, 3)

@@ -1,0 +1,100 @@
+"""Starting the window: display checks, QApplication, signals, exit codes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+from ..errors import AppError
+
+NO_DISPLAY_HELP = (
+    "use headless mode instead:  python -m app SOURCE --headless --out OUT.mp4 [--stats STATS.json]\n"
+    "  (or run the window on a virtual display: xvfb-run python -m app ...)"
+)
+
+
+def check_display() -> None:
+    """AppError with a clear message (pointing at --headless) when no window can be shown.
+    Qt itself would abort the process with a core dump, so we ask first."""
+    platform = os.environ.get("QT_QPA_PLATFORM", "")
+    if platform.split(":")[0] in ("offscreen", "minimal", "vnc", "eglfs", "linuxfb"):
+        return  # explicitly asked for a platform that needs no desktop session
+    if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+        raise AppError("no display available (neither DISPLAY nor WAYLAND_DISPLAY is set); " + NO_DISPLAY_HELP)
+    if sys.platform.startswith("linux"):
+        # Qt aborts when its platform plugin cannot connect or load: probe in a child process.
+        probe = "import sys\nfrom PyQt6.QtWidgets import QApplication\nQApplication(sys.argv[:1])\n"
+        try:
+            r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=30)
+        except subprocess.TimeoutExpired:
+            raise AppError("the display does not answer (Qt start-up timed out); " + NO_DISPLAY_HELP) from None
+        if r.returncode != 0:
+            lines = [ln for ln in (r.stderr or "").splitlines() if ln.strip()]
+            why = " / ".join(lines[-3:]) if lines else f"exit status {r.returncode}"
+            raise AppError(f"Qt cannot open a window on display {os.environ.get('DISPLAY') or os.environ.get('WAYLAND_DISPLAY')!r}: "
+                           f"{why}\n  " + NO_DISPLAY_HELP)
+
+
+class _SignalBridge:
+    """SIGINT/SIGTERM close the window (so the recording is finalised). Python runs signal
+    handlers only between bytecodes, and Qt's event loop is C++: a wake-up socket makes the
+    loop notice the signal at once."""
+
+    def __init__(self, app, window):
+        from PyQt6.QtCore import QSocketNotifier
+
+        self.window = window
+        self.received: int | None = None
+        self._r, self._w = socket.socketpair()
+        self._r.setblocking(False)
+        self._w.setblocking(False)
+        self._old_fd = signal.set_wakeup_fd(self._w.fileno())
+        self._old = {s: signal.signal(s, self._handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        self._notifier = QSocketNotifier(self._r.fileno(), QSocketNotifier.Type.Read, app)
+        self._notifier.activated.connect(self._drain)
+
+    def _handler(self, signum, _frame):
+        if self.received is None:
+            self.received = signum
+            self.window.close()
+
+    def _drain(self, *_):
+        try:
+            while self._r.recv(64):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+    def restore(self) -> None:
+        signal.set_wakeup_fd(self._old_fd)
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        self._notifier.setEnabled(False)
+        self._r.close()
+        self._w.close()
+
+
+def run_window(args, *, model_path: str, source: str | None) -> int:
+    from PyQt6.QtWidgets import QApplication
+
+    from .main_window import MainWindow
+
+    app = QApplication.instance() or QApplication(sys.argv[:1])
+    app.setApplicationName("KDAS polyp viewer")
+    window = MainWindow(model_path, args.backend, threshold=args.threshold, opacity=args.opacity,
+                        contour=args.contour, record_dir=args.record, stats_path=args.stats,
+                        exit_at_end=args.exit_at_end, threads=args.threads)
+    signals = _SignalBridge(app, window)
+    window.show()
+    opened = window.open_source(source) if source else False
+    if opened and args.record:
+        window.record_button.setChecked(True)
+    try:
+        app.exec()
+    finally:
+        window.shutdown()  # closeEvent normally did this already; idempotent
+        signals.restore()
+    return 1 if window.exit_at_end and window.errors else 0
