@@ -48,8 +48,9 @@ def main(argv: list[str] | None = None) -> int:
 
         parse_kd_spec(args.kd)  # fail before loading anything
         result = run_training(config_from_args(args))
-        print(f"[kdas] done: best validation mDice {result['best_val_mDice']:.4f} at epoch {result['best_epoch']} "
-              f"-> {result['best']}")
+        if result["is_main"]:
+            print(f"[kdas] done: best validation mDice {result['best_val_mDice']:.4f} at epoch {result['best_epoch']} "
+                  f"-> {result['best']}")
 
     return run_cli(go, "kdas_core.distill")
 

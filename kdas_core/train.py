@@ -34,8 +34,9 @@ def main(argv: list[str] | None = None) -> int:
         from .engine.trainer import run_training
 
         result = run_training(config_from_args(args))
-        print(f"[kdas] done: best validation mDice {result['best_val_mDice']:.4f} at epoch {result['best_epoch']} "
-              f"-> {result['best']}")
+        if result["is_main"]:
+            print(f"[kdas] done: best validation mDice {result['best_val_mDice']:.4f} at epoch {result['best_epoch']} "
+                  f"-> {result['best']}")
 
     return run_cli(go, "kdas_core.train")
 

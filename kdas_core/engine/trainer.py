@@ -205,7 +205,9 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
             wrapped = DistributedDataParallel(step_module, find_unused_parameters=bool(list(distillers.parameters())))
 
         dataset = TrainDataset(train_pairs, size, mean, std, augment=True)
-        steps_per_epoch = math.ceil(len(dataset) / (cfg.batch_size * world))
+        drop_last = len(dataset) >= cfg.batch_size * world * 2
+        per_rank = math.ceil(len(dataset) / world)
+        steps_per_epoch = per_rank // cfg.batch_size if drop_last else math.ceil(per_rank / cfg.batch_size)
         if cfg.steps_per_epoch:
             steps_per_epoch = min(steps_per_epoch, cfg.steps_per_epoch)
         total_steps = steps_per_epoch * cfg.epochs
@@ -235,7 +237,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
             if world > 1:
                 sampler.set_epoch(epoch)
             loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
-                                drop_last=len(dataset) >= cfg.batch_size * world * 2, pin_memory=device.type == "cuda",
+                                drop_last=drop_last, pin_memory=device.type == "cuda",
                                 generator=gen, persistent_workers=False)
             step_module.train()
             for t in teachers:
@@ -313,7 +315,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
 
         if is_main:
             log.close()
-        return {"out": cfg.out, "best": best_path, "last": last_path, "best_val_mDice": progress["best_score"],
+        return {"is_main": is_main, "out": cfg.out, "best": best_path, "last": last_path, "best_val_mDice": progress["best_score"],
                 "best_epoch": progress["best_epoch"], "train_seconds": progress["train_seconds"],
                 "params": sum(p.numel() for p in student.parameters())}
     finally:

@@ -1,0 +1,131 @@
+"""End to end on a tiny synthetic set: train -> resume -> distill -> evaluate, and the CLI errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kdas_core import distill, evaluate, train
+from kdas_core.checkpoint import read_metadata, read_tensors
+
+FAST = ["--image-size", "64", "--batch-size", "4", "--workers", "0", "--no-progress", "--pretrained", "none",
+        "--steps-per-epoch", "3", "--multiscale", "0.75,1"]
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("syn") / "data"
+    from kdas_core.data import synthetic
+
+    assert synthetic.main(["--out", str(out), "--train", "24", "--test", "6", "--size", "64", "--seed", "3"]) in (0, None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def teacher_run(synthetic, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("runs") / "teacher"
+    assert train.main(["--model", "polyppvt-lite0", "--data", str(synthetic), "--out", str(run), "--epochs", "2", *FAST]) == 0
+    return run
+
+
+def test_train_writes_checkpoints_config_and_logs(teacher_run):
+    for name in ("best.safetensors", "last.safetensors", "train_state.safetensors", "config.json", "log.csv"):
+        assert (teacher_run / name).is_file(), name
+    meta = read_metadata(str(teacher_run / "best.safetensors"))
+    assert meta["input_size"] == 64 and meta["preset"] == "polyppvt-lite0"
+    assert "mDice" in meta["val_metrics"] and meta["data"]["n_val"] >= 1
+    assert meta["selection"] == "best validation mDice"
+    rows = (teacher_run / "log.csv").read_text().strip().splitlines()
+    assert len(rows) == 3 and "val_mDice" in rows[0]
+    assert any(p.name.startswith("events") for p in (teacher_run / "tb").iterdir())
+
+
+def test_interrupted_run_resumes_bit_for_bit(synthetic, tmp_path, monkeypatch):
+    """Kill a run after epoch 1 (simulated by an exception from the second epoch's first step),
+    resume it, and compare with an uninterrupted run."""
+    from kdas_core.engine import trainer
+
+    straight = tmp_path / "straight"
+    assert train.main(["--model", "polyppvt-lite0", "--data", str(synthetic), "--out", str(straight), "--epochs", "2", *FAST]) == 0
+
+    broken = tmp_path / "broken"
+    real_rescale = trainer._rescale
+    calls = {"n": 0}
+
+    def dying_rescale(image, mask, rate):
+        calls["n"] += 1
+        if calls["n"] == 4:  # first step of epoch 2 (3 steps per epoch)
+            raise KeyboardInterrupt
+        return real_rescale(image, mask, rate)
+
+    monkeypatch.setattr(trainer, "_rescale", dying_rescale)
+    assert train.main(["--model", "polyppvt-lite0", "--data", str(synthetic), "--out", str(broken), "--epochs", "2", *FAST]) == 130
+    assert read_metadata(str(broken / "last.safetensors"))["epoch"] == 1
+    monkeypatch.setattr(trainer, "_rescale", real_rescale)
+    assert train.main(["--model", "polyppvt-lite0", "--data", str(synthetic), "--out", str(broken), "--epochs", "2", *FAST,
+                       "--resume"]) == 0
+    a, _ = read_tensors(str(straight / "last.safetensors"))
+    b, _ = read_tensors(str(broken / "last.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_distill_kdas_then_evaluate(synthetic, teacher_run, tmp_path):
+    run = tmp_path / "student"
+    teacher = str(teacher_run / "best.safetensors")
+    assert distill.main(["--teacher", teacher, "--model", "polyppvt-lite0", "--data", str(synthetic), "--out", str(run),
+                         "--epochs", "1", "--kd", "kdas", *FAST]) == 0
+    meta = read_metadata(str(run / "best.safetensors"))
+    assert meta["kd"] == "kdas" and meta["teachers"][0]["preset"] == "polyppvt-lite0"
+    log = (run / "log.csv").read_text()
+    assert "train_kdas/attn_kl" in log and "train_kdas/sgm" in log
+
+    out_json = tmp_path / "eval.json"
+    assert evaluate.main(["--weights", str(run / "best.safetensors"), "--data", str(synthetic), "--json", str(out_json),
+                          "--device", "cpu"]) in (0, None)
+    result = json.loads(out_json.read_text())
+    assert set(result) == {"Synthetic"}
+    assert {"mDice", "mIoU", "Sm", "Em", "wFm", "MAE", "n"} <= set(result["Synthetic"])
+    assert result["Synthetic"]["n"] == 6
+
+
+def test_cli_errors_are_clear(synthetic, teacher_run, tmp_path, capsys):
+    assert train.main(["--model", "polyppvt-lite0", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r"), *FAST]) == 2
+    assert "no such data folder" in capsys.readouterr().err
+    assert train.main(["--model", "polyppvt-lite0", "--data", str(synthetic), "--out", str(teacher_run), *FAST]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert train.main(["--model", "polyppvt-lite0", "--data", str(synthetic), "--out", str(tmp_path / "new"), "--resume", *FAST]) == 2
+    assert distill.main(["--teacher", str(teacher_run / "best.safetensors"), "--model", "polyppvt-lite0", "--data",
+                         str(synthetic), "--out", str(tmp_path / "s"), "--kd", "bogus", *FAST]) == 2
+    assert "unknown --kd method" in capsys.readouterr().err
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"junk")
+    assert distill.main(["--teacher", str(bad), "--model", "polyppvt-lite0", "--data", str(synthetic),
+                         "--out", str(tmp_path / "s2"), *FAST]) == 2
+    assert "bad.safetensors" in capsys.readouterr().err
+
+
+def test_help_lists_models_and_kd_methods():
+    out = subprocess.run([sys.executable, "-m", "kdas_core.distill", "--help"], capture_output=True, text=True, check=True).stdout
+    for word in ("polyppvt-b2", "polyppvt-lite0", "kdas", "hlfd", "grd", "--resume"):
+        assert word in out
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes(synthetic, tmp_path):
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun not on PATH")
+    run = tmp_path / "ddp"
+    proc = subprocess.run([torchrun, "--nproc_per_node", "2", "-m", "kdas_core.train", "--model", "polyppvt-lite0",
+                           "--data", str(synthetic), "--out", str(run), "--epochs", "1", "--device", "cpu", *FAST],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("[kdas] done") == 1  # rank 0 only
+    assert (run / "best.safetensors").is_file()
