@@ -44,3 +44,11 @@ def test_custom_timm_backbone():
 def test_presets_carry_normalisation():
     for p in PRESETS.values():
         assert len(p.mean) == len(p.std) == 3 and p.input_size > 0
+
+
+def test_macs_scale_with_resolution_and_model_size():
+    from kdas_core.profile import count_macs
+
+    small = create_model("polyppvt-lite0")
+    assert 3.5 < count_macs(small, 256) / count_macs(small, 128) < 4.5
+    assert count_macs(create_model("polyppvt-b0"), 128) > count_macs(small, 128)
