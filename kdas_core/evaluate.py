@@ -210,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
             "  empty masks (pysodmetrics' rule)."
         ),
         epilog=(
-            "outputs:\n"
+            "outputs (nothing is written to disk without --json, --csv or --save-overlays):\n"
             "  a table on stdout;\n"
             "  --json OUT: {\"<test set>\": {\"mDice\", \"mIoU\", \"Sm\", \"Em\", \"wFm\", \"MAE\", \"n\",\n"
             "              \"mDice_mean256\", \"mIoU_mean256\"}, ...};\n"
@@ -231,9 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", metavar="PATH", help="per-image CSV (default: beside --json as <json stem>_per_image.csv)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available, else cpu")
     p.add_argument("--save-overlays", metavar="DIR", help="write picture sheets for people to look at (see below)")
-    p.add_argument("--threshold", type=float, help="binarisation threshold for mDice/mIoU (default: from the checkpoint, usually 0.5)")
-    p.add_argument("--image-size", type=int, help="model input size in pixels (default: from the checkpoint)")
-    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: %(default)s)")
+    p.add_argument("--threshold", type=float, metavar="T", help="binarisation threshold for mDice/mIoU (default: from the checkpoint, usually 0.5)")
+    p.add_argument("--image-size", type=int, metavar="S", help="model input size in pixels (default: from the checkpoint)")
+    p.add_argument("--batch-size", type=int, default=8, metavar="B", help="images per forward pass (default: %(default)s)")
     p.add_argument("--minmax", action="store_true",
                    help="min-max normalise each probability map before scoring, as the MATLAB toolbox and "
                         "Polyp-PVT's Test.py do (for comparison with papers; default: score raw probabilities)")

@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
-from kdas_core.data import read_image, read_mask, resolve_layout
+from kdas_core.data import read_image, resolve_layout
 from kdas_core.data.synthetic import frame_rng, main, render_clip, render_frame
 
 
