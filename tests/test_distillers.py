@@ -209,9 +209,9 @@ def test_real_tiny_models_all_methods_train_step():
     mask = two_blob_mask(1, 64)
     with torch.no_grad():
         t_out = teacher(x)
-    terms = {}
+    s_out, terms = student(x), {}
     for d in distillers:
-        terms.update(d(student(x), [t_out], {"image": x, "mask": mask}))
+        terms.update(d(s_out, [t_out], {"image": x, "mask": mask}))
     loss = sum(terms.values())
     assert torch.isfinite(loss)
     before = [p.detach().clone() for p in distillers.parameters()]
