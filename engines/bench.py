@@ -12,7 +12,7 @@ import time
 import numpy as np
 
 from . import CHOICES, load_backend
-from .cli_common import EXIT_CODES_HELP, EXIT_OK, run
+from .cli_common import EXIT_CODES_HELP, EXIT_OK, UnavailableError, run
 
 DESCRIPTION = """\
 Benchmark KDAS models: warm-up, then timed predict() calls on synthetic uint8 frames, reporting
@@ -53,22 +53,35 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=1, metavar="N", help="frames per predict call (default 1)")
     p.add_argument("--runs", type=int, default=50, metavar="N", help="timed calls per model/backend (default 50)")
     p.add_argument("--warmup", type=int, default=10, metavar="N", help="untimed calls first (default 10)")
-    p.add_argument("--threads", type=int, metavar="N", help="CPU threads for onnxruntime/torch (default: the runtime's)")
+    p.add_argument("--threads", metavar="N", help="CPU threads for onnxruntime/torch (default: the runtime's); with --compare a comma list, e.g. 1,2")
     p.add_argument("--graph-opt", default="all", help="onnxruntime graph optimisation: disable|basic|extended|all; with --compare a comma list (default all)")
+    p.add_argument("--spin", default="default", help="onnxruntime worker spin-waiting: on|off|default; with --compare a comma list")
     p.add_argument("--device", default=None, metavar="DEV", help="cpu, cuda or cuda:N (default: best available)")
-    p.add_argument("--compare", action="store_true", help="benchmark every model x backend (x graph-opt) interleaved in one run")
+    p.add_argument("--compare", action="store_true", help="benchmark every model x backend x threads x graph-opt x spin, interleaved in one run")
     p.add_argument("--json", metavar="OUT", help="write results as JSON to OUT")
     args = p.parse_args(argv)
     args.backends = [b.strip() for b in args.backend.split(",") if b.strip()]
     args.graph_opts = [g.strip() for g in args.graph_opt.split(",") if g.strip()]
+    try:
+        args.thread_list = [int(t) for t in args.threads.split(",")] if args.threads else [None]
+    except ValueError:
+        p.error(f"--threads takes integers, got {args.threads!r}")
+    if any(t is not None and t < 1 for t in args.thread_list):
+        p.error("--threads must be >= 1")
+    spin_map = {"on": True, "off": False, "default": None}
+    spins = [x.strip() for x in args.spin.split(",") if x.strip()]
+    if any(x not in spin_map for x in spins):
+        p.error(f"--spin takes on, off or default, got {args.spin!r}")
+    args.spins = [spin_map[x] for x in spins]
     bad = [b for b in args.backends if b not in CHOICES]
     if bad:
         p.error(f"unknown backend(s) {bad}; choose from {', '.join(CHOICES)}")
     bad = [g for g in args.graph_opts if g not in ("disable", "basic", "extended", "all")]
     if bad:
         p.error(f"unknown --graph-opt {bad}; choose from disable, basic, extended, all")
-    if not args.compare and (len(args.model) > 1 or len(args.backends) > 1 or len(args.graph_opts) > 1):
-        p.error("several models/backends/graph-opts need --compare")
+    lists = (args.model, args.backends, args.graph_opts, args.thread_list, args.spins)
+    if not args.compare and any(len(x) > 1 for x in lists):
+        p.error("several models/backends/threads/graph-opts/spins need --compare")
     for name in ("batch", "runs"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1")
@@ -99,8 +112,8 @@ def preset_checkpoint(spec: str) -> str:
 
 
 class Candidate:
-    def __init__(self, label: str, model: str, backend, graph_opt: str | None):
-        self.label, self.model, self.backend, self.graph_opt = label, model, backend, graph_opt
+    def __init__(self, label: str, model: str, backend):
+        self.label, self.model, self.backend = label, model, backend
         self.times: list[float] = []
 
     def result(self, batch: int) -> dict:
@@ -109,7 +122,9 @@ class Candidate:
             "label": self.label,
             "model": self.model,
             "backend": self.backend.name,
-            "graph_opt": self.graph_opt,
+            "threads": getattr(self.backend, "threads", None),
+            "graph_opt": getattr(self.backend, "graph_opt", None),
+            "spin": getattr(self.backend, "spin", None),
             "image_size": list(self.backend.input_size),
             "batch": batch,
             "runs": len(t),
@@ -127,26 +142,23 @@ def main(argv: list[str] | None = None) -> int:
     from .backends.onnxruntime_backend import OnnxRuntimeBackend
 
     say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    if "tensorrt" in args.backends:
+        from .backends.tensorrt_backend import why_unavailable
+
+        reason = why_unavailable(args.device)
+        if reason:
+            raise UnavailableError(f"--backend tensorrt: {reason}")
     candidates: list[Candidate] = []
     try:
         for spec in args.model:
             path = preset_checkpoint(spec) if spec.startswith("preset:") else spec
             label = spec.split(":", 1)[1] if spec.startswith("preset:") else os.path.basename(spec)
             for backend in args.backends:
-                say(f"loading {label} on {backend} ...")
-                b = load_backend(path, backend=backend, device=args.device, image_size=args.image_size, threads=args.threads)
-                variants = [(b, getattr(b, "graph_opt", None))]
-                if b.name == "onnxruntime" and args.graph_opts != ["all"]:
-                    kept = [n for n in b.notes if not n.startswith("onnxruntime providers")]
-                    variants = []
-                    for opt in args.graph_opts:
-                        v = OnnxRuntimeBackend(b.path, device=args.device, threads=args.threads, graph_opt=opt)
-                        v.notes[:0] = kept
-                        variants.append((v, opt))
-                    b.close()
-                for v, opt in variants:
-                    name = f"{label} [{v.name}" + (f", opt={opt}" if len(variants) > 1 else "") + "]"
-                    candidates.append(Candidate(name, spec, v, opt))
+                for threads in args.thread_list:
+                    say(f"loading {label} on {backend} ...")
+                    b = load_backend(path, backend=backend, device=args.device, image_size=args.image_size, threads=threads)
+                    for v in _ort_variants(b, args, threads, OnnxRuntimeBackend):
+                        candidates.append(Candidate(_label(label, v, args), spec, v))
         for note in {n for c in candidates for n in c.backend.notes}:
             say(f"  note: {note}")
         _measure(candidates, args, say)
@@ -176,6 +188,33 @@ def main(argv: list[str] | None = None) -> int:
             f.write("\n")
         say(f"wrote {args.json}")
     return EXIT_OK
+
+
+def _ort_variants(b, args: argparse.Namespace, threads, ort_cls) -> list:
+    """One ONNX Runtime session per graph-opt x spin setting asked for (the backend itself if none)."""
+    if b.name != "onnxruntime" or (args.graph_opts == ["all"] and args.spins == [None]):
+        return [b]
+    kept = [n for n in b.notes if not n.startswith("onnxruntime providers")]
+    variants = []
+    for opt in args.graph_opts:
+        for spin in args.spins:
+            v = ort_cls(b.path, device=args.device, threads=threads, graph_opt=opt, spin=spin)
+            v.notes[:0] = kept
+            variants.append(v)
+    b.close()
+    return variants
+
+
+def _label(model_label: str, b, args: argparse.Namespace) -> str:
+    """'model [backend, <only the settings that vary in this run>]'."""
+    parts = [b.name]
+    if len(args.thread_list) > 1:
+        parts.append(f"{getattr(b, 'threads', None) or 'default'} thr")
+    if b.name == "onnxruntime" and len(args.graph_opts) > 1:
+        parts.append(f"opt={b.graph_opt}")
+    if b.name == "onnxruntime" and len(args.spins) > 1:
+        parts.append("spin=" + {True: "on", False: "off", None: "default"}[b.spin])
+    return f"{model_label} [{', '.join(parts)}]"
 
 
 def _measure(candidates: list[Candidate], args: argparse.Namespace, say) -> None:

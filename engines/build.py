@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 
 from .cli_common import EXIT_CODES_HELP, EXIT_OK, UnavailableError, VerifyError, run
@@ -60,14 +61,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if not os.path.isfile(args.weights):  # before importing torch: a typo fails fast
+        raise FileNotFoundError(f"{args.weights}: no such checkpoint file")
     from kdas_core.checkpoint import file_sha256, read_metadata
 
+    from .backends.onnxruntime_backend import cached_onnx_for_checkpoint
     from .backends.torch_backend import load_torch_checkpoint
     from .export import export_onnx
 
     meta = read_metadata(args.weights)  # CheckpointError -> exit 2 with the file named
     size = int(args.image_size or meta["input_size"])
-    model, meta = load_torch_checkpoint(args.weights)
 
     if args.format == "tensorrt":
         # Fail before a long export when TensorRT cannot run here at all.
@@ -80,10 +83,18 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.splitext(os.path.basename(args.weights))[0]
     onnx_path = os.path.join(args.out, f"{stem}-{size}-{args.precision}.onnx")
-    export_onnx(
-        model, meta, onnx_path, image_size=size, precision=args.precision,
-        source_sha256=file_sha256(args.weights), source_path=args.weights, log=_say,
-    )
+    if args.precision == "fp32":
+        # The same export load_backend(checkpoint) uses: made once in the cache, copied here.
+        notes: list[str] = []
+        cached = cached_onnx_for_checkpoint(args.weights, size, notes)
+        _copy(cached, onnx_path)
+        _say(f"{notes[-1]}; copied to {onnx_path}")
+    else:
+        model, meta = load_torch_checkpoint(args.weights)
+        export_onnx(
+            model, meta, onnx_path, image_size=size, precision=args.precision,
+            source_sha256=file_sha256(args.weights), source_path=args.weights, log=_say,
+        )
     artefact = onnx_path
     if args.format == "tensorrt":
         from .trt_build import build_engine
@@ -115,6 +126,12 @@ def _verify(args: argparse.Namespace, artefact: str, size: int) -> None:
     _say(result.summary())
     if not result.ok:
         raise VerifyError(f"{artefact} disagrees with {args.weights}; see above")
+
+
+def _copy(src: str, dst: str) -> None:
+    tmp = dst + ".tmp"
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
 
 
 def _say(msg: str) -> None:

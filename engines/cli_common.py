@@ -33,8 +33,6 @@ class VerifyError(RuntimeError):
 
 
 def run(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
-    from kdas_core.checkpoint import CheckpointError
-
     from .errors import BackendError
 
     # Our own progress lines only: the exporter's libraries log chattily at INFO on the root logger.
@@ -53,9 +51,20 @@ def run(main: Callable[[list[str] | None], int], argv: list[str] | None = None) 
     except UnavailableError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_UNAVAILABLE
-    except (BackendError, CheckpointError, FileNotFoundError) as exc:
+    except (BackendError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if _is_checkpoint_error(exc):
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        raise
+
+
+def _is_checkpoint_error(exc: BaseException) -> bool:
+    """kdas_core.checkpoint.CheckpointError, without importing kdas_core (and torch) up front."""
+    module = sys.modules.get("kdas_core.checkpoint")
+    return module is not None and isinstance(exc, module.CheckpointError)

@@ -30,6 +30,7 @@ from .errors import BackendError
 
 OPSET = 18
 FORMAT = "kdas-onnx/1"
+REVISION = 2  # bump when the exported graph changes, so cached exports are redone
 INPUT_NAME = "frames"
 OUTPUT_NAME = "probs"
 PRECISIONS = ("fp32", "fp16")
@@ -58,7 +59,8 @@ class FramesToProbs(nn.Module):
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
         x = frames.permute(0, 3, 1, 2).to(torch.float32) * self.scale + self.shift
         logits = self.model.predict_logits(x.to(self.dtype))
-        return torch.sigmoid(logits).to(torch.float32)[:, 0]
+        # squeeze, not [:, 0]: a Squeeze is free in ONNX Runtime, a Gather copies the map
+        return torch.sigmoid(logits).to(torch.float32).squeeze(1)
 
 
 def onnx_metadata(meta: dict[str, Any], image_size: int, precision: str, source_sha256: str, source_path: str) -> dict[str, str]:

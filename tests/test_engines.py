@@ -18,6 +18,7 @@ import pytest
 
 from engines import BackendError, load_backend
 from engines.cli_common import EXIT_UNAVAILABLE, EXIT_USAGE, EXIT_VERIFY, VerifyError, run
+from engines.export import REVISION
 from engines.verify import compare, synthetic_frames
 
 SIZE = 128
@@ -133,15 +134,28 @@ def test_backend_usable_from_worker_thread(onnx_path):
 # ---------------------------------------------------------------- auto selection
 
 
-def test_auto_on_checkpoint_exports_once_to_cache(ckpt, cache_root):
+def test_auto_on_checkpoint_reuses_cached_export(ckpt, cache_root, onnx_path):
+    """The build CLI exported through the cache; load_backend(checkpoint) reuses that export."""
     b = load_backend(ckpt)
     assert b.name == "onnxruntime"
     assert b.notes[0].startswith("auto picked onnxruntime")
     assert any(n.startswith("tensorrt skipped") for n in b.notes)
     cached = b.path
-    assert cached.startswith(os.path.join(cache_root, "onnx")) and cached.endswith(f"-{SIZE}-fp32.onnx")
+    assert cached.startswith(os.path.join(cache_root, "onnx")) and cached.endswith(f"-{SIZE}-fp32-r{REVISION}.onnx")
+    assert any("reused cached ONNX" in n for n in b.notes)
+    assert open(cached, "rb").read() == open(onnx_path, "rb").read()
+
+
+def test_stale_or_damaged_cache_entry_is_reexported(ckpt, cache_root, onnx_path, monkeypatch):
+    from engines.backends import onnxruntime_backend
+
+    b = load_backend(ckpt, backend="onnxruntime")
+    with open(b.path, "wb") as f:
+        f.write(b"damaged")
+    exported = []
+    monkeypatch.setattr(onnxruntime_backend, "export_onnx", lambda model, meta, path, **kw: exported.append(path) or shutil.copyfile(onnx_path, path))
     again = load_backend(ckpt, backend="onnxruntime")
-    assert again.path == cached and any("reused cached ONNX" in n for n in again.notes)
+    assert exported == [b.path] and again.path == b.path
 
 
 def test_auto_order_falls_through_to_torch(ckpt, monkeypatch):
@@ -338,7 +352,7 @@ def test_bench_compare_json(onnx_path, tmp_path):
     from engines.bench import main
 
     out = tmp_path / "compare.json"
-    argv = ["--compare", "--model", onnx_path, "--backend", "onnxruntime,torch", "--device", "cpu", "--runs", "2", "--warmup", "1", "--batch", "2", "--json", str(out)]
+    argv = ["--compare", "--model", onnx_path, "--backend", "onnxruntime,torch", "--device", "cpu", "--runs", "2", "--warmup", "0", "--batch", "2", "--json", str(out)]
     assert run(main, argv) == 0
     results = json.loads(out.read_text())["results"]
     assert [r["backend"] for r in results] == ["onnxruntime", "torch"]
@@ -361,6 +375,9 @@ def test_build_cli_user_errors(tmp_path, ckpt):
     if why_unavailable() is not None:  # fails fast, before exporting anything
         assert run(main, ["--weights", ckpt, "--out", str(tmp_path / "trt"), "--format", "tensorrt"]) == EXIT_UNAVAILABLE
         assert not os.path.exists(tmp_path / "trt")
+        from engines.bench import main as bench_main
+
+        assert run(bench_main, ["--model", ckpt, "--backend", "tensorrt"]) == EXIT_UNAVAILABLE
 
 
 def test_verify_failure_exit_code():
@@ -378,8 +395,6 @@ def test_cli_subprocess_no_traceback(tmp_path):
     )
     assert proc.returncode == EXIT_USAGE
     assert "error:" in proc.stderr and "nope.safetensors" in proc.stderr and "Traceback" not in proc.stderr
-    bad_args = subprocess.run([sys.executable, "-m", "engines.bench"], capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
-    assert bad_args.returncode == 2 and "--model" in bad_args.stderr
 
 
 def test_cache_dir_override(tmp_path, monkeypatch):
@@ -388,3 +403,12 @@ def test_cache_dir_override(tmp_path, monkeypatch):
     monkeypatch.setenv("KDAS_CACHE_DIR", str(tmp_path / "c"))
     assert cache_dir("onnx") == str(tmp_path / "c" / "onnx") and os.path.isdir(tmp_path / "c" / "onnx")
     shutil.rmtree(tmp_path / "c")
+
+
+def test_bench_argument_errors_exit_2(onnx_path):
+    from engines.bench import main
+
+    for argv in ([], ["--model", onnx_path, "--backend", "tflite"], ["--model", onnx_path, "--model", onnx_path], ["--model", onnx_path, "--runs", "0"]):
+        with pytest.raises(SystemExit) as exc:
+            run(main, argv)
+        assert exc.value.code == 2, argv

@@ -12,7 +12,7 @@ import numpy as np
 
 from ..cache import cache_dir
 from ..errors import BackendError
-from ..export import INPUT_NAME, export_onnx, read_onnx_metadata
+from ..export import INPUT_NAME, REVISION, export_onnx, read_onnx_metadata
 from .base import Backend
 
 log = logging.getLogger("engines")
@@ -21,7 +21,7 @@ GRAPH_OPT_LEVELS = ("disable", "basic", "extended", "all")
 
 
 def cached_onnx_for_checkpoint(ckpt: str, image_size: int | None = None, notes: list[str] | None = None) -> str:
-    """ONNX export of a checkpoint in the cache (`<cache>/onnx/<sha256[:16]>-<size>-fp32.onnx`),
+    """ONNX export of a checkpoint in the cache (`<cache>/onnx/<sha256[:16]>-<size>-fp32-r<rev>.onnx`),
     exporting it on first use. The checkpoint's hash is in the name, so new weights never reuse
     a stale export."""
     from kdas_core.checkpoint import CheckpointError, file_sha256, read_metadata
@@ -34,7 +34,7 @@ def cached_onnx_for_checkpoint(ckpt: str, image_size: int | None = None, notes: 
         raise BackendError(str(exc)) from exc
     size = int(image_size or meta["input_size"])
     sha = file_sha256(ckpt)
-    path = os.path.join(cache_dir("onnx"), f"{sha[:16]}-{size}-fp32.onnx")
+    path = os.path.join(cache_dir("onnx"), f"{sha[:16]}-{size}-fp32-r{REVISION}.onnx")
     notes = notes if notes is not None else []
     if os.path.isfile(path):
         try:
@@ -45,7 +45,8 @@ def cached_onnx_for_checkpoint(ckpt: str, image_size: int | None = None, notes: 
             pass  # damaged cache entry: export again over it
     model, meta = load_torch_checkpoint(ckpt)
     t0 = time.perf_counter()
-    export_onnx(model, meta, path, image_size=size, source_sha256=sha, source_path=ckpt, log=log.info)
+    log.info(f"exporting {ckpt} to ONNX once (cached in {os.path.dirname(path)}) ...")
+    export_onnx(model, meta, path, image_size=size, source_sha256=sha, source_path=os.path.abspath(ckpt), log=log.info)
     notes.append(f"exported {ckpt} to ONNX cache {path} ({time.perf_counter() - t0:.1f} s, once per checkpoint and size)")
     return path
 
@@ -66,6 +67,7 @@ class OnnxRuntimeBackend(Backend):
         image_size: int | None = None,
         threads: int | None = None,
         graph_opt: str = "all",
+        spin: bool | None = None,
     ):
         notes: list[str] = []
         source = path
@@ -85,13 +87,18 @@ class OnnxRuntimeBackend(Backend):
         env_threads = os.environ.get("KDAS_ORT_THREADS")
         self.threads = threads or (int(env_threads) if env_threads else None)
         self.graph_opt = graph_opt
+        # Busy-waiting worker threads: ORT's default (on) is fastest on an idle machine; off is
+        # better when other work competes for the cores (a GUI, a video decoder, other jobs).
+        env_spin = os.environ.get("KDAS_ORT_SPIN")
+        self.spin = spin if spin is not None else (env_spin != "0" if env_spin else None)
         self.providers = self._choose_providers(device)
         self._session = None
         self._input_name = INPUT_NAME
         if self.providers == ["CPUExecutionProvider"]:
             # CPU sessions are thread-agnostic: create now, so a bad file fails at load time.
             self._session = self._create_session()
-        self.notes.append(f"onnxruntime providers {self.providers}, threads {self.threads or 'default'}, graph opt {graph_opt}")
+        spin_text = "default" if self.spin is None else ("on" if self.spin else "off")
+        self.notes.append(f"onnxruntime providers {self.providers}, threads {self.threads or 'default'}, graph opt {graph_opt}, spinning {spin_text}")
 
     def _choose_providers(self, device: str | None) -> list:
         have = available_providers()
@@ -127,6 +134,8 @@ class OnnxRuntimeBackend(Backend):
         if self.threads:
             opts.intra_op_num_threads = int(self.threads)
             opts.inter_op_num_threads = 1
+        if self.spin is not None:
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spin else "0")
         opts.log_severity_level = 3  # warnings about unused initialisers etc. are noise for users
         try:
             session = ort.InferenceSession(self.path, opts, providers=self.providers)
