@@ -98,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--stats", metavar="STATS.json",
                    help="throughput and latency figures as JSON (headless; in the window: written on exit)")
     h.add_argument("--loop", type=_positive_int, default=1, metavar="N", help="headless: play a file N times (soak benchmarks)")
+    h.add_argument("--max-frames", type=_positive_int, metavar="N", help="headless: stop after N frames")
     h.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="headless progress bar (default: on when stderr is a terminal)")
     w = p.add_argument_group("window benchmarks")
@@ -139,15 +140,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--headless needs --out OUT.mp4 (where the overlaid video goes)")
     if args.out and not args.headless:
         parser.error("--out is for --headless; in the window use the record button (R) or --record DIR")
-    if args.loop != 1 and not args.headless:
-        parser.error("--loop is for --headless")
+    if (args.loop != 1 or args.max_frames) and not args.headless:
+        parser.error("--loop and --max-frames are for --headless")
     try:
         if args.headless:
             from .headless import run_headless
 
             result = run_headless(resolve_source(args), args.out, model_path=resolve_model(args), backend=args.backend,
                                   stats_path=args.stats, threshold=args.threshold, opacity=args.opacity,
-                                  contour=args.contour, loop=args.loop, progress=args.progress, threads=args.threads)
+                                  contour=args.contour, loop=args.loop, progress=args.progress, threads=args.threads,
+                                  max_frames=args.max_frames)
             return result.exit_code
         from .ui.app import check_display, run_window
 

@@ -74,7 +74,7 @@ class HeadlessResult:
 def run_headless(source: str, out: str, *, model_path: str, backend: str = "auto", stats_path: str | None = None,
                  threshold: float | None = None, opacity: float = 0.4, contour: bool = True, loop: int = 1,
                  progress: bool | None = None, backend_factory=None, log=None, on_frame=None,
-                 threads: int | None = None) -> HeadlessResult:
+                 threads: int | None = None, max_frames: int | None = None) -> HeadlessResult:
     """Run the pipeline over `source` into `out`. `on_frame(frame)` (soak benchmark) is called
     after each recorded frame, in the overlay thread."""
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
@@ -87,6 +87,8 @@ def run_headless(source: str, out: str, *, model_path: str, backend: str = "auto
                         backend_factory=backend_factory, threads=threads, measure_model_only=True)
     recorder: list[Recorder] = []  # created by the first frame: its size is the frame's
     total = reader.frame_count * max(1, loop) if reader.frame_count else None
+    if max_frames:
+        total = min(total, max_frames) if total else max_frames
     bar = _progress(total, progress)
 
     def sink(frame: Frame) -> None:
@@ -108,7 +110,7 @@ def run_headless(source: str, out: str, *, model_path: str, backend: str = "auto
     try:
         log(f"source: {reader.description}")
         pipeline.start()
-        pipeline.open(reader, loop=loop)
+        pipeline.open(reader, loop=loop, max_frames=max_frames)
         while not events.done.wait(0.2):  # short waits: the main thread must stay free for signals
             pass
     except Interrupted as exc:

@@ -128,7 +128,7 @@ class Pipeline:
         self.inference.ready.wait(timeout)
         return self.inference.info
 
-    def open(self, reader, *, loop: int = 1, start_paused: bool = False) -> SourceStage:
+    def open(self, reader, *, loop: int = 1, start_paused: bool = False, max_frames: int | None = None) -> SourceStage:
         """Start decoding `reader` (replacing any current source). Frames of the old source
         still in flight are skipped; stats start afresh."""
         self._stop_source()
@@ -137,7 +137,8 @@ class Pipeline:
         self._last_inferred = None
         self.source = SourceStage(reader, self.q_source, stats=self.stats, events=self.events, epoch=self.epoch,
                                   realtime=self.realtime, loop=loop,
-                                  start_paused=start_paused, gate=self.inference.ready)
+                                  start_paused=start_paused, gate=self.inference.ready,
+                                  max_frames=max_frames)
         self.source.start()
         return self.source
 

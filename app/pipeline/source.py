@@ -250,7 +250,7 @@ class SourceStage(threading.Thread):
     RETRY_S = (0.25, 0.5, 1.0, 2.0)  # reopen back-off while a camera is gone
 
     def __init__(self, reader, out, *, stats, events, epoch: Epoch, realtime: bool, loop: int = 1,
-                 start_paused: bool = False, gate: threading.Event | None = None):
+                 start_paused: bool = False, gate: threading.Event | None = None, max_frames: int | None = None):
         super().__init__(name="source", daemon=True)
         self.gate = gate  # frames start flowing once this is set (the model is loaded)
         self.reader = reader
@@ -260,6 +260,7 @@ class SourceStage(threading.Thread):
         self.epoch = epoch
         self.realtime = realtime
         self.loops_left = max(1, int(loop)) - 1
+        self.max_frames = max_frames  # stop after this many frames (quick looks at long videos)
         self._cond = threading.Condition()
         self._paused = start_paused
         self._stopped = False
@@ -351,9 +352,9 @@ class SourceStage(threading.Thread):
                     continue  # keep the driver buffer fresh; paused shows the last frame
                 self._emit(image, None)
                 continue
-            item = self.reader.read()
+            item = self.reader.read() if not self._limit_reached() else None
             if item is None:
-                if self.loops_left > 0:
+                if self.loops_left > 0 and not self._limit_reached():
                     self.loops_left -= 1
                     self.reader.seek(0.0)
                     self._clock = None
@@ -368,6 +369,9 @@ class SourceStage(threading.Thread):
                     continue  # a control arrived while waiting; this frame is stale
             self.last_frame_time = time.perf_counter()
             self._emit(image, pts)
+
+    def _limit_reached(self) -> bool:
+        return self.max_frames is not None and self._index >= self.max_frames
 
     def _pace(self, pts: float) -> bool:
         """Wait until `pts` is due on the wall clock. False if interrupted by a control."""
