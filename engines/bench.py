@@ -55,7 +55,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=10, metavar="N", help="untimed calls first (default 10)")
     p.add_argument("--threads", metavar="N", help="CPU threads for onnxruntime/torch (default: the runtime's); with --compare a comma list, e.g. 1,2")
     p.add_argument("--graph-opt", default="all", help="onnxruntime graph optimisation: disable|basic|extended|all; with --compare a comma list (default all)")
-    p.add_argument("--spin", default="default", help="onnxruntime worker spin-waiting: on|off|default; with --compare a comma list")
+    p.add_argument(
+        "--spin", default=None,
+        help="onnxruntime worker spin-waiting: on|off|default; with --compare a comma list. Default: off with "
+        "--compare (spinning idle sessions steal the cores of the one being timed), the runtime's otherwise",
+    )
     p.add_argument("--device", default=None, metavar="DEV", help="cpu, cuda or cuda:N (default: best available)")
     p.add_argument("--compare", action="store_true", help="benchmark every model x backend x threads x graph-opt x spin, interleaved in one run")
     p.add_argument("--json", metavar="OUT", help="write results as JSON to OUT")
@@ -69,6 +73,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if any(t is not None and t < 1 for t in args.thread_list):
         p.error("--threads must be >= 1")
     spin_map = {"on": True, "off": False, "default": None}
+    if args.spin is None:
+        args.spin = "off" if args.compare else "default"
     spins = [x.strip() for x in args.spin.split(",") if x.strip()]
     if any(x not in spin_map for x in spins):
         p.error(f"--spin takes on, off or default, got {args.spin!r}")
@@ -249,7 +255,10 @@ def _print_table(results: list[dict], args: argparse.Namespace) -> None:
             f"{r['throughput_fps']:>9.1f}  {r['ratio_p50_to_first']:>8.2f}x"
         )
     size = results[0]["image_size"]
-    print(f"(batch {args.batch}, {size[0]}x{size[1]}, {args.runs} runs after {args.warmup} warm-up, threads {args.threads or 'default'})")
+    print(
+        f"(batch {args.batch}, {size[0]}x{size[1]}, {args.runs} runs after {args.warmup} warm-up, "
+        f"threads {args.threads or 'default'}, onnxruntime spinning {args.spin})"
+    )
 
 
 if __name__ == "__main__":

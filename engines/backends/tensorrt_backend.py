@@ -112,7 +112,7 @@ class TensorRTBackend(Backend):
 
     def _predict(self, frames: np.ndarray) -> np.ndarray:
         if self._state is None:
-            self._state = _TrtState(self.path, self.device, self.max_batch, self.use_cuda_graph)
+            self._state = _TrtState.create(self.path, self.device, self.max_batch, self.use_cuda_graph)
         elif self._state.thread != threading.get_ident():
             raise BackendError(f"{self.path}: TensorRT backend used from a second thread; CUDA objects live in the thread that first called predict")
         outs = [self._state.run(frames[i : i + self.max_batch]) for i in range(0, len(frames), self.max_batch)]
@@ -127,15 +127,25 @@ class TensorRTBackend(Backend):
 class _TrtState:
     """Engine, context, stream, buffers and graphs of one inference thread."""
 
+    @classmethod
+    def create(cls, path: str, device: int, max_batch: int, use_cuda_graph: bool) -> "_TrtState":
+        state = cls.__new__(cls)
+        try:
+            state.__init__(path, device, max_batch, use_cuda_graph)
+        except BaseException:
+            state.release()  # free whatever was allocated before the failure
+            raise
+        return state
+
     def __init__(self, path: str, device: int, max_batch: int, use_cuda_graph: bool):
         trt = import_trt()
-        self.cudart = cudart = import_cudart()
-        self.thread = threading.get_ident()
-        self.use_cuda_graph = use_cuda_graph
         self.graphs: dict[int, object] = {}
         self._device_ptrs: list[int] = []
         self._host_ptrs: list[int] = []
         self.stream = None
+        self.cudart = cudart = import_cudart()
+        self.thread = threading.get_ident()
+        self.use_cuda_graph = use_cuda_graph
         cuda_check(cudart.cudaSetDevice(device), "cudaSetDevice")
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
@@ -209,8 +219,10 @@ class _TrtState:
         cuda_check(cudart.cudaGraphLaunch(graph_exec, self.stream), "cudaGraphLaunch")
 
     def release(self) -> None:
-        cudart = self.cudart
-        for graph_exec in self.graphs.values():
+        cudart = getattr(self, "cudart", None)
+        if cudart is None:
+            return
+        for graph_exec in getattr(self, "graphs", {}).values():
             cudart.cudaGraphExecDestroy(graph_exec)
         self.graphs.clear()
         self.context = None
