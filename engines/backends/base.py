@@ -15,9 +15,12 @@ class Backend:
     (from the checkpoint / exported metadata), `notes` (what happened while choosing and loading:
     fallbacks, skipped backends), `path` (the file it runs).
 
-    Threading: construction only reads and validates files. Anything bound to a thread or a CUDA
-    context is created lazily by the first `predict` call, in the thread that makes it, so a
-    backend may be built in the GUI thread and used from one worker thread.
+    Threading: construction reads and validates files (an ONNX Runtime CPU session, which is
+    thread-agnostic, is created right away so a bad file fails at load time). Anything bound to
+    a thread or a CUDA context (TensorRT engine/stream/buffers, torch CUDA weights, ORT GPU
+    sessions) is created lazily by the first `predict`, in the thread that makes it, so a
+    backend may be built in the GUI thread and used from one worker thread. `predict` holds a
+    lock: concurrent calls from several threads are serialised, not interleaved.
     """
 
     name = "base"

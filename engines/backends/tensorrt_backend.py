@@ -4,8 +4,9 @@ Buffers and streams use cuda-python (`cuda.bindings.runtime`), not pycuda. Pinne
 device buffers, one stream and (optionally) one CUDA graph per batch size, all sized for the
 engine's largest profile batch; bigger batches run in chunks.
 
-Every CUDA/TensorRT object is created by the first `predict`, in the thread that calls it, and
-must be used (and closed) from that thread only: construct anywhere, then use from one worker.
+Every CUDA/TensorRT object is created by the first `predict`, in the thread that calls it:
+construct anywhere, then predict from one worker thread (a call from another thread rebuilds
+those objects there, with a note, rather than sharing them across threads).
 """
 
 from __future__ import annotations
@@ -111,10 +112,13 @@ class TensorRTBackend(Backend):
         )
 
     def _predict(self, frames: np.ndarray) -> np.ndarray:
+        if self._state is not None and self._state.thread != threading.get_ident():
+            # Another inference thread now: rebuild engine/stream/buffers there (costs a reload).
+            self._state.release()
+            self._state = None
+            self.notes.append("tensorrt state re-created for a new inference thread; keep predict() on one thread to avoid this")
         if self._state is None:
             self._state = _TrtState.create(self.path, self.device, self.max_batch, self.use_cuda_graph)
-        elif self._state.thread != threading.get_ident():
-            raise BackendError(f"{self.path}: TensorRT backend used from a second thread; CUDA objects live in the thread that first called predict")
         outs = [self._state.run(frames[i : i + self.max_batch]) for i in range(0, len(frames), self.max_batch)]
         return outs[0] if len(outs) == 1 else np.concatenate(outs)
 
