@@ -91,13 +91,19 @@ def run_headless(source: str, out: str, *, model_path: str, backend: str = "auto
         total = min(total, max_frames) if total else max_frames
     bar = _progress(total, progress)
 
+    first_capture: list[float] = []
+
     def sink(frame: Frame) -> None:
         if frame.refresh:
             return
         if not recorder:
             h, w = frame.overlay.shape[:2]
             recorder.append(Recorder(out, reader.fps, w, h))
-        recorder[0].write(frame.overlay)
+            first_capture.append(frame.t_capture)
+        # Files: every frame at the file's own rate. Cameras: wall-clock timestamps, so the
+        # recording plays at real speed whatever rate the device really delivered.
+        t = frame.t_capture - first_capture[0] if reader.live else None
+        recorder[0].write(frame.overlay, t)
         pipeline.stats.frame_out(frame.t_capture)
         if bar is not None:
             bar.update(1)
@@ -105,6 +111,7 @@ def run_headless(source: str, out: str, *, model_path: str, backend: str = "auto
             on_frame(frame)
 
     pipeline.sinks.append(sink)
+    pipeline.sink_idle.append(lambda: not recorder or recorder[0].idle)
     interrupted: Interrupted | None = None
     previous = _install_signal_handlers()
     try:

@@ -65,9 +65,12 @@ def main(argv: list[str] | None = None) -> int:
             n = frame.index + 1
             if n == 1 or n % args.sample_every == 0 or n == args.warmup:
                 samples.append((n, round(time.perf_counter() - t0, 2), round(rss_mb(), 1)))
+                if n % (4 * args.sample_every) == 0:
+                    print(f"frame {n}: RSS {samples[-1][2]} MB, {samples[-1][1]:.0f} s", file=sys.stderr, flush=True)
 
         result = run_headless(source, os.path.join(tmp, "soak.mp4"), model_path=weights, backend=args.backend,
-                              loop=loops, max_frames=args.frames, threads=args.threads, on_frame=on_frame)
+                              loop=loops, max_frames=args.frames, threads=args.threads, on_frame=on_frame,
+                              progress=False)
         samples.append((result.stats.get("frames_out", 0), round(time.perf_counter() - t0, 2), round(rss_mb(), 1)))
     base = next((s for s in samples if s[0] >= args.warmup), samples[0])
     growth = samples[-1][2] - base[2]

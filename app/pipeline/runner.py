@@ -89,6 +89,7 @@ class Pipeline:
         self.stats = RunStats()
         self.epoch = Epoch()
         self.sinks: list[Callable[[Frame], None]] = []  # called in the overlay thread, in order
+        self.sink_idle: list[Callable[[], bool]] = []  # e.g. "the recorder has encoded its backlog"
         self.source: SourceStage | None = None
         self._last_inferred: Frame | None = None
         self._closed = False
@@ -98,15 +99,16 @@ class Pipeline:
             self.q_model = LatestSlot(on_drop=self._dropped)
             depth = 2
         else:  # never drop; queues deep enough to absorb jitter of each stage
-            self.q_source = BoundedQueue(4)
-            self.q_model = BoundedQueue(4)
-            depth = 4
+            self.q_source = BoundedQueue(3)
+            self.q_model = BoundedQueue(2)
+            depth = 2
         self.q_probs = BoundedQueue(depth)
         self.q_mask = BoundedQueue(depth)
 
         self.inference = InferenceStage(model_path, backend, self.q_model, self.q_probs, stats_ref=lambda: self.stats,
                                         events=self.events, factory=backend_factory, device=device, threads=threads,
-                                        measure_model_only=measure_model_only)
+                                        measure_model_only=measure_model_only,
+                                        downstream_idle=self._downstream_idle)
         self.workers = [
             _Worker("preprocess", self._preprocess, self.q_source, self.q_model, self._fail),
             _Worker("postprocess", self._postprocess, self.q_probs, self.q_mask, self._fail),
@@ -219,6 +221,9 @@ class Pipeline:
             return
         for sink in self.sinks:
             sink(item)
+
+    def _downstream_idle(self) -> bool:
+        return len(self.q_probs) == 0 and len(self.q_mask) == 0 and all(f() for f in self.sink_idle)
 
     def _dropped(self, item) -> None:
         if isinstance(item, Frame) and item.epoch == self.epoch.value:

@@ -62,6 +62,7 @@ class RunStats:
         self._out_times: collections.deque = collections.deque(maxlen=window)
         self.t_start: float | None = None  # first frame may enter the model (backend ready)
         self.t_end: float | None = None
+        self.excluded_s = 0.0  # time the pipeline stood still for the interleaved model-only benchmark
 
     # -- producers -------------------------------------------------------------------------
     def frame_in(self) -> None:
@@ -90,6 +91,10 @@ class RunStats:
         with self._lock:
             if self.t_start is None:
                 self.t_start = time.perf_counter()
+
+    def exclude(self, seconds: float) -> None:
+        with self._lock:
+            self.excluded_s += seconds
 
     def stop(self) -> None:
         with self._lock:
@@ -120,13 +125,15 @@ class RunStats:
         with self._lock:
             t0 = self.t_start
             t1 = self.t_end or time.perf_counter()
-            wall = (t1 - t0) if t0 is not None else 0.0
+            total = (t1 - t0) if t0 is not None else 0.0
+            wall = total - self.excluded_s
             out = {
                 "frames_in": self.frames_in,
                 "frames_out": self.frames_out,
                 "dropped": self.dropped,
                 "dropped_pct": round(100.0 * self.dropped / self.frames_in, 3) if self.frames_in else 0.0,
                 "wall_s": round(wall, 3),
+                "wall_s_total": round(total, 3),  # including the interleaved model-only bursts
                 "fps": round(self.frames_out / wall, 3) if wall > 0 else 0.0,
                 "inference_ms_p50": _r(self.infer_hist.percentile(50)),
                 "inference_ms_p95": _r(self.infer_hist.percentile(95)),

@@ -426,6 +426,9 @@ class MainWindow(QMainWindow):
     def _on_error(self, text: str) -> None:
         if self.recording.active and "record" in text.lower():
             self.record_button.setChecked(False)
+        if self.info is None and self.pipeline.inference.failed:
+            self.video.set_message("No model could be loaded \u2014 see the error")
+            self.model_label.setText("model: none")
         self.show_error("Error", text)
 
     def _on_end(self, eos: EndOfStream) -> None:
