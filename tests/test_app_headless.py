@@ -69,6 +69,7 @@ def test_headless_cli_writes_every_frame_and_stats(assets, tmp_path):
     assert stats["backend"] == "torch" and stats["input_size"] == [128, 128]
     assert stats["fps"] > 0 and stats["model_only_fps"] > 0 and stats["inference_ms_p50"] > 0
     assert stats["latency_ms_p95"] >= stats["latency_ms_p50"] > 0
+    assert 0 < stats["inference_busy_pct"] <= 100.5
     assert decoded_frames(out) == 30
     with av.open(str(out)) as c:
         s = c.streams.video[0]

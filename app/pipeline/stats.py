@@ -62,6 +62,7 @@ class RunStats:
         self._out_times: collections.deque = collections.deque(maxlen=window)
         self.t_start: float | None = None  # first frame may enter the model (backend ready)
         self.t_end: float | None = None
+        self.infer_total_ms = 0.0
         self.excluded_s = 0.0  # time the pipeline stood still for the interleaved model-only benchmark
 
     # -- producers -------------------------------------------------------------------------
@@ -76,6 +77,7 @@ class RunStats:
     def inference(self, ms: float) -> None:
         with self._lock:
             self.infer_hist.add(ms)
+            self.infer_total_ms += ms
             self._infer_recent.append(ms)
 
     def frame_out(self, t_capture: float, now: float | None = None) -> None:
@@ -135,6 +137,9 @@ class RunStats:
                 "wall_s": round(wall, 3),
                 "wall_s_total": round(total, 3),  # including the interleaved model-only bursts
                 "fps": round(self.frames_out / wall, 3) if wall > 0 else 0.0,
+                # Share of the wall time the model was running: 100 % means decode, resize,
+                # overlay and encode are fully hidden behind inference.
+                "inference_busy_pct": round(100.0 * self.infer_total_ms / 1000.0 / wall, 1) if wall > 0 else None,
                 "inference_ms_p50": _r(self.infer_hist.percentile(50)),
                 "inference_ms_p95": _r(self.infer_hist.percentile(95)),
                 "latency_ms_p50": _r(self.latency_hist.percentile(50)),
