@@ -114,6 +114,38 @@ def test_sliders_and_keys_change_the_overlay_while_paused(qtbot, window, assets)
     assert win.pipeline.stats.summary()["frames_in"] < 150  # it really was paused
 
 
+def test_backend_failure_falls_back_with_a_visible_notice(qtbot, assets, tmp_path):
+    from engines import BackendError, load_backend
+
+    def factory(path, backend, device=None, threads=None):
+        if backend in ("tensorrt", "onnxruntime"):
+            raise BackendError(f"{path}: {backend} engine was built for another GPU")
+        return load_backend(path, backend=backend, device=device, threads=threads)
+
+    win = MainWindow(assets["ckpt"], "tensorrt", threads=1, backend_factory=factory)
+    qtbot.addWidget(win)
+    win.show()
+    win.open_source(assets["clip"])
+    wait_frames(qtbot, win, 2)  # it runs...
+    assert "torch" in win.model_label.text() and "fallback" in win.model_label.text()  # ...on the one that worked
+    assert any("tensorrt backend failed" in n and "falling back" in n for n in win.notices)
+    assert any("onnxruntime backend failed" in n for n in win.notices)
+    assert "backend failed" in win.statusBar().currentMessage()  # shown, not just logged
+
+
+def test_seek_while_paused_shows_the_new_position(qtbot, window, assets):
+    win = window()
+    win.open_source(assets["long"])  # 150 frames = 6 s
+    wait_frames(qtbot, win, 2)
+    win.toggle_play()  # pause
+    qtbot.keyClick(win, Qt.Key.Key_Right)  # +5 s: one frame is decoded and shown although paused
+    qtbot.waitUntil(lambda: win.last_pts is not None and win.last_pts >= 4.9, timeout=WAIT_MS)
+    assert win.paused
+    qtbot.keyClick(win, Qt.Key.Key_Home)
+    qtbot.waitUntil(lambda: win.last_pts is not None and win.last_pts < 0.1, timeout=WAIT_MS)
+    assert win.seek_slider.value() < 100
+
+
 def test_open_file_dialog_path_and_bad_file_dialog(qtbot, window, assets, tmp_path, monkeypatch):
     win = window()
     monkeypatch.setattr(QFileDialog, "getOpenFileName", staticmethod(lambda *a, **k: (assets["clip"], "")))

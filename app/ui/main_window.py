@@ -399,8 +399,7 @@ class MainWindow(QMainWindow):
 
     def _on_model_ready(self, info: ModelInfo) -> None:
         self.info = info
-        self.model_label.setText(f"model: {info.label}")
-        self.model_label.setToolTip("\n".join([info.path, *info.notes]))
+        self._update_model_label()
         if self.settings.threshold is None:  # no --threshold: the slider starts at the model's own
             self.threshold_slider.blockSignals(True)
             self.threshold_slider.setValue(round(info.threshold * 100))
@@ -412,7 +411,17 @@ class MainWindow(QMainWindow):
     def _on_notice(self, text: str) -> None:
         self.notices.append(text)
         self.statusBar().showMessage(text, 15000)
-        self.model_label.setStyleSheet("color: #b35c00;")  # a fallback happened: make it visible
+        self._update_model_label()
+
+    def _update_model_label(self) -> None:
+        fallbacks = [n for n in self.notices if "falling back" in n]
+        text = f"model: {self.info.label}" if self.info else "model: loading\u2026"
+        if fallbacks:  # stays visible after the status message times out
+            text += "  \u26a0 fallback"
+            self.model_label.setStyleSheet("color: #b35c00; font-weight: bold;")
+        self.model_label.setText(text)
+        notes = ([self.info.path, *self.info.notes] if self.info else []) + fallbacks
+        self.model_label.setToolTip("\n".join(notes))
 
     def _on_signal(self, ok: bool, text: str) -> None:
         self._set_signal(ok, text)
