@@ -100,6 +100,8 @@ def run_headless(source: str, out: str, *, model_path: str, backend: str = "auto
             h, w = frame.overlay.shape[:2]
             recorder.append(Recorder(out, reader.fps, w, h))
             first_capture.append(frame.t_capture)
+            if bar is not None:
+                bar.reset(total=total)  # the rate should not include loading the model
         # Files: every frame at the file's own rate. Cameras: wall-clock timestamps, so the
         # recording plays at real speed whatever rate the device really delivered.
         t = frame.t_capture - first_capture[0] if reader.live else None
@@ -177,9 +179,13 @@ def _progress(total, enabled):
         enabled = sys.stderr.isatty()
     if not enabled:
         return None
+    import shutil
+
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="frame", dynamic_ncols=True, file=sys.stderr)
+    # Where the terminal reports no size (0x0), tqdm draws nothing; shutil falls back to 100x20.
+    cols, rows = shutil.get_terminal_size((100, 20))
+    return tqdm(total=total, unit="frame", ncols=min(120, cols), nrows=rows, file=sys.stderr)
 
 
 def _install_signal_handlers():
