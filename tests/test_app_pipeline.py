@@ -190,6 +190,26 @@ def test_file_reader_without_video_stream(tmp_path):
         VideoFileReader(path)
 
 
+def test_unsupported_codec_is_named(tmp_path):
+    """An AVI whose video FourCC no decoder knows (an MPEG-4 file with its tag overwritten)."""
+    path = tmp_path / "m4.avi"
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("mpeg4", rate=25)
+        s.width = s.height = 64
+        s.pix_fmt = "yuv420p"
+        for i in range(5):
+            for p in s.encode(av.VideoFrame.from_ndarray(np.full((64, 64, 3), i * 40, np.uint8), format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    data = path.read_bytes()
+    assert b"FMP4" in data
+    unknown = tmp_path / "unknown.avi"
+    unknown.write_bytes(data.replace(b"FMP4", b"ZZZZ"))
+    with pytest.raises(AppError, match="unsupported video codec"):
+        VideoFileReader(str(unknown))
+
+
 def test_truncated_file_raises_after_the_good_frames(clip, tmp_path):
     r = VideoFileReader(truncate(clip, str(tmp_path / "cut.mp4"), 0.6))
     good = 0

@@ -63,10 +63,10 @@ class VideoFileReader:
             self._container.close()
             raise AppError(f"{path}: the file has no video stream")
         stream = self._container.streams.video[0]
-        if stream.codec_context is None:
-            name = getattr(stream.codec_parameters, "name", None) if hasattr(stream, "codec_parameters") else None
+        if stream.codec_context is None:  # PyAV found no decoder for this stream
             self._container.close()
-            raise AppError(f"{path}: unsupported video codec{' ' + repr(name) if name else ''}; this FFmpeg build has no decoder for it; convert it, e.g. `ffmpeg -i IN -c:v libx264 OUT.mp4`")
+            raise AppError(f"{path}: unsupported video codec: this FFmpeg build has no decoder for it; "
+                           "convert the file, e.g. `ffmpeg -i IN -c:v libx264 OUT.mp4`")
         stream.thread_type = "AUTO"  # frame + slice threads: decode stays ahead of inference
         self._stream = stream
         self.codec = stream.codec_context.name
