@@ -79,6 +79,32 @@ def evaluate_checkpoint(path: str, sets: dict[str, list], device: str, batch_siz
     return {"tests": out, "params": sum(p.numel() for p in model.parameters()), "preset": meta.get("preset")}
 
 
+def _teacher_rows(paths: list[str], sets: dict[str, list], out: str, resume: bool, device: str,
+                  batch_size: int, progress: bool) -> list[dict]:
+    """Reference rows for the teachers; cached in OUT/teacher_rows.json (reused by --resume while
+    the checkpoint file and the test sets are unchanged)."""
+    cache_path = os.path.join(out, "teacher_rows.json")
+    cache = {}
+    if resume and os.path.exists(cache_path):
+        with open(cache_path) as f:
+            cache = json.load(f)
+    rows = []
+    for i, path in enumerate(paths):
+        st = os.stat(path)
+        key = f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|" + ",".join(f"{n}:{len(p)}" for n, p in sets.items())
+        if key not in cache:
+            ev = evaluate_checkpoint(path, sets, device, batch_size, progress)
+            cache[key] = {"label": f"teacher {ev['preset']}", "role": "teacher", "kd": None,
+                          "checkpoint": os.path.abspath(path), "train_seconds": None, **ev}
+        row = dict(cache[key])
+        if len(paths) > 1:
+            row["label"] += f" #{i + 1}"
+        rows.append(row)
+    with open(cache_path, "w") as f:
+        json.dump(cache, f, indent=2)
+    return rows
+
+
 def _mean_over_sets(tests: dict, key: str) -> float | None:
     vals = [t[key] for t in tests.values() if key in t]
     return sum(vals) / len(vals) if vals else None
@@ -124,11 +150,7 @@ def run_ablation(cfg, methods: list[tuple[str, str]], out: str, sets: dict[str, 
     device = cfg.device or ("cuda" if _cuda() else "cpu")
     rows: list[dict] = []
     if teacher_rows:
-        for i, path in enumerate(cfg.teachers):
-            ev = evaluate_checkpoint(path, sets, device, eval_batch_size, cfg.progress)
-            rows.append({"label": f"teacher {ev['preset']}" + (f" #{i + 1}" if len(cfg.teachers) > 1 else ""),
-                         "role": "teacher", "kd": None, "checkpoint": os.path.abspath(path), "train_seconds": None,
-                         **ev})
+        rows += _teacher_rows(cfg.teachers, sets, out, resume, device, eval_batch_size, cfg.progress)
     for label, kd in methods:
         run_out = os.path.join(out, run_dir_name(label))
         result_path = os.path.join(run_out, RESULT_FILE)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
@@ -46,7 +45,7 @@ def test_unknown_method_fails_before_training(tiny_setup, capsys):
     assert not (root / "abl" / "none").exists()
 
 
-def test_tiny_ablation_writes_tables_and_resumes(tiny_setup):
+def test_tiny_ablation_writes_tables_and_resumes(tiny_setup, monkeypatch):
     root, data, ckpt = tiny_setup
     assert main(_args(root, data, ckpt, "hlfd+cwd:0.5")) == 0
     out = root / "abl"
@@ -64,12 +63,21 @@ def test_tiny_ablation_writes_tables_and_resumes(tiny_setup):
     assert "| Method | Params (M) | Train time | Synthetic mDice | Synthetic mIoU | Mean mDice | Mean mIoU |" in md
     assert sum(line.startswith("| ") for line in md.splitlines()) == 1 + 3  # column names + 3 rows
 
-    # --resume keeps finished rows without retraining them.
-    stamp = os.path.getmtime(out / "none" / "ablation_result.json")
-    assert main(_args(root, data, ckpt, "hlfd+cwd:0.5", "--resume", "--no-teacher-rows")) == 0
-    assert os.path.getmtime(out / "none" / "ablation_result.json") == stamp
+    # --resume keeps finished rows (and the teacher's evaluation) without training or evaluating again.
+    import kdas_core.ablate as ablate
+    import kdas_core.engine.trainer as trainer
+
+    def refuse(*a, **k):
+        raise AssertionError("--resume redid finished work")
+
+    monkeypatch.setattr(ablate, "evaluate_checkpoint", refuse)
+    monkeypatch.setattr(trainer, "run_training", refuse)
+    assert main(_args(root, data, ckpt, "hlfd+cwd:0.5", "--resume")) == 0
     again = json.loads((out / "ablation.json").read_text())
-    assert [r["label"] for r in again["rows"]] == ["none", "hlfd+cwd:0.5"]
+    assert [r["label"] for r in again["rows"]] == labels
+    assert again["rows"][1]["tests"] == report["rows"][1]["tests"]
+    assert main(_args(root, data, ckpt, "hlfd+cwd:0.5", "--resume", "--no-teacher-rows")) == 0
+    assert [r["label"] for r in json.loads((out / "ablation.json").read_text())["rows"]] == labels[1:]
 
 
 def test_markdown_table_bolds_best_student_only():

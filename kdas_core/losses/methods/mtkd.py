@@ -12,7 +12,11 @@ Recipe: K teachers, each trained on one of K disjoint parts of the training data
 - KL (two-class, per pixel, tau = 4) from the student's prediction (P1 + P2, the map inference
   uses) to the teachers' weighted soft prediction sum_k w_k * sigmoid((P1_k + P2_k) / tau);
 - feature matching: MSE between the student's deepest encoder stage, through a persistent 1x1
-  adapter per teacher, and each teacher's deepest stage, weighted by the same w_k.
+  adapter per teacher, and each teacher's deepest stage, weighted by the same w_k. Both sides are
+  first standardised per channel over positions (as in PKD, Cao et al., NeurIPS 2022): raw
+  activation scales differ by orders of magnitude between backbones (EfficientNet's BN+ReLU6
+  stage 4 vs PVT's LayerNorm outputs) and raw MSE would swamp the other terms; standardised, the
+  MSE is 2 * (1 - Pearson correlation) per channel, in [0, 4].
 
 Teacher weighting rule (per image, recomputed every step; `weighting="dice"`, the default):
     w_k(b) = softmax_k( Dice(teacher k's thresholded prediction, mask_b) / T_w ),  T_w = 0.1.
@@ -61,6 +65,13 @@ def lovasz_hinge(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.stack(losses).mean()
 
 
+def standardise(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Zero mean, unit variance per (image, channel) over the spatial positions."""
+    mean = x.mean(dim=(2, 3), keepdim=True)
+    var = x.var(dim=(2, 3), keepdim=True, unbiased=False)
+    return (x - mean) / torch.sqrt(var + eps)
+
+
 @torch.no_grad()
 def teacher_weights(t_logits: list[torch.Tensor], mask: torch.Tensor, rule: str, temperature: float) -> torch.Tensor:
     """(K, B, 1, H, W) weights summing to 1 over teachers (broadcastable; per image for 'dice')."""
@@ -82,7 +93,7 @@ def teacher_weights(t_logits: list[torch.Tensor], mask: torch.Tensor, rule: str,
 class MTKD(Distiller):
     name = "mtkd"
     summary = ("multi-teacher KD (repeat --teacher, train --subset k/K): Dice+Lovasz replace seg loss, KL to "
-               "Dice-weighted ensemble (tau=4), feature MSE")
+               "Dice-weighted ensemble (tau=4), standardised feature MSE")
 
     seg_weight = 0.0  # Dice + Lovasz below are the supervised loss
 
@@ -110,6 +121,7 @@ class MTKD(Distiller):
         s_deep = s_out["features"][3].float()
         for k, t_out in enumerate(t_outs):
             s, t = pair(self.adapters[k](s_deep), t_out["features"][3])
+            s, t = standardise(s), standardise(t)
             w_img = w[k].mean(dim=(1, 2, 3))  # per-image weight (for 'confidence': mean certainty share)
             feat = feat + (w_img * (s - t).pow(2).mean(dim=(1, 2, 3))).mean()
         supervised = {"dice": sum(dice_loss(h, mask) for h in heads), "lovasz": sum(lovasz_hinge(h, mask) for h in heads)}
