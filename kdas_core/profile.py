@@ -25,3 +25,36 @@ def count_macs(model: torch.nn.Module, size: int = 352) -> int:
     finally:
         model.train(was_training)
     return counter.get_total_flops() // 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m kdas_core.profile [--size S] MODEL_OR_CKPT ...: params and GMACs per model."""
+    import argparse
+    import json
+
+    from .checkpoint import load_checkpoint
+    from .models import create_model, list_models
+
+    p = argparse.ArgumentParser(prog="python -m kdas_core.profile",
+                                description="Parameters and GMACs (FlopCounterMode, FLOPs/2) of presets or checkpoints.")
+    p.add_argument("models", nargs="+", metavar="MODEL", help=f"preset ({', '.join(list_models())}) or a .safetensors checkpoint")
+    p.add_argument("--size", type=int, default=352, help="square input side (default: 352, the papers' size)")
+    p.add_argument("--json", metavar="OUT", help="also write the figures as JSON")
+    args = p.parse_args(argv)
+    rows = {}
+    for name in args.models:
+        try:
+            model = load_checkpoint(name)[0] if name.endswith(".safetensors") else create_model(name)
+        except Exception as exc:  # a user typo must not be a traceback
+            print(f"kdas_core.profile: error: {exc}")
+            return 2
+        rows[name] = {"params_M": count_params(model) / 1e6, "gmacs": count_macs(model, args.size) / 1e9, "size": args.size}
+        print(f"{name:<40} {rows[name]['params_M']:6.2f} M params  {rows[name]['gmacs']:6.2f} GMACs at {args.size}²")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
