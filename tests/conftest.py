@@ -9,6 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+# Qt widget tests run offscreen so a plain `pytest` works without a display (the one real-window
+# test starts its own Xvfb and sets DISPLAY for its subprocess).
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
