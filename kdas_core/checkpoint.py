@@ -81,8 +81,8 @@ def save_tensors(path: str, tensors: dict[str, torch.Tensor], meta: dict[str, An
     _atomic_save(tensors, path, {METADATA_KEY: json.dumps(meta, sort_keys=True)})
 
 
-def read_metadata(path: str) -> dict[str, Any]:
-    """The checkpoint's metadata, with a clear error for missing/corrupt/foreign files."""
+def _read_json_metadata(path: str) -> dict[str, Any]:
+    """The JSON metadata of any KDAS safetensors file, with a clear error for missing/corrupt/foreign files."""
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
@@ -96,17 +96,26 @@ def read_metadata(path: str) -> dict[str, Any]:
     if raw is None:
         raise CheckpointError(f"{path}: safetensors file without KDAS metadata; was it written by kdas_core?")
     try:
-        meta = json.loads(raw)
+        return json.loads(raw)
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{path}: KDAS metadata is not valid JSON ({exc})") from exc
+
+
+def _require_model_fields(path: str, meta: dict[str, Any]) -> dict[str, Any]:
     missing = [k for k in REQUIRED if k not in meta]
     if missing:
         raise CheckpointError(f"{path}: metadata lacks {missing}")
     return meta
 
 
+def read_metadata(path: str) -> dict[str, Any]:
+    """A model checkpoint's metadata (preset, input size, normalisation, threshold, ...)."""
+    return _require_model_fields(path, _read_json_metadata(path))
+
+
 def read_tensors(path: str, device: str = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    meta = read_metadata(path)
+    """All tensors and the JSON metadata of a KDAS safetensors file (a checkpoint or a train state)."""
+    meta = _read_json_metadata(path)
     tensors = {}
     with safe_open(path, framework="pt", device=device) as f:
         for k in f.keys():
@@ -117,6 +126,7 @@ def read_tensors(path: str, device: str = "cpu") -> tuple[dict[str, torch.Tensor
 def load_checkpoint(path: str, device: str = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
     """(model in eval mode on `device`, metadata). Raises CheckpointError on any mismatch."""
     state, meta = read_tensors(path)
+    _require_model_fields(path, meta)
     name = meta["preset"]
     try:
         model = create_model(name, pretrained=None)

@@ -26,9 +26,7 @@ def save_train_state(path: str, optimizer: torch.optim.Optimizer, distillers: to
     for key, val in distillers.state_dict().items():
         tensors[f"kd.{key}"] = val
     meta = {"format": "kdas-train-state/1", "param_groups": opt["param_groups"], "scalars": scalars,
-            "progress": progress, "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
-            # read_metadata wants these keys to exist in every kdas file; they are not used here
-            "preset": "-", "backbone": "-", "input_size": 0, "mean": [], "std": [], "threshold": 0}
+            "progress": progress, "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None}
     save_tensors(path, tensors, meta)
 
 
