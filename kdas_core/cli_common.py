@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import argparse
 from typing import Callable
 
 from .checkpoint import CheckpointError
@@ -23,3 +24,20 @@ def run_cli(fn: Callable[[], int | None], prog: str) -> int:
     except USER_ERRORS as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
+
+
+def run_training_cli(args: argparse.Namespace, prog: str, check: Callable[[], object] | None = None) -> int:
+    """`train` and `distill`: validate cheaply first, run the loop, report the chosen checkpoint (rank 0)."""
+
+    def go() -> None:
+        from .engine.config import config_from_args
+        from .engine.trainer import run_training
+
+        if check is not None:
+            check()
+        result = run_training(config_from_args(args))
+        if result["is_main"]:
+            print(f"[kdas] done: best validation mDice {result['best_val_mDice']:.4f} at epoch {result['best_epoch']} "
+                  f"-> {result['best']}")
+
+    return run_cli(go, prog)

@@ -15,8 +15,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .cli_common import run_cli
-from .engine.config import add_training_args, config_from_args
+from .cli_common import run_training_cli
+from .engine.config import add_training_args
 
 
 def _methods_epilog() -> str:
@@ -40,19 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .losses import parse_kd_spec
+
     args = build_parser().parse_args(argv)
-
-    def go() -> None:
-        from .engine.trainer import run_training
-        from .losses import parse_kd_spec
-
-        parse_kd_spec(args.kd)  # fail before loading anything
-        result = run_training(config_from_args(args))
-        if result["is_main"]:
-            print(f"[kdas] done: best validation mDice {result['best_val_mDice']:.4f} at epoch {result['best_epoch']} "
-                  f"-> {result['best']}")
-
-    return run_cli(go, "kdas_core.distill")
+    # An unknown --kd method fails before any model or data is loaded.
+    return run_training_cli(args, "kdas_core.distill", check=lambda: parse_kd_spec(args.kd))
 
 
 if __name__ == "__main__":

@@ -16,8 +16,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .cli_common import run_cli
-from .engine.config import add_training_args, config_from_args
+from .cli_common import run_training_cli
+from .engine.config import add_training_args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,17 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-
-    def go() -> None:
-        from .engine.trainer import run_training
-
-        result = run_training(config_from_args(args))
-        if result["is_main"]:
-            print(f"[kdas] done: best validation mDice {result['best_val_mDice']:.4f} at epoch {result['best_epoch']} "
-                  f"-> {result['best']}")
-
-    return run_cli(go, "kdas_core.train")
+    return run_training_cli(build_parser().parse_args(argv), "kdas_core.train")
 
 
 if __name__ == "__main__":

@@ -87,13 +87,18 @@ def resolve_layout(root: str | os.PathLike) -> DatasetLayout:
     raise DatasetError(f"{root}: neither a PraNet root (TrainDataset/, TestDataset/) nor a folder with images/ and masks/")
 
 
+def _hashed_order(pairs: list[Pair], salt: str) -> list[Pair]:
+    """Pairs in an order fixed by hashing (salt, file stem): independent of file order and machine."""
+    return sorted(pairs, key=lambda p: hashlib.sha1(f"{salt}:{Path(p[0]).stem}".encode()).hexdigest())
+
+
 def split_train_val(pairs: list[Pair], val_fraction: float, seed: int = 0) -> tuple[list[Pair], list[Pair]]:
     """Deterministic split by hashing file stems: stable across machines, file order and runs."""
     if not 0 <= val_fraction < 1:
         raise ValueError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     if val_fraction == 0:
         return list(pairs), []
-    keyed = sorted(pairs, key=lambda p: hashlib.sha1(f"{seed}:{Path(p[0]).stem}".encode()).hexdigest())
+    keyed = _hashed_order(pairs, str(seed))
     n_val = max(1, round(len(pairs) * val_fraction))
     if n_val >= len(pairs):
         raise DatasetError(f"only {len(pairs)} training pairs: too few to hold out a validation split")
@@ -187,7 +192,7 @@ def subset_pairs(pairs: list[Pair], spec: str) -> list[Pair]:
         raise ValueError(f"--subset expects k/K such as 2/4, got {spec!r}") from None
     if not 1 <= k <= total:
         raise ValueError(f"--subset {spec}: k must be between 1 and K")
-    keyed = sorted(pairs, key=lambda p: hashlib.sha1(f"subset:{Path(p[0]).stem}".encode()).hexdigest())
+    keyed = _hashed_order(pairs, "subset")
     part = sorted(keyed[k - 1::total])
     if not part:
         raise DatasetError(f"--subset {spec}: part {k} of {total} is empty ({len(pairs)} training pairs)")

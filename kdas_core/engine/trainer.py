@@ -22,10 +22,11 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
-from ..checkpoint import build_metadata, file_sha256, load_checkpoint, read_metadata, read_tensors, save_checkpoint
+from ..checkpoint import build_metadata, file_sha256, load_checkpoint, read_tensors, save_checkpoint
 from ..data.dataset import TrainDataset, resolve_layout, split_train_val, subset_pairs
 from ..losses import build_distillers, structure_loss
 from ..models import create_model, resolve
+from ..profile import count_params
 from . import distributed
 from .config import TrainConfig
 from .state import load_train_state, save_train_state
@@ -179,6 +180,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
 
         student = create_model(cfg.model, pretrained=None if cfg.resume else cfg.pretrained)
         pretrained_desc = getattr(student, "pretrained_source", "none")
+        n_params = count_params(student)
         teachers = _load_teachers(cfg.teachers, device)
         if cfg.kd != "none" and not teachers:
             raise ValueError(f"--kd {cfg.kd} needs at least one --teacher checkpoint")
@@ -222,10 +224,10 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
                 json.dump({**cfg.to_dict(), "resolved": {"image_size": size, "mean": mean, "std": std,
                            "device": str(device), "world_size": world, "amp": str(amp_dtype) if use_amp else "off",
                            "pretrained": pretrained_desc, "steps_per_epoch": steps_per_epoch,
-                           "params_student": sum(p.numel() for p in student.parameters()),
+                           "params_student": n_params,
                            "teachers": teacher_info, "data": data_info}}, f, indent=2)
             log = RunLog(cfg.out, cfg.resume)
-            print(f"[kdas] {cfg.model} ({sum(p.numel() for p in student.parameters()) / 1e6:.2f} M params, init: "
+            print(f"[kdas] {cfg.model} ({n_params / 1e6:.2f} M params, init: "
                   f"{pretrained_desc}) on {device}, {len(train_pairs)} train / {len(val_pairs)} val images at "
                   f"{size}px, kd={cfg.kd}, epochs {progress['epoch'] + 1}..{cfg.epochs}", flush=True)
 
@@ -316,7 +318,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
             log.close()
         return {"is_main": is_main, "out": cfg.out, "best": best_path, "last": last_path, "best_val_mDice": progress["best_score"],
                 "best_epoch": progress["best_epoch"], "train_seconds": progress["train_seconds"],
-                "params": sum(p.numel() for p in student.parameters())}
+                "params": n_params}
     finally:
         distributed.cleanup()
 
@@ -327,7 +329,3 @@ def _progress(loader, total: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(loader, total=total, desc=desc, unit="batch", dynamic_ncols=True, leave=False)
-
-
-def student_size_from(path: str) -> int:
-    return int(read_metadata(path)["input_size"])

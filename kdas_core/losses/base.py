@@ -11,8 +11,6 @@ the smallest `seg_weight` among them (one method that down-weights it is respect
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 import torch.nn as nn
 
@@ -66,9 +64,6 @@ def parse_kd_spec(spec: str) -> list[tuple[str, float]]:
 
 def build_distillers(spec: str, student: nn.Module, teachers: list[nn.Module]) -> nn.ModuleList:
     return nn.ModuleList(_REGISTRY[n](student, teachers, weight=w) for n, w in parse_kd_spec(spec))
-
-
-_IMPORTERS: list[Callable[[], None]] = []
 
 
 def _import_all() -> None:

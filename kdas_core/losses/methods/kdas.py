@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..base import Distiller, register
 from ..kdas import kdas_terms
+from .common import mean_over_teachers, scaled
 
 
 @register
@@ -17,10 +18,5 @@ class KDAS(Distiller):
         self.seg_weight = 1.0 - alpha
 
     def forward(self, s_out, t_outs, batch):
-        # Several teachers: average their terms (mtkd does adaptive weighting).
-        total = {"attn_kl": 0.0, "sgm": 0.0}
-        for t_out in t_outs:
-            for k, v in kdas_terms(s_out, t_out, self.tau).items():
-                total[k] = total[k] + v / len(t_outs)
-        scale = self.alpha * self.weight
-        return {f"kdas/{k}": scale * v for k, v in total.items()}
+        terms = mean_over_teachers(t_outs, lambda _, t_out: kdas_terms(s_out, t_out, self.tau))
+        return scaled(self.name, terms, self.alpha * self.weight)
