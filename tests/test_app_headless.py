@@ -17,8 +17,9 @@ import pytest
 from app.headless import run_headless
 from app.testing import garbage, make_checkpoint, make_clip, truncate
 
+from .conftest import shared_data
+
 REPO = Path(__file__).resolve().parents[1]
-REAL_CLIP = REPO.parent / "shared" / "data" / "clips" / "cvc-clinicdb.mp4"
 STATS_KEYS = {"frames_in", "frames_out", "dropped", "fps", "inference_ms_p50", "latency_ms_p50", "latency_ms_p95",
               "backend", "model_only_fps"}
 
@@ -180,10 +181,9 @@ def test_signal_finalises_the_recording(assets, tmp_path, sig):
 
 @pytest.mark.realdata
 def test_real_endoscopy_clip(assets, tmp_path):
-    if not REAL_CLIP.is_file():
-        pytest.skip(f"real clip {REAL_CLIP} not present (../shared/data is not part of the repository)")
+    real_clip = shared_data("clips", "cvc-clinicdb.mp4")
     out, stats_path = tmp_path / "real.mp4", tmp_path / "real.json"
-    res = run_headless(str(REAL_CLIP), str(out), model_path=assets["ckpt"], backend="torch", threads=1, max_frames=60,
+    res = run_headless(str(real_clip), str(out), model_path=assets["ckpt"], backend="torch", threads=1, max_frames=60,
                        stats_path=str(stats_path), progress=False, log=lambda s: None)
     assert res.exit_code == 0
     stats = json.loads(stats_path.read_text())

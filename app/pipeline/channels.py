@@ -24,12 +24,24 @@ class Closed(Exception):
     """The pipeline is shutting down; the stage holding this should return."""
 
 
-class BoundedQueue:
-    def __init__(self, maxsize: int):
-        self._items: collections.deque = collections.deque()
-        self._maxsize = max(1, int(maxsize))
+class _Channel:
+    """What both channels share: one condition variable and the close() that wakes every waiter."""
+
+    def __init__(self) -> None:
         self._cond = threading.Condition()
         self._closed = False
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+
+class BoundedQueue(_Channel):
+    def __init__(self, maxsize: int):
+        super().__init__()
+        self._items: collections.deque = collections.deque()
+        self._maxsize = max(1, int(maxsize))
 
     def put(self, item: Any) -> None:
         with self._cond:
@@ -69,24 +81,18 @@ class BoundedQueue:
             self._cond.notify_all()
             return items
 
-    def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-
     def __len__(self) -> int:
         return len(self._items)
 
 
-class LatestSlot:
+class LatestSlot(_Channel):
     """Latest-frame-wins: put never blocks. `on_drop` is called (outside the lock) with each
     frame that was replaced before anyone took it."""
 
     def __init__(self, on_drop: Callable[[Any], None] | None = None):
+        super().__init__()
         self._item: Any = None
         self._control: collections.deque = collections.deque()  # EndOfStream etc., never dropped
-        self._cond = threading.Condition()
-        self._closed = False
         self._on_drop = on_drop
 
     def put(self, item: Any) -> None:
@@ -121,11 +127,6 @@ class LatestSlot:
             self._item = None
             self._control.clear()
             return items
-
-    def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
 
     def __len__(self) -> int:
         return int(self._item is not None) + len(self._control)
