@@ -140,12 +140,19 @@ def markdown_table(rows: list[dict], set_names: list[str], header: str = "") -> 
     return "\n".join(lines) + "\n"
 
 
+def _paused(label: str, limit: float) -> dict:
+    print(f"[ablate] --time-limit {limit:g} min reached at '{label}': finished rows and the interrupted run are saved; "
+          f"run the same command with --resume to continue", flush=True)
+    return {"paused_at": label}
+
+
 def run_ablation(cfg, methods: list[tuple[str, str]], out: str, sets: dict[str, list], resume: bool = False,
                  checkpoint: str = "best", teacher_rows: bool = True, eval_batch_size: int = 4,
                  command: str = "") -> dict:
     """Train + evaluate every (label, kd) in `methods` with the base TrainConfig `cfg`."""
     from .engine.trainer import run_training
 
+    deadline = time.time() + cfg.time_limit * 60 if cfg.time_limit else None
     os.makedirs(out, exist_ok=True)
     device = cfg.device or ("cuda" if _cuda() else "cpu")
     rows: list[dict] = []
@@ -160,12 +167,18 @@ def run_ablation(cfg, methods: list[tuple[str, str]], out: str, sets: dict[str, 
             print(f"[ablate] {label}: done earlier, kept ({result_path})", flush=True)
             continue
         started = os.path.exists(os.path.join(run_out, "last.safetensors"))
+        # --time-limit covers the whole ablation: each run gets what is left of it.
+        left = None if deadline is None else (deadline - time.time()) / 60
+        if left is not None and left <= 0:
+            return _paused(label, cfg.time_limit)
         run_cfg = dataclasses.replace(cfg, kd=kd, out=run_out, teachers=[] if kd == "none" else list(cfg.teachers),
-                                      resume=resume and started)
+                                      resume=resume and started, time_limit=left)
         print(f"[ablate] {label}: training (--kd {kd}) -> {run_out}", flush=True)
         t0 = time.time()
         result = run_training(run_cfg)
         wall = time.time() - t0
+        if not result["finished"]:
+            return _paused(label, cfg.time_limit)
         ckpt = result["best"] if checkpoint == "best" and os.path.exists(result["best"]) else result["last"]
         ev = evaluate_checkpoint(ckpt, sets, device, eval_batch_size, cfg.progress)
         row = {"label": label, "role": "student", "kd": kd, "checkpoint": os.path.abspath(ckpt),

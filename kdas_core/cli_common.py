@@ -36,7 +36,10 @@ def run_training_cli(args: argparse.Namespace, prog: str, check: Callable[[], ob
         if check is not None:
             check()
         result = run_training(config_from_args(args))
-        if result["is_main"]:
+        if result["is_main"] and not result["finished"]:
+            print(f"[kdas] paused at epoch {result['epoch']} by --time-limit: best validation mDice so far "
+                  f"{result['best_val_mDice']:.4f} at epoch {result['best_epoch']} -> {result['best']}")
+        elif result["is_main"]:
             print(f"[kdas] done: best validation mDice {result['best_val_mDice']:.4f} at epoch {result['best_epoch']} "
                   f"-> {result['best']}")
 

@@ -80,6 +80,20 @@ def test_tiny_ablation_writes_tables_and_resumes(tiny_setup, monkeypatch):
     assert [r["label"] for r in json.loads((out / "ablation.json").read_text())["rows"]] == labels[1:]
 
 
+def test_time_limit_pauses_the_ablation_and_resume_completes_it(tiny_setup, capsys):
+    root, data, ckpt = tiny_setup
+    args = _args(root, data, ckpt, "kd", "--no-teacher-rows", "--epochs", "2")
+    args[args.index("--out") + 1] = str(root / "abl-limited")
+    assert main([*args, "--time-limit", "0.0001"]) == 0
+    assert "--resume" in capsys.readouterr().out
+    out = root / "abl-limited"
+    assert not (out / "ablation.json").exists() and not (out / "kd").exists()  # paused inside 'none'
+    assert (out / "none" / "last.safetensors").exists()
+    assert main([*args, "--resume"]) == 0
+    rows = json.loads((out / "ablation.json").read_text())["rows"]
+    assert [r["label"] for r in rows] == ["none", "kd"]
+
+
 def test_markdown_table_bolds_best_student_only():
     rows = [{"label": "teacher", "role": "teacher", "params": 25e6, "tests": {"A": {"mDice": 0.9, "mIoU": 0.8}},
              "mean": {"mDice": 0.9, "mIoU": 0.8}},

@@ -76,6 +76,21 @@ def test_interrupted_run_resumes_bit_for_bit(synthetic, tmp_path, monkeypatch):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_time_limit_pauses_at_an_epoch_boundary_and_resume_finishes(synthetic, tmp_path, capsys):
+    run = tmp_path / "limited"
+    args = ["--model", "polyppvt-lite0", "--data", str(synthetic), "--out", str(run), "--epochs", "3", *FAST]
+    # A limit far below one epoch: exactly one epoch runs, then the run pauses cleanly.
+    assert train.main([*args, "--time-limit", "0.0001"]) == 0
+    out = capsys.readouterr().out
+    assert "paused at epoch 1" in out and "--resume" in out
+    assert read_metadata(str(run / "last.safetensors"))["epoch"] == 1
+    assert train.main([*args, "--resume"]) == 0
+    assert read_metadata(str(run / "last.safetensors"))["epoch"] == 3
+    assert len((run / "log.csv").read_text().strip().splitlines()) == 1 + 3
+    with pytest.raises(SystemExit):  # argparse: must be > 0
+        train.main([*args, "--time-limit", "0"])
+
+
 def test_distill_kdas_then_evaluate(synthetic, teacher_run, tmp_path):
     run = tmp_path / "student"
     teacher = str(teacher_run / "best.safetensors")

@@ -37,6 +37,7 @@ class TrainConfig:
     teachers: list[str] = field(default_factory=list)
     kd: str = "none"
     progress: bool = True
+    time_limit: float | None = None  # minutes; stop at an epoch boundary before running past it
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -48,6 +49,13 @@ def _positive_int(s: str) -> int:
     v = int(s)
     if v <= 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {v}")
+    return v
+
+
+def _positive_float(s: str) -> float:
+    v = float(s)
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
     return v
 
 
@@ -99,6 +107,9 @@ def add_training_args(p: argparse.ArgumentParser, model_required: bool = True) -
     g.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     g.add_argument("--no-amp", dest="amp", action="store_false", help="disable mixed precision on CUDA")
     g.add_argument("--resume", action="store_true", help="continue RUN exactly from last.safetensors and its train state")
+    g.add_argument("--time-limit", type=_positive_float, metavar="MIN",
+                   help="stop cleanly at the last epoch boundary that fits in MIN minutes (for job time limits); "
+                        "the same command with --resume continues")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars (log lines only)")
 
 
@@ -111,4 +122,5 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         pretrained=args.pretrained, resume=args.resume, subset=args.subset, steps_per_epoch=args.steps_per_epoch,
         val_every=args.val_every, threshold=args.threshold, teachers=list(getattr(args, "teacher", None) or []),
         kd=getattr(args, "kd", "none"), progress=args.progress,
+        time_limit=args.time_limit,
     )

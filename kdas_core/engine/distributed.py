@@ -40,3 +40,12 @@ def mean_across(value: float, device: torch.device) -> float:
     t = torch.tensor([value], device=device, dtype=torch.float64)
     dist.all_reduce(t)
     return (t / dist.get_world_size()).item()
+
+
+def any_across(flag: bool, device: torch.device) -> bool:
+    """True on every rank when it is true on any: ranks must agree on when to stop."""
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)

@@ -155,6 +155,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     """Train (or distil) as configured; returns a summary with paths and the best validation score."""
     from ..evaluate import evaluate_pairs  # late import: evaluate imports heavy optional bits
 
+    started = time.time()
     device, rank, world = distributed.setup(cfg.device)
     is_main = rank == 0
     try:
@@ -231,7 +232,9 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
                   f"{pretrained_desc}) on {device}, {len(train_pairs)} train / {len(val_pairs)} val images at "
                   f"{size}px, kd={cfg.kd}, epochs {progress['epoch'] + 1}..{cfg.epochs}", flush=True)
 
+        stopped_by_time_limit, longest_epoch = False, 0.0
         for epoch in range(progress["epoch"], cfg.epochs):
+            epoch_started = time.time()
             # Seeding per epoch makes an epoch depend only on (seed, epoch, weights): --resume is exact.
             _seed_everything(cfg.seed * 100003 + epoch)
             gen = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
@@ -313,12 +316,22 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
                 msg = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
                 print(f"[kdas] {msg}{'  *best*' if improved else ''}", flush=True)
             distributed.barrier()
+            if cfg.time_limit and epoch + 1 < cfg.epochs:
+                # Stop before an epoch that would not fit, judged by the slowest epoch so far.
+                longest_epoch = max(longest_epoch, time.time() - epoch_started)
+                over = time.time() - started + longest_epoch > cfg.time_limit * 60
+                if distributed.any_across(over, device):
+                    stopped_by_time_limit = True
+                    if is_main:
+                        print(f"[kdas] --time-limit {cfg.time_limit:g} min: stopping after epoch {epoch + 1}/{cfg.epochs}; "
+                              f"everything is saved, run the same command with --resume to continue", flush=True)
+                    break
 
         if is_main:
             log.close()
         return {"is_main": is_main, "out": cfg.out, "best": best_path, "last": last_path, "best_val_mDice": progress["best_score"],
                 "best_epoch": progress["best_epoch"], "train_seconds": progress["train_seconds"],
-                "params": n_params}
+                "params": n_params, "epoch": progress["epoch"], "finished": not stopped_by_time_limit}
     finally:
         distributed.cleanup()
 
