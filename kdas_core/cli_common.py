@@ -37,7 +37,8 @@ def run_training_cli(args: argparse.Namespace, prog: str, check: Callable[[], ob
             check()
         result = run_training(config_from_args(args))
         if result["is_main"] and not result["finished"]:
-            print(f"[kdas] paused at epoch {result['epoch']} by --time-limit: best validation mDice so far "
+            print(f"[kdas] paused at epoch {result['epoch']}/{args.epochs} by --time-limit {args.time_limit:g}: everything "
+                  f"is saved, run the same command with --resume to continue; best validation mDice so far "
                   f"{result['best_val_mDice']:.4f} at epoch {result['best_epoch']} -> {result['best']}")
         elif result["is_main"]:
             print(f"[kdas] done: best validation mDice {result['best_val_mDice']:.4f} at epoch {result['best_epoch']} "

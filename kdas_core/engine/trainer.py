@@ -232,7 +232,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
                   f"{pretrained_desc}) on {device}, {len(train_pairs)} train / {len(val_pairs)} val images at "
                   f"{size}px, kd={cfg.kd}, epochs {progress['epoch'] + 1}..{cfg.epochs}", flush=True)
 
-        stopped_by_time_limit, longest_epoch = False, 0.0
+        longest_epoch = 0.0
         for epoch in range(progress["epoch"], cfg.epochs):
             epoch_started = time.time()
             # Seeding per epoch makes an epoch depend only on (seed, epoch, weights): --resume is exact.
@@ -318,20 +318,16 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
             distributed.barrier()
             if cfg.time_limit and epoch + 1 < cfg.epochs:
                 # Stop before an epoch that would not fit, judged by the slowest epoch so far.
-                longest_epoch = max(longest_epoch, time.time() - epoch_started)
-                over = time.time() - started + longest_epoch > cfg.time_limit * 60
-                if distributed.any_across(over, device):
-                    stopped_by_time_limit = True
-                    if is_main:
-                        print(f"[kdas] --time-limit {cfg.time_limit:g} min: stopping after epoch {epoch + 1}/{cfg.epochs}; "
-                              f"everything is saved, run the same command with --resume to continue", flush=True)
+                now = time.time()
+                longest_epoch = max(longest_epoch, now - epoch_started)
+                if distributed.any_across(now - started + longest_epoch > cfg.time_limit * 60, device):
                     break
 
         if is_main:
             log.close()
         return {"is_main": is_main, "out": cfg.out, "best": best_path, "last": last_path, "best_val_mDice": progress["best_score"],
                 "best_epoch": progress["best_epoch"], "train_seconds": progress["train_seconds"],
-                "params": n_params, "epoch": progress["epoch"], "finished": not stopped_by_time_limit}
+                "params": n_params, "epoch": progress["epoch"], "finished": progress["epoch"] >= cfg.epochs}
     finally:
         distributed.cleanup()
 
