@@ -57,9 +57,15 @@ def test_sets(data: str, test_data: list[str] | None) -> dict[str, list]:
     sets: dict[str, list] = {}
     for root in test_data or [data]:
         layout = resolve_layout(root)
-        for name, pairs in layout.tests.items():
+        # --test-data names its folder as test data; --data's own images/+masks/ are training data.
+        found = layout.evaluation_sets() if test_data else layout.tests
+        for name, pairs in found.items():
             sets[name if name not in sets else f"{name}@{os.path.basename(os.path.normpath(root))}"] = pairs
     if not sets:
+        if not test_data and resolve_layout(data).kind == "plain":
+            raise ValueError(f"{data} is a plain images/+masks/ folder: its pairs are the training data, and scores "
+                             "on them are not test scores; give held-out data with --test-data DIR "
+                             "(a PraNet root with TestDataset/<name>/, or an images/+masks/ folder)")
         raise ValueError(f"{', '.join(test_data or [data])}: no test sets (TestDataset/<name>/ or images/+masks/); use --test-data")
     return sets
 
@@ -252,10 +258,11 @@ def main(argv: list[str] | None = None) -> int:
 
     def go() -> None:
         methods = parse_methods(args.methods, args.baseline)  # fail on a typo before anything runs
-        sets = test_sets(args.data, args.test_data)
         cfg = config_from_args(args)
+        sets = test_sets(cfg.data, args.test_data)
+        resume = cfg.resume
         cfg = dataclasses.replace(cfg, resume=False)
-        run_ablation(cfg, methods, args.out, sets, resume=args.resume, checkpoint=args.checkpoint,
+        run_ablation(cfg, methods, cfg.out, sets, resume=resume, checkpoint=args.checkpoint,
                      teacher_rows=args.teacher_rows, eval_batch_size=args.eval_batch_size,
                      command="python -m kdas_core.ablate " + " ".join(argv if argv is not None else sys.argv[1:]))
 

@@ -33,11 +33,12 @@ def run_training_cli(args: argparse.Namespace, prog: str, check: Callable[[], ob
         from .engine.config import config_from_args
         from .engine.trainer import run_training
 
+        cfg = config_from_args(args)
         if check is not None:
             check()
-        result = run_training(config_from_args(args))
+        result = run_training(cfg)
         if result["is_main"] and not result["finished"]:
-            print(f"[kdas] paused at epoch {result['epoch']}/{args.epochs} by --time-limit {args.time_limit:g}: everything "
+            print(f"[kdas] paused at epoch {result['epoch']}/{cfg.epochs} by --time-limit {cfg.time_limit:g}: everything "
                   f"is saved, run the same command with --resume to continue; best validation mDice so far "
                   f"{result['best_val_mDice']:.4f} at epoch {result['best_epoch']} -> {result['best']}")
         elif result["is_main"]:

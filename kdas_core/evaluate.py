@@ -272,7 +272,8 @@ def run(args: argparse.Namespace) -> int:
     # Cheap checks first (checkpoint metadata, data folders), then the model load.
     read_metadata(args.weights)
     layout = resolve_layout(args.data)
-    if not layout.tests:
+    sets = layout.evaluation_sets()
+    if not sets:
         raise UsageError(f"{args.data}: no test sets; expected TestDataset/<name>/{{images,masks}} folders "
                          "(a PraNet root) or images/ and masks/ directly in the folder")
     model, meta = load_checkpoint(args.weights, device)
@@ -284,7 +285,7 @@ def run(args: argparse.Namespace) -> int:
     results: dict[str, dict] = {}
     all_rows: list[dict] = []
     start = time.perf_counter()
-    for name, pairs in layout.tests.items():
+    for name, pairs in sets.items():
         overlays = Path(args.save_overlays) / name if args.save_overlays else None
         summary, rows = evaluate_pairs(model, pairs, size, meta["mean"], meta["std"], threshold, device,
                                        batch_size=args.batch_size, desc=name, overlays_dir=overlays,

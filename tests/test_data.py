@@ -14,7 +14,8 @@ def test_pairs_by_stem_and_plain_layout(pair_folder):
     pairs = find_pairs(pair_folder)
     assert len(pairs) == 6
     layout = resolve_layout(pair_folder)
-    assert layout.kind == "plain" and list(layout.tests) == ["set"]
+    # A plain folder is training data: no test set, but `evaluate DIR` scores it as one set.
+    assert layout.kind == "plain" and layout.tests == {} and list(layout.evaluation_sets()) == ["set"]
 
 
 def test_image_without_mask_is_named(pair_folder):

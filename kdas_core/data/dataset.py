@@ -1,7 +1,8 @@
 """Datasets: image/mask folders matched by file stem, or a PraNet root.
 
 PraNet layout:  ROOT/TrainDataset/{images,masks}, ROOT/TestDataset/<name>/{images,masks}.
-Plain layout:   DIR/{images,masks} (used for both training and as a single test set).
+Plain layout:   DIR/{images,masks}: training data for `train`/`distill` (which then have no test
+                set, and say so), or the one set `evaluate` scores when you point it there.
 
 Every problem is an error that names the files; nothing is skipped silently.
 """
@@ -62,10 +63,25 @@ def find_pairs(folder: str | os.PathLike) -> list[Pair]:
 
 @dataclass
 class DatasetLayout:
+    """`tests` holds only held-out test sets (TestDataset/<name>/): a plain folder has none, since
+    its pairs are the training data. `evaluation_sets()` is what `evaluate DIR` scores."""
+
     root: str
     train: list[Pair]
     tests: dict[str, list[Pair]] = field(default_factory=dict)
     kind: str = "pranet"
+
+    def evaluation_sets(self) -> dict[str, list[Pair]]:
+        if self.kind == "plain":
+            return {Path(self.root).name: self.train}
+        return self.tests
+
+    def describe_tests(self) -> str:
+        if self.tests:
+            return "test sets " + ", ".join(f"{n} ({len(p)})" for n, p in self.tests.items())
+        if self.kind == "plain":
+            return "no test set (a plain images/+masks/ folder is training data; test with a PraNet root)"
+        return "no test set (no TestDataset/<name>/ folders)"
 
 
 def resolve_layout(root: str | os.PathLike) -> DatasetLayout:
@@ -82,8 +98,7 @@ def resolve_layout(root: str | os.PathLike) -> DatasetLayout:
                 tests[sub.name] = find_pairs(sub)
         return DatasetLayout(str(root), train, tests, "pranet")
     if (root / "images").is_dir():
-        pairs = find_pairs(root)
-        return DatasetLayout(str(root), pairs, {root.name: pairs}, "plain")
+        return DatasetLayout(str(root), find_pairs(root), {}, "plain")
     raise DatasetError(f"{root}: neither a PraNet root (TrainDataset/, TestDataset/) nor a folder with images/ and masks/")
 
 
@@ -92,19 +107,56 @@ def _hashed_order(pairs: list[Pair], salt: str) -> list[Pair]:
     return sorted(pairs, key=lambda p: hashlib.sha1(f"{salt}:{Path(p[0]).stem}".encode()).hexdigest())
 
 
-def split_train_val(pairs: list[Pair], val_fraction: float, seed: int = 0) -> tuple[list[Pair], list[Pair]]:
-    """Deterministic split by hashing file stems: stable across machines, file order and runs."""
+@dataclass
+class Split:
+    train: list[Pair]
+    val: list[Pair]
+    n_groups: int
+    groups: str  # the --groups spec that made it
+
+    def describe(self) -> str:
+        how = {"auto": "near-duplicate groups", "none": "one image per group"}.get(self.groups, f"groups from {self.groups}")
+        return f"{len(self.train)} train / {len(self.val)} val images, split by {self.n_groups} {how}"
+
+
+def split_by_groups(pairs: list[Pair], val_fraction: float, groups: str = "auto", salt: str = "0") -> Split:
+    """Deterministic split that keeps each group (see `kdas_core.data.groups`) on one side.
+
+    Groups are ordered by hashing (salt, the group's smallest stem) and taken into validation
+    until it holds round(N * val_fraction) images; a group that would overshoot that by more
+    than 10 % is passed over. With groups='none' every image is its own group, which is the
+    plain hashed-stem split of earlier versions (same validation images)."""
+    from .groups import assign_groups
+
     if not 0 <= val_fraction < 1:
         raise ValueError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    ids = assign_groups([p[0] for p in pairs], groups)
+    members: dict[int, list[Pair]] = {}
+    for pair, g in zip(pairs, ids):
+        members.setdefault(g, []).append(pair)
+    n_groups = len(members)
     if val_fraction == 0:
-        return list(pairs), []
-    keyed = _hashed_order(pairs, str(seed))
+        return Split(sorted(pairs), [], n_groups, groups)
     n_val = max(1, round(len(pairs) * val_fraction))
-    if n_val >= len(pairs):
-        raise DatasetError(f"only {len(pairs)} training pairs: too few to hold out a validation split")
-    val = sorted(keyed[:n_val])
-    train = sorted(keyed[n_val:])
-    return train, val
+    if n_val >= len(pairs) or n_groups < 2:
+        raise DatasetError(f"only {len(pairs)} training pairs in {n_groups} group(s): too few to hold out a validation split")
+    def key(g: int) -> str:
+        return hashlib.sha1(f"{salt}:{min(Path(p[0]).stem for p in members[g])}".encode()).hexdigest()
+    val: list[Pair] = []
+    slack = max(1, n_val // 10)
+    for g in sorted(members, key=key):
+        if len(val) >= n_val:
+            break
+        if len(val) + len(members[g]) <= n_val + slack:
+            val += members[g]
+    val_set = set(val)
+    return Split(sorted(p for p in pairs if p not in val_set), sorted(val), n_groups, groups)
+
+
+def split_train_val(pairs: list[Pair], val_fraction: float, seed: int = 0) -> tuple[list[Pair], list[Pair]]:
+    """The hashed-stem split (each image its own group): stable across machines, file order, runs."""
+    s = split_by_groups(pairs, val_fraction, "none", salt=str(seed))
+    return s.train, s.val
 
 
 def read_image(path: str) -> np.ndarray:
@@ -133,20 +185,33 @@ def read_pair(image_path: str, mask_path: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 class TrainDataset(Dataset):
-    """Augmented training samples at a fixed size (multi-scale happens per batch in the trainer)."""
+    """Augmented training samples at a fixed size (multi-scale happens per batch in the trainer).
 
-    def __init__(self, pairs: list[Pair], size: int, mean, std, augment: bool = True):
+    cache=True decodes and resizes every pair once, into memory (uint8 image, bool mask: about
+    4*S*S bytes a pair), so epochs after the first pay neither JPEG decoding nor the resize;
+    samples are bit-identical to the uncached ones."""
+
+    def __init__(self, pairs: list[Pair], size: int, mean, std, augment: bool = True, cache: bool = False,
+                 progress: bool = False):
         if not pairs:
             raise DatasetError("empty training set")
         self.pairs, self.size, self.mean, self.std = pairs, size, mean, std
         self.augment = TrainAugment(size) if augment else None
+        self._cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        if cache:
+            self._cache = [self._load(i) for i in _maybe_progress(range(len(pairs)), progress, "cache images")]
 
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def __getitem__(self, i: int) -> dict:
+    def _load(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         image, mask = read_pair(*self.pairs[i])
         image_t, mask_t = to_tensor(image, mask, self.size)
+        return image_t, mask_t.bool()
+
+    def __getitem__(self, i: int) -> dict:
+        image_t, mask_b = self._cache[i] if self._cache is not None else self._load(i)
+        mask_t = mask_b.float()
         if self.augment is not None:
             image_t, mask_t = self.augment(image_t, mask_t)
         return {"image": _normalise(image_t, self.mean, self.std), "mask": mask_t, "name": Path(self.pairs[i][0]).stem}
@@ -168,6 +233,14 @@ class EvalDataset(Dataset):
         image_t, _ = to_tensor(image, None, self.size)
         return {"image": _normalise(image_t, self.mean, self.std), "mask": torch.from_numpy(mask),
                 "name": Path(self.pairs[i][0]).stem, "raw": torch.from_numpy(image)}
+
+
+def _maybe_progress(it, enabled: bool, desc: str):
+    if not enabled:
+        return it
+    from tqdm.auto import tqdm
+
+    return tqdm(it, desc=desc, unit="img", leave=False, dynamic_ncols=True)
 
 
 def _normalise(image: torch.Tensor, mean, std) -> torch.Tensor:

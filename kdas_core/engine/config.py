@@ -1,65 +1,44 @@
-"""Training configuration shared by `train`, `distill` and `ablate`, and its command-line flags."""
+"""Training configuration shared by `train`, `distill`, `ablate` and `bench_train`: one source.
+
+Every training option is one field of `TrainConfig`, with its default, help text and flag; the
+command-line parser is generated from these fields, so a default is written exactly once.
+
+A *recipe* (`--recipe`) is a named set of changes to those defaults:
+
+- `fast` (the default, i.e. the field defaults themselves): made for short CPU budgets;
+- `v1`: the recipe of the first releases (for comparisons with runs made by them);
+- `published`: as close as this code gets to the published Polyp-PVT/KDAS training script.
+
+Precedence, lowest first: field defaults < `--config RUN/config.json` (a finished or paused run's
+resolved configuration) < the recipe < flags given on the command line.
+"""
 
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict, dataclass, field
+import json
+import os
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any
 
 from ..models import PRESETS, list_models
 
 
-@dataclass
-class TrainConfig:
-    model: str
-    data: str
-    out: str
-    epochs: int = 100
-    image_size: int | None = None  # None: the preset's size
-    batch_size: int = 16
-    lr: float = 1e-4
-    weight_decay: float = 1e-4
-    clip_grad: float = 0.5
-    warmup_epochs: float = 1.0
-    schedule: str = "cosine"
-    multiscale: tuple[float, ...] = (0.75, 1.0, 1.25)
-    val_fraction: float = 0.1
-    seed: int = 0
-    workers: int = 2
-    device: str | None = None
-    amp: bool = True
-    pretrained: str | None = "auto"
-    resume: bool = False
-    subset: str | None = None  # "k/K": train on the k-th of K disjoint parts
-    steps_per_epoch: int | None = None  # cap, for short runs
-    val_every: int = 1
-    threshold: float = 0.5
-    # distillation
-    teachers: list[str] = field(default_factory=list)
-    kd: str = "none"
-    progress: bool = True
-    time_limit: float | None = None  # minutes; stop at an epoch boundary before running past it
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["multiscale"] = list(self.multiscale)
-        return d
-
-
-def _positive_int(s: str) -> int:
+def positive_int(s: str) -> int:
     v = int(s)
     if v <= 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {v}")
     return v
 
 
-def _positive_float(s: str) -> float:
+def positive_float(s: str) -> float:
     v = float(s)
     if not v > 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
     return v
 
 
-def _scales(s: str) -> tuple[float, ...]:
+def scales(s: str) -> tuple[float, ...]:
     try:
         vals = tuple(float(x) for x in s.split(","))
     except ValueError:
@@ -69,58 +48,215 @@ def _scales(s: str) -> tuple[float, ...]:
     return vals
 
 
+def progressive_spec(s: str) -> tuple[float, float] | None:
+    """'R:F' -> train the first fraction F of the epochs at R x the image size ('off' = never)."""
+    if s in ("off", "none", ""):
+        return None
+    try:
+        r, f = (float(x) for x in s.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected RATE:FRACTION such as 0.75:0.4, or 'off'; got {s!r}") from None
+    if not (0 < r <= 1 and 0 <= f < 1):
+        raise argparse.ArgumentTypeError(f"{s!r}: RATE must be in (0, 1] and FRACTION in [0, 1)")
+    return (r, f)
+
+
+def _opt(default: Any, group: str, help: str, cli: str = "common", **argparse_kwargs) -> Any:
+    """A config field with its command-line description. cli: 'common' (every training command),
+    'distill' (only where teachers exist), or 'none' (set by code, not a flag)."""
+    meta = {"group": group, "help": help, "cli": cli, "argparse": argparse_kwargs}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+WHAT, SCHEDULE, RUN, KD = "what to train", "recipe and schedule", "validation and run", "distillation"
+
+
+@dataclass
+class TrainConfig:
+    model: str = _opt(None, WHAT, "model preset or 'polyppvt:<timm backbone>' (see the list below)", metavar="NAME")
+    data: str = _opt(None, WHAT, "PraNet root (TrainDataset/, TestDataset/<name>/) or a folder with images/ and masks/",
+                     metavar="DIR")
+    out: str = _opt(None, WHAT, "run folder: best/last checkpoints, config, logs", metavar="RUN")
+    pretrained: str | None = _opt(
+        "auto", WHAT, "backbone init: 'auto' (offline ImageNet weights when the backbone has them, else none), "
+        "'offline' (EfficientNet-Lite0/1/2 from the registry packages), 'timm' (timm hub, needs internet), 'none', "
+        "or PATH to a timm-format .safetensors/.pth", metavar="SRC")
+    subset: str | None = _opt(None, WHAT, "train on the k-th of K disjoint parts of the training data (k = 1..K)",
+                              metavar="k/K")
+    recipe: str = _opt("fast", SCHEDULE, "named set of defaults: fast | v1 | published (see 'recipes' below)",
+                       choices=["fast", "v1", "published"])
+    epochs: int = _opt(12, SCHEDULE, "epochs (one epoch = one pass over the training images)", type=positive_int)
+    image_size: int | None = _opt(256, SCHEDULE, "training side in pixels", type=positive_int, metavar="S")
+    batch_size: int = _opt(8, SCHEDULE, "per-process batch size", type=positive_int, metavar="B")
+    lr: float = _opt(2e-4, SCHEDULE, "AdamW learning rate of the (pretrained) encoder", type=positive_float)
+    decoder_lr_mult: float = _opt(5.0, SCHEDULE, "the randomly initialised decoder and heads learn at lr x this",
+                                  type=positive_float, metavar="M")
+    weight_decay: float = _opt(1e-4, SCHEDULE, "AdamW weight decay", type=float)
+    clip_grad: float = _opt(0.5, SCHEDULE, "gradient clip, 0 = off", type=float)
+    clip_mode: str = _opt("norm", SCHEDULE, "'norm': scale the global gradient norm to <= clip; 'value': clamp "
+                          "each gradient value to +-clip (the published code)", choices=["norm", "value"])
+    warmup_epochs: float = _opt(0.3, SCHEDULE, "linear warm-up before the schedule, in epochs", type=float)
+    schedule: str = _opt("cosine", SCHEDULE, "learning-rate schedule after the warm-up", choices=["cosine", "constant"])
+    multiscale: tuple[float, ...] = _opt((0.75, 1.0, 1.25), SCHEDULE,
+                                         "rescale factors, rounded to multiples of 32 ('1' disables)",
+                                         type=scales, metavar="R,R,..")
+    multiscale_mode: str = _opt("random", SCHEDULE, "'random': one scale drawn per batch (one step); 'all': a step at "
+                                "every scale for every batch (the published code: 3 steps per batch, so an "
+                                "epoch costs ~3x)", choices=["random", "all"])
+    augment: bool = _opt(True, SCHEDULE, "flips, rotation, random resized crop, colour jitter "
+                         "(the published code has none: a string comparison disables it)")
+    progressive: tuple[float, float] | None = _opt(
+        (0.75, 0.35), SCHEDULE, "progressive resizing RATE:FRACTION: the first FRACTION of the epochs trains at "
+        "RATE x the image size (cheaper steps while the model is coarse); 'off' disables",
+        type=progressive_spec, metavar="R:F")
+    steps_per_epoch: int | None = _opt(None, SCHEDULE, "cap optimiser steps per epoch (quick runs)",
+                                       type=positive_int, metavar="N")
+    val_fraction: float = _opt(0.1, RUN, "part of the training data held out to choose best.safetensors; "
+                               "test sets never choose", type=float)
+    groups: str = _opt("auto", RUN, "what must stay on one side of the validation split: 'auto' (near-duplicate "
+                       "frames, found by image similarity), 'none' (each image alone), or a CSV of stem,group",
+                       metavar="auto|none|CSV")
+    val_every: int = _opt(1, RUN, "validate every N epochs", type=positive_int, metavar="N")
+    threshold: float = _opt(0.5, RUN, "mask threshold stored in the checkpoint", type=float)
+    seed: int = _opt(0, RUN, "seed of the initialisation, batch order and augmentation", type=int)
+    workers: int = _opt(1, RUN, "data-loader worker processes (0: load in the training process)", type=int)
+    threads: int | None = _opt(None, RUN, "CPU threads for PyTorch (default: PyTorch's choice)", type=positive_int,
+                               metavar="N")
+    cache_images: bool = _opt(True, RUN, "decode and resize the training images once, into memory "
+                              "(about 3*S*S bytes per image), instead of every epoch")
+    device: str | None = _opt(None, RUN, "default: cuda when available", choices=["cpu", "cuda"])
+    amp: bool = _opt(True, RUN, "mixed precision on CUDA")
+    resume: bool = _opt(False, RUN, "continue RUN exactly from last.safetensors and its train state")
+    time_limit: float | None = _opt(None, RUN, "stop cleanly at the last epoch boundary that fits in MIN minutes "
+                                    "(job time limits); the same command with --resume continues",
+                                    type=positive_float, metavar="MIN")
+    progress: bool = _opt(True, RUN, "progress bars")
+    teachers: list[str] = _opt([], KD, "teacher checkpoint", cli="none")
+    kd: str = _opt("none", KD, "distillation method(s)", cli="none")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["multiscale"] = list(self.multiscale)
+        d["progressive"] = list(self.progressive) if self.progressive else None
+        return d
+
+
+# Differences from the field defaults; each entry is a reason to exist, see README "Training recipes".
+RECIPES: dict[str, dict[str, Any]] = {
+    "fast": {},
+    "v1": {"epochs": 100, "image_size": None, "batch_size": 16, "lr": 1e-4, "decoder_lr_mult": 1.0,
+           "warmup_epochs": 1.0, "progressive": None, "cache_images": False, "workers": 2},
+    "published": {"epochs": 100, "image_size": None, "batch_size": 16, "lr": 1e-4, "decoder_lr_mult": 1.0,
+                  "warmup_epochs": 0.0, "schedule": "constant", "clip_mode": "value", "multiscale_mode": "all",
+                  "augment": False, "progressive": None, "cache_images": False, "workers": 2},
+}
+
+REQUIRED = ("model", "data", "out")
+
+
+def defaults() -> dict[str, Any]:
+    out = {}
+    for f in fields(TrainConfig):
+        out[f.name] = f.default_factory() if f.default is MISSING else f.default
+    return out
+
+
 def model_help() -> str:
     return "; ".join(f"{k}: {PRESETS[k].description}" for k in list_models())
 
 
-def add_training_args(p: argparse.ArgumentParser, model_required: bool = True) -> None:
-    g = p.add_argument_group("what to train")
-    g.add_argument("--model", required=model_required, metavar="NAME",
-                   help=f"model preset ({model_help()}); or 'polyppvt:<timm backbone>'")
-    g.add_argument("--data", required=True, metavar="DIR",
-                   help="PraNet root (TrainDataset/, TestDataset/<name>/) or a folder with images/ and masks/")
-    g.add_argument("--out", required=True, metavar="RUN", help="run folder: best/last checkpoints, config, logs")
-    g.add_argument("--pretrained", default="auto", metavar="SRC",
-                   help="backbone init: 'auto' (offline ImageNet weights when the backbone has them, else none), "
-                        "'offline' (EfficientNet-Lite0/1/2 from the registry packages), 'timm' (timm hub, needs "
-                        "internet), 'none', or PATH to a timm-format .safetensors/.pth (default: auto)")
-    g.add_argument("--subset", metavar="k/K", help="train on the k-th of K disjoint parts of the training data (k = 1..K)")
-    g = p.add_argument_group("schedule (defaults: the Polyp-PVT/KDAS recipe)")
-    g.add_argument("--epochs", type=_positive_int, default=100, help="epochs (default: 100)")
-    g.add_argument("--image-size", type=_positive_int, metavar="S", help="training side in pixels (default: the preset's, 352)")
-    g.add_argument("--batch-size", type=_positive_int, default=16, metavar="B", help="per-process batch size (default: 16)")
-    g.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default: 1e-4)")
-    g.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay (default: 1e-4)")
-    g.add_argument("--clip-grad", type=float, default=0.5, help="gradient-norm clip, 0 = off (default: 0.5)")
-    g.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warm-up before the schedule (default: 1)")
-    g.add_argument("--schedule", choices=["cosine", "constant"], default="cosine", help="learning-rate schedule (default: cosine)")
-    g.add_argument("--multiscale", type=_scales, default=(0.75, 1.0, 1.25), metavar="R,R,..",
-                   help="per-batch rescale factors, rounded to multiples of 32 (default: 0.75,1,1.25; '1' disables)")
-    g.add_argument("--steps-per-epoch", type=_positive_int, metavar="N", help="cap optimiser steps per epoch (quick runs)")
-    g = p.add_argument_group("validation and run")
-    g.add_argument("--val-fraction", type=float, default=0.1,
-                   help="part of the training data held out to choose best.safetensors (default: 0.1); test sets never choose")
-    g.add_argument("--val-every", type=_positive_int, default=1, help="validate every N epochs (default: 1)")
-    g.add_argument("--threshold", type=float, default=0.5, help="mask threshold stored in the checkpoint (default: 0.5)")
-    g.add_argument("--seed", type=int, default=0, help="seed for split-independent randomness (default: 0)")
-    g.add_argument("--workers", type=int, default=2, help="data-loader worker processes (default: 2)")
-    g.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
-    g.add_argument("--no-amp", dest="amp", action="store_false", help="disable mixed precision on CUDA")
-    g.add_argument("--resume", action="store_true", help="continue RUN exactly from last.safetensors and its train state")
-    g.add_argument("--time-limit", type=_positive_float, metavar="MIN",
-                   help="stop cleanly at the last epoch boundary that fits in MIN minutes (for job time limits); "
-                        "the same command with --resume continues")
-    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars (log lines only)")
+def recipes_help() -> str:
+    base = defaults()
+    lines = ["recipes (--recipe; flags given on the command line override them):",
+             "  fast       the defaults shown above (made for short CPU budgets; README 'Training recipes')"]
+    for name, diff in RECIPES.items():
+        if diff:
+            lines.append(f"  {name:<10} " + ", ".join(f"{k}={_show(v)}" for k, v in diff.items() if base[k] != v))
+    return "\n".join(lines)
+
+
+def _show(v: Any) -> str:
+    if v is None:
+        return "none"
+    if isinstance(v, tuple):
+        return ",".join(f"{x:g}" for x in v)
+    return str(v)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_training_args(p: argparse.ArgumentParser) -> None:
+    """Generate the training flags from `TrainConfig`. Nothing given is put in the namespace
+    (argparse.SUPPRESS), so `config_from_args` knows which values the user chose."""
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    base = defaults()
+    for f in fields(TrainConfig):
+        meta = f.metadata
+        if meta["cli"] != "common":
+            continue
+        g = groups.get(meta["group"]) or groups.setdefault(meta["group"], p.add_argument_group(meta["group"]))
+        kwargs = dict(meta["argparse"])
+        default = base[f.name]
+        help_text = meta["help"]
+        if f.name == "model":
+            help_text += f" ({model_help()})"
+        if f.name not in REQUIRED:
+            help_text += f" (default: {_show(default) if not isinstance(default, bool) else ('on' if default else 'off')})"
+        if isinstance(default, bool):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        g.add_argument(_flag(f.name), dest=f.name, default=argparse.SUPPRESS, help=help_text, **kwargs)
+    g = groups[RUN]
+    g.add_argument("--config", metavar="RUN/config.json", default=argparse.SUPPRESS,
+                   help="start from the configuration a run wrote (replays it; flags given here override it)")
+    p.epilog = ((p.epilog + "\n\n") if p.epilog else "") + recipes_help()
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """The fields of a run's config.json (what `run_training` wrote), checked by name."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--config {path}: no such file")
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--config {path}: not JSON ({exc})") from None
+    known = {f.name for f in fields(TrainConfig)}
+    if not isinstance(raw, dict) or "model" not in raw:
+        raise ValueError(f"--config {path}: not a kdas run configuration (no 'model' field)")
+    unknown = sorted(k for k in raw if k not in known and k != "resolved")
+    if unknown:
+        raise ValueError(f"--config {path}: unknown field(s) {', '.join(unknown)} (written by another version?)")
+    out = {k: v for k, v in raw.items() if k in known}
+    if out.get("multiscale") is not None:
+        out["multiscale"] = tuple(out["multiscale"])
+    if out.get("progressive") is not None:
+        out["progressive"] = tuple(out["progressive"])
+    return out
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    return TrainConfig(
-        model=args.model, data=args.data, out=args.out, epochs=args.epochs, image_size=args.image_size,
-        batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, clip_grad=args.clip_grad,
-        warmup_epochs=args.warmup_epochs, schedule=args.schedule, multiscale=tuple(args.multiscale),
-        val_fraction=args.val_fraction, seed=args.seed, workers=args.workers, device=args.device, amp=args.amp,
-        pretrained=args.pretrained, resume=args.resume, subset=args.subset, steps_per_epoch=args.steps_per_epoch,
-        val_every=args.val_every, threshold=args.threshold, teachers=list(getattr(args, "teacher", None) or []),
-        kd=getattr(args, "kd", "none"), progress=args.progress,
-        time_limit=args.time_limit,
-    )
+    given = {k: v for k, v in vars(args).items() if not k.startswith("_")}
+    values = defaults()
+    from_file = read_config_file(given.pop("config")) if "config" in given else {}
+    values.update(from_file)
+    recipe = given.get("recipe", values["recipe"])
+    if "recipe" in given or not from_file:
+        values.update(RECIPES[recipe])
+        values["recipe"] = recipe
+    names = {f.name for f in fields(TrainConfig)}
+    values.update({k: v for k, v in given.items() if k in names})
+    if "teacher" in given:
+        values["teachers"] = list(given["teacher"] or [])
+    if "kd" in given:
+        values["kd"] = given["kd"]
+    missing = [_flag(k) for k in REQUIRED if not values.get(k)]
+    if missing:
+        raise ValueError(f"missing {', '.join(missing)} (give them, or --config RUN/config.json)")
+    if not 0 <= values["val_fraction"] < 1:
+        raise ValueError(f"--val-fraction must be in [0, 1), got {values['val_fraction']}")
+    return TrainConfig(**values)

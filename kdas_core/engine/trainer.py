@@ -23,8 +23,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from ..checkpoint import build_metadata, file_sha256, load_checkpoint, read_tensors, save_checkpoint
-from ..data.dataset import TrainDataset, resolve_layout, split_train_val, subset_pairs
+from ..data.dataset import TrainDataset, resolve_layout, split_by_groups, subset_pairs
 from ..losses import build_distillers, structure_loss
+from ..losses.structure import boundary_weights
 from ..models import create_model, resolve
 from ..profile import count_params
 from . import distributed
@@ -53,7 +54,8 @@ class TrainStep(nn.Module):
 
     def forward(self, image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         s_out = self.student(image)
-        terms = {"seg": self.seg_weight * (structure_loss(s_out["p1"], mask) + structure_loss(s_out["p2"], mask))}
+        w = boundary_weights(mask)
+        terms = {"seg": self.seg_weight * (structure_loss(s_out["p1"], mask, w) + structure_loss(s_out["p2"], mask, w))}
         if self.distillers:
             t_outs = []
             with torch.no_grad():
@@ -82,6 +84,13 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
+
+
+def init_student(cfg: TrainConfig) -> nn.Module:
+    """The student as the run starts: seeded first, so the same seed gives bit-identical initial
+    weights whatever ran before in the process (ablation rows, tests)."""
+    _seed_everything(cfg.seed)
+    return create_model(cfg.model, pretrained=None if cfg.resume else cfg.pretrained)
 
 
 def _lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
@@ -163,10 +172,13 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         size = cfg.image_size or preset.input_size
         mean, std = list(preset.mean), list(preset.std)
 
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
         layout = resolve_layout(cfg.data)
         if not layout.train:
             raise ValueError(f"{cfg.data}: no training data (TrainDataset/ or images/+masks/)")
-        train_pairs, val_pairs = split_train_val(layout.train, cfg.val_fraction, seed=0)
+        split = split_by_groups(layout.train, cfg.val_fraction, cfg.groups)
+        train_pairs, val_pairs = split.train, split.val
         if cfg.subset:
             train_pairs = subset_pairs(train_pairs, cfg.subset)
 
@@ -179,7 +191,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         if not cfg.resume and os.path.exists(last_path):
             raise FileExistsError(f"{cfg.out} already holds a run; use --resume to continue it or choose another --out")
 
-        student = create_model(cfg.model, pretrained=None if cfg.resume else cfg.pretrained)
+        student = init_student(cfg)
         pretrained_desc = getattr(student, "pretrained_source", "none")
         n_params = count_params(student)
         teachers = _load_teachers(cfg.teachers, device)
@@ -191,33 +203,45 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         step_module = step_module.to(memory_format=torch.channels_last)
 
         params = [p for p in step_module.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        encoder_ids = {id(p) for p in student.encoder.parameters()}
+        lr_groups = [
+            {"params": [p for p in params if id(p) in encoder_ids], "lr_mult": 1.0, "name": "encoder"},
+            {"params": [p for p in params if id(p) not in encoder_ids], "lr_mult": cfg.decoder_lr_mult,
+             "name": "decoder+heads+adapters"},
+        ]
+        optimizer = torch.optim.AdamW([g for g in lr_groups if g["params"]], lr=cfg.lr, weight_decay=cfg.weight_decay)
         use_amp = cfg.amp and device.type == "cuda"
         amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
         scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
 
-        progress = {"epoch": 0, "step": 0, "best_score": -1.0, "best_epoch": 0, "train_seconds": 0.0}
+        progress = {"epoch": 0, "step": 0, "best_score": -1.0, "best_epoch": 0, "train_seconds": 0.0, "wall_seconds": 0.0}
         if cfg.resume:
             weights, meta = read_tensors(last_path)
             student.load_state_dict(weights)
-            progress = load_train_state(state_path, optimizer, distillers, scaler)
+            progress = {"wall_seconds": 0.0, **load_train_state(state_path, optimizer, distillers, scaler)}
             pretrained_desc = meta.get("pretrained", pretrained_desc)
 
         wrapped: nn.Module = step_module
         if world > 1:
             wrapped = DistributedDataParallel(step_module, find_unused_parameters=bool(list(distillers.parameters())))
 
-        dataset = TrainDataset(train_pairs, size, mean, std, augment=True)
+        dataset = TrainDataset(train_pairs, size, mean, std, augment=cfg.augment, cache=cfg.cache_images,
+                               progress=cfg.progress and is_main)
         drop_last = len(dataset) >= cfg.batch_size * world * 2
         per_rank = math.ceil(len(dataset) / world)
-        steps_per_epoch = per_rank // cfg.batch_size if drop_last else math.ceil(per_rank / cfg.batch_size)
+        batches_per_epoch = per_rank // cfg.batch_size if drop_last else math.ceil(per_rank / cfg.batch_size)
         if cfg.steps_per_epoch:
-            steps_per_epoch = min(steps_per_epoch, cfg.steps_per_epoch)
+            batches_per_epoch = min(batches_per_epoch, cfg.steps_per_epoch)
+        # 'all' takes an optimiser step at every scale of every batch (the published code).
+        steps_per_batch = len(cfg.multiscale) if cfg.multiscale_mode == "all" else 1
+        steps_per_epoch = batches_per_epoch * steps_per_batch
         total_steps = steps_per_epoch * cfg.epochs
         warmup = int(cfg.warmup_epochs * steps_per_epoch)
+        small_epochs = round(cfg.progressive[1] * cfg.epochs) if cfg.progressive else 0
 
         data_info = {"root": os.path.abspath(cfg.data), "n_train": len(train_pairs), "n_val": len(val_pairs),
-                     "val_fraction": cfg.val_fraction, "subset": cfg.subset}
+                     "val_fraction": cfg.val_fraction, "subset": cfg.subset, "groups": cfg.groups,
+                     "n_groups": split.n_groups, "test_sets": {n: len(p) for n, p in layout.tests.items()}}
         teacher_info = [{"path": os.path.abspath(t.path), "preset": t.meta["preset"], "sha256": file_sha256(t.path)}
                         for t in teachers]
         if is_main:
@@ -229,12 +253,16 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
                            "teachers": teacher_info, "data": data_info}}, f, indent=2)
             log = RunLog(cfg.out, cfg.resume)
             print(f"[kdas] {cfg.model} ({n_params / 1e6:.2f} M params, init: "
-                  f"{pretrained_desc}) on {device}, {len(train_pairs)} train / {len(val_pairs)} val images at "
-                  f"{size}px, kd={cfg.kd}, epochs {progress['epoch'] + 1}..{cfg.epochs}", flush=True)
+                  f"{pretrained_desc}) on {device}, {split.describe()}"
+                  f"{f' (then --subset {cfg.subset}: {len(train_pairs)} train)' if cfg.subset else ''}; "
+                  f"{layout.describe_tests()}; {size}px, recipe {cfg.recipe}, kd={cfg.kd}, "
+                  f"epochs {progress['epoch'] + 1}..{cfg.epochs}", flush=True)
 
         longest_epoch = 0.0
+        setup_seconds = time.time() - started  # model, data split and image cache: part of the wall time
         for epoch in range(progress["epoch"], cfg.epochs):
-            epoch_started = time.time()
+            epoch_started = time.time() - setup_seconds
+            setup_seconds = 0.0
             # Seeding per epoch makes an epoch depend only on (seed, epoch, weights): --resume is exact.
             _seed_everything(cfg.seed * 100003 + epoch)
             gen = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
@@ -249,44 +277,58 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
                 t.model.eval()
             sums: dict[str, float] = {}
             n_seen, t0 = 0, time.time()
-            bar = _progress(loader, steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}", cfg.progress and is_main)
+            size_rate = cfg.progressive[0] if epoch < small_epochs else 1.0
+            bar = _progress(loader, batches_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}", cfg.progress and is_main)
+            steps_done = 0
             for i, batch in enumerate(bar):
-                if i >= steps_per_epoch:
+                if i >= batches_per_epoch:
                     break
-                lr = cfg.lr * _lr_factor(progress["step"], total_steps, warmup, cfg.schedule)
-                for g in optimizer.param_groups:
-                    g["lr"] = lr
-                image = batch["image"].to(device, non_blocking=True)
-                mask = batch["mask"].to(device, non_blocking=True)
-                image, mask = _rescale(image, mask, random.choice(cfg.multiscale))
-                image = image.contiguous(memory_format=torch.channels_last)
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                    loss, terms = wrapped(image, mask)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch + 1}, step {i + 1}: "
-                                             f"terms {({k: float(v) for k, v in terms.items()})}; lower --lr?")
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if cfg.clip_grad > 0:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
-                scaler.step(optimizer)
-                scaler.update()
-                progress["step"] += 1
-                n_seen += image.shape[0]
-                for k, v in {"loss": loss, **terms}.items():
-                    sums[k] = sums.get(k, 0.0) + float(v.detach())
+                scales = cfg.multiscale if cfg.multiscale_mode == "all" else [random.choice(cfg.multiscale)]
+                for rate in scales:
+                    lr = cfg.lr * _lr_factor(progress["step"], total_steps, warmup, cfg.schedule)
+                    for g in optimizer.param_groups:
+                        g["lr"] = lr * g.get("lr_mult", 1.0)
+                    image = batch["image"].to(device, non_blocking=True)
+                    mask = batch["mask"].to(device, non_blocking=True)
+                    image, mask = _rescale(image, mask, rate * size_rate)
+                    image = image.contiguous(memory_format=torch.channels_last)
+                    with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                        loss, terms = wrapped(image, mask)
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch + 1}, step {i + 1}: "
+                                                 f"terms {({k: float(v) for k, v in terms.items()})}; lower --lr?")
+                    optimizer.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()
+                    if cfg.clip_grad > 0:
+                        scaler.unscale_(optimizer)
+                        if cfg.clip_mode == "value":
+                            torch.nn.utils.clip_grad_value_(params, cfg.clip_grad)
+                        else:
+                            torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
+                    scaler.step(optimizer)
+                    scaler.update()
+                    progress["step"] += 1
+                    steps_done += 1
+                    n_seen += image.shape[0]
+                    for k, v in {"loss": loss, **terms}.items():
+                        sums[k] = sums.get(k, 0.0) + float(v.detach())
                 if hasattr(bar, "set_postfix"):
-                    bar.set_postfix(loss=f"{sums['loss'] / (i + 1):.4f}", lr=f"{lr:.1e}",
+                    bar.set_postfix(loss=f"{sums['loss'] / max(1, steps_done):.4f}", lr=f"{lr:.1e}",
                                     img_s=f"{n_seen * world / max(1e-6, time.time() - t0):.1f}")
             if hasattr(bar, "close"):
                 bar.close()
-            steps_done = max(1, min(steps_per_epoch, i + 1))
+            steps_done = max(1, steps_done)
             epoch_seconds = time.time() - t0
             progress["train_seconds"] += epoch_seconds
             row: dict[str, Any] = {"epoch": epoch + 1, "lr": lr, "seconds": round(epoch_seconds, 1),
-                                   "img_per_s": round(n_seen * world / max(1e-6, epoch_seconds), 2)}
-            row.update({f"train_{k}": distributed.mean_across(v / steps_done, device) for k, v in sums.items()})
+                                   "img_per_s": round(n_seen * world / max(1e-6, epoch_seconds), 2),
+                                   "train_side": int(round(size * size_rate / 32) * 32) if size_rate != 1.0 else size}
+            means = {k: distributed.mean_across(v / steps_done, device) for k, v in sums.items()}
+            row.update({f"train_{k}": v for k, v in means.items()})
+            # Each term's share of the total loss: a reader sees at once whether one term dominates.
+            if len(means) > 2:
+                row.update({f"share_{k}": round(v / means["loss"], 4) for k, v in means.items()
+                            if k != "loss" and means["loss"]})
             progress["epoch"] = epoch + 1
 
             if is_main:
@@ -295,16 +337,18 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
                 if val_pairs and ((epoch + 1) % cfg.val_every == 0 or is_last):
                     summary, _ = evaluate_pairs(student, val_pairs, size, mean, std, cfg.threshold, str(device),
                                                 batch_size=max(1, cfg.batch_size // 2), desc="validate", progress=cfg.progress)
-                    val_metrics = {k: float(summary[k]) for k in ("mDice", "mIoU", "MAE") if k in summary}
+                    val_metrics = {k: float(summary[k]) for k in ("mDice", "mIoU", "mDice_mean256", "MAE") if k in summary}
                     row.update({f"val_{k}": v for k, v in val_metrics.items()})
                     improved = val_metrics["mDice"] > progress["best_score"]
                 elif not val_pairs:
                     improved = True  # no validation split: best = last, said in the metadata
                 else:
                     improved = False
+                progress["wall_seconds"] += time.time() - epoch_started
+                row["wall_min"] = round(progress["wall_seconds"] / 60, 2)
                 meta = build_metadata(cfg.model, input_size=size, threshold=cfg.threshold, epoch=epoch + 1,
                                       data=data_info, val_metrics=val_metrics, pretrained=pretrained_desc,
-                                      kd=cfg.kd, teachers=teacher_info,
+                                      kd=cfg.kd, teachers=teacher_info, recipe=cfg.recipe,
                                       selection="best validation mDice" if val_pairs else "last epoch (no validation split)")
                 if improved:
                     progress["best_score"] = val_metrics.get("mDice", progress["best_score"])
