@@ -212,3 +212,25 @@ def test_separable_boundary_weights_equal_the_2d_pool():
     mask = (torch.rand(2, 1, 70, 90) > 0.7).float()
     ref = 1 + 5 * torch.abs(F.avg_pool2d(mask, kernel_size=31, stride=1, padding=15) - mask)
     assert torch.allclose(boundary_weights(mask), ref, atol=1e-5)
+
+
+# --- time to accuracy -------------------------------------------------------------------------
+
+def _log(run: Path, rows: list[tuple[float, float]]) -> Path:
+    run.mkdir(parents=True)
+    (run / "log.csv").write_text("epoch,wall_min,val_mDice\n" + "".join(f"{i + 1},{t},{v}\n" for i, (t, v) in enumerate(rows)))
+    return run
+
+
+def test_time_to_accuracy_reads_the_baseline_at_its_budget(tmp_path):
+    from kdas_core import time_to_accuracy as tta
+
+    base = _log(tmp_path / "base", [(20, 0.70), (40, 0.80), (61, 0.85)])
+    cand = _log(tmp_path / "cand", [(10, 0.75), (19, 0.79), (25, 0.81), (50, 0.84)])
+    r = tta.compare(tta.read_curve(str(base)), tta.read_curve(str(cand)), at=60)
+    # 61 min is past the budget: the baseline has .80 at 60 min; the candidate passes it at 25 min.
+    assert r["baseline_val_mDice_at"] == 0.80 and r["candidate_min_to_reach"] == 25 and r["target_met"]
+    assert tta.main(["--baseline", str(base), "--candidate", str(cand), "--json", str(tmp_path / "t.json"),
+                     "--png", str(tmp_path / "t.png")]) == 0
+    assert cv2.imread(str(tmp_path / "t.png")).shape == (540, 900, 3)
+    assert tta.main(["--baseline", str(tmp_path / "nope"), "--candidate", str(cand)]) == 2
