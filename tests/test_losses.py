@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -62,7 +64,7 @@ def test_sgm_ignores_the_antisymmetric_part():
 def test_student_and_teacher_sizes_may_differ():
     s = torch.randn(2, 1, 32, 32, requires_grad=True)
     t = torch.randn(2, 1, 64, 64)
-    terms = kdas_terms({"p1": s, "p2": s}, {"p1": t, "p2": t})
+    terms = kdas_terms({"p1": s, "p2": s}, {"p1": t, "p2": t}, attn_space="std", sgm_space="prob")
     sum(terms.values()).backward()
     assert s.grad.abs().sum() > 0
 
@@ -80,3 +82,38 @@ def test_kdas_distiller_weights_seg_loss_by_one_minus_alpha():
     student = create_model("polyppvt-lite0")
     (d,) = build_distillers("kdas", student, [student])
     assert d.seg_weight == pytest.approx(0.7)
+
+
+def test_sgm_and_attention_match_values_worked_by_hand():
+    # S = [[1, 2], [0, 1]] -> S + S^T = [[2, 2], [2, 2]]; T = [[1, 0], [0, 1]] -> [[2, 0], [0, 2]].
+    s = torch.tensor([[1.0, 2.0], [0.0, 1.0]]).view(1, 1, 2, 2)
+    t = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).view(1, 1, 2, 2)
+    assert sgm_loss(s, t).item() == pytest.approx((0 + 4 + 4 + 0) / 4)
+    # A(T) for T = I (W = 2): softmax(I / sqrt 2) row-wise, times I.
+    from kdas_core.losses import self_attention_map
+
+    e = math.exp(1 / math.sqrt(2))
+    a = self_attention_map(t)[0]
+    assert torch.allclose(a, torch.tensor([[e / (e + 1), 1 / (e + 1)], [1 / (e + 1), e / (e + 1)]]), atol=1e-6)
+
+
+def test_scale_free_kdas_is_bounded_where_the_paper_form_explodes():
+    torch.manual_seed(0)
+    s = torch.randn(2, 1, 16, 16)
+    t = torch.randn(2, 1, 16, 16)
+    small = kdas_terms({"p1": s, "p2": s}, {"p1": t, "p2": t}, attn_space="std", sgm_space="prob")
+    big = kdas_terms({"p1": 20 * s, "p2": 20 * s}, {"p1": 20 * t, "p2": 20 * t}, attn_space="std", sgm_space="prob")
+    paper = kdas_terms({"p1": 20 * s, "p2": 20 * s}, {"p1": 20 * t, "p2": 20 * t}, sgm_heads=("p1",))
+    # Standardised attention does not see the logit scale at all; probability SGM stays <= 4 per head.
+    assert big["attn_kl"].item() == pytest.approx(small["attn_kl"].item(), rel=1e-4)
+    assert big["sgm"] <= 8 and paper["sgm"] > 100 * big["sgm"]
+
+
+def test_kdas_paper_guides_p1_only_and_kdas_both_heads():
+    student = create_model("polyppvt-lite0")
+    s = {"p1": torch.zeros(1, 1, 8, 8), "p2": torch.zeros(1, 1, 8, 8)}
+    t = {"p1": torch.zeros(1, 1, 8, 8), "p2": torch.randn(1, 1, 8, 8) * 5}
+    (paper,) = build_distillers("kdas-paper", student, [student])
+    (ours,) = build_distillers("kdas", student, [student])
+    assert paper(s, [t], {})["kdas-paper/sgm"] == 0
+    assert ours(s, [t], {})["kdas/sgm"] > 0

@@ -21,6 +21,9 @@ class Distiller(nn.Module):
     name: str = "base"
     summary: str = ""
     seg_weight: float = 1.0
+    # The teacher outputs the method reads, when it reads nothing else (no features): then cached
+    # teacher targets (`kdas_core.teacher_targets`) can replace the live teacher. None: needs it live.
+    teacher_outputs: tuple[str, ...] | None = None
 
     def __init__(self, student: nn.Module, teachers: list[nn.Module], weight: float = 1.0):
         super().__init__()
