@@ -178,6 +178,7 @@ def run_ablation(cfg, methods: list[tuple[str, str]], out: str, sets: dict[str, 
         if left is not None and left <= 0:
             return _paused(label, cfg.time_limit)
         run_cfg = dataclasses.replace(cfg, kd=kd, out=run_out, teachers=[] if kd == "none" else list(cfg.teachers),
+                                      teacher_targets=None if kd == "none" else cfg.teacher_targets,
                                       resume=resume and started, time_limit=left)
         print(f"[ablate] {label}: training (--kd {kd}) -> {run_out}", flush=True)
         t0 = time.time()
@@ -224,15 +225,18 @@ def _methods_epilog() -> str:
     from .losses import available
 
     lines = ["methods (--methods a,b,c; 'a+b:0.5' trains one row with both, b weighted 0.5):"]
-    return "\n".join(lines + [f"  {name:<6} {summary}" for name, summary in available().items()])
+    return "\n".join(lines + [f"  {name:<10} {summary}" for name, summary in available().items()])
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m kdas_core.ablate", description=__doc__, epilog=_methods_epilog(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("ablation")
-    g.add_argument("--teacher", action="append", required=True, metavar="CKPT",
-                   help="teacher checkpoint; repeat for several teachers (mtkd)")
+    g.add_argument("--teacher", action="append", metavar="CKPT",
+                   help="teacher checkpoint; repeat for several teachers (mtkd); also evaluated as a reference row")
+    g.add_argument("--teacher-targets", metavar="DIR",
+                   help="cached teacher outputs (kdas_core.teacher_targets) for the output-level methods "
+                        "(kd, kdas, kdas-paper): every row then trains at the cost of plain training")
     g.add_argument("--methods", required=True, metavar="M[,M...]",
                    help="methods to compare, one row each (see the list below); 'none' is added unless --no-baseline")
     g.add_argument("--no-baseline", dest="baseline", action="store_false", help="do not train the 'none' row")
@@ -254,7 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.teacher and not args.teacher_targets:
+        parser.error("give --teacher CKPT (repeatable) or --teacher-targets DIR")
 
     def go() -> None:
         methods = parse_methods(args.methods, args.baseline)  # fail on a typo before anything runs

@@ -23,7 +23,7 @@ def _methods_epilog() -> str:
     from .losses import available
 
     lines = ["--kd methods (combine with commas, weight with a colon: --kd kdas,cwd:0.5):"]
-    lines += [f"  {name:<6} {summary}" for name, summary in available().items()]
+    lines += [f"  {name:<10} {summary}" for name, summary in available().items()]
     return "\n".join(lines)
 
 
@@ -31,8 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m kdas_core.distill", description=__doc__,
                                 epilog=_methods_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("distillation")
-    g.add_argument("--teacher", action="append", required=True, metavar="CKPT",
+    g.add_argument("--teacher", action="append", metavar="CKPT",
                    help="teacher checkpoint (.safetensors from kdas_core.train); repeat for several teachers")
+    g.add_argument("--teacher-targets", metavar="DIR",
+                   help="cached teacher outputs from kdas_core.teacher_targets, instead of running the teachers: "
+                        "distillation at the cost of plain training (kd, kdas, kdas-paper; with --teacher too, "
+                        "the cache must have been made from those checkpoints)")
     g.add_argument("--kd", default="kdas", metavar="METHOD[,METHOD...]",
                    help="distillation method(s), see the list below (default: kdas)")
     add_training_args(p)
@@ -42,7 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from .losses import parse_kd_spec
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.teacher and not args.teacher_targets:
+        parser.error("give --teacher CKPT (repeatable) or --teacher-targets DIR")
     # An unknown --kd method fails before any model or data is loaded.
     return run_training_cli(args, "kdas_core.distill", check=lambda: parse_kd_spec(args.kd))
 

@@ -192,10 +192,12 @@ class TrainDataset(Dataset):
     samples are bit-identical to the uncached ones."""
 
     def __init__(self, pairs: list[Pair], size: int, mean, std, augment: bool = True, cache: bool = False,
-                 progress: bool = False):
+                 progress: bool = False, targets: torch.Tensor | None = None):
+        """`targets`: cached teacher maps aligned with `pairs` (N, 2, S/8, S/8), see teacher_targets."""
         if not pairs:
             raise DatasetError("empty training set")
         self.pairs, self.size, self.mean, self.std = pairs, size, mean, std
+        self.targets = targets
         self.augment = TrainAugment(size) if augment else None
         self._cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         if cache:
@@ -212,9 +214,18 @@ class TrainDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         image_t, mask_b = self._cache[i] if self._cache is not None else self._load(i)
         mask_t = mask_b.float()
-        if self.augment is not None:
+        sample = {}
+        if self.targets is not None:
+            from ..teacher_targets import ROTATION_FILL_LOGIT, upsample
+
+            t = upsample(self.targets[i], self.size)
+            if self.augment is not None:
+                image_t, mask_t, t = self.augment(image_t, mask_t, t, targets_fill=ROTATION_FILL_LOGIT)
+            sample["targets"] = t
+        elif self.augment is not None:
             image_t, mask_t = self.augment(image_t, mask_t)
-        return {"image": _normalise(image_t, self.mean, self.std), "mask": mask_t, "name": Path(self.pairs[i][0]).stem}
+        return {"image": _normalise(image_t, self.mean, self.std), "mask": mask_t, "name": Path(self.pairs[i][0]).stem,
+                **sample}
 
 
 class EvalDataset(Dataset):

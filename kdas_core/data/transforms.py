@@ -34,7 +34,17 @@ class TrainAugment:
         ])
         self.colour = v2.RandomApply([v2.ColorJitter(0.2, 0.2, 0.2, 0.02)], p=0.5)
 
-    def __call__(self, image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        img_tv, mask_tv = self.geometric(tv_tensors.Image(image), tv_tensors.Mask(mask))
+    def __call__(self, image: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor | None = None,
+                 targets_fill: float = 0.0):
+        """(image, mask) or, with teacher `targets` (C,H,W float maps), (image, mask, targets): the
+        targets get the very same geometry (one call draws the parameters once for all inputs),
+        resampled bilinearly; regions a rotation brings in are `targets_fill`."""
+        if targets is None:
+            img_tv, mask_tv = self.geometric(tv_tensors.Image(image), tv_tensors.Mask(mask))
+        else:
+            # Rotation fills with 0: shift the maps so that 0 stands for targets_fill.
+            img_tv, mask_tv, t_tv = self.geometric(tv_tensors.Image(image), tv_tensors.Mask(mask),
+                                                   tv_tensors.Image(targets - targets_fill))
         img = self.colour(img_tv)
-        return img.as_subclass(torch.Tensor), (mask_tv.as_subclass(torch.Tensor) > 0.5).float()
+        out = (img.as_subclass(torch.Tensor), (mask_tv.as_subclass(torch.Tensor) > 0.5).float())
+        return out if targets is None else out + (t_tv.as_subclass(torch.Tensor) + targets_fill,)

@@ -135,6 +135,7 @@ class TrainConfig:
     progress: bool = _opt(True, RUN, "progress bars")
     teachers: list[str] = _opt([], KD, "teacher checkpoint", cli="none")
     kd: str = _opt("none", KD, "distillation method(s)", cli="none")
+    teacher_targets: str | None = _opt(None, KD, "cached teacher targets (kdas_core.teacher_targets)", cli="none")
 
     def to_dict(self) -> dict:
         d = asdict(self)

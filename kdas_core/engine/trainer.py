@@ -52,15 +52,21 @@ class TrainStep(nn.Module):
         self.seg_weight = min([d.seg_weight for d in distillers], default=1.0)
         self._student_norm = student_norm
 
-    def forward(self, image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(self, image: torch.Tensor, mask: torch.Tensor,
+                targets: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """`targets`: cached teacher logits (B, 2, H, W) = P1, P2 of the (averaged) teachers,
+        warped like `image`; they stand in for the teachers' forward pass."""
         s_out = self.student(image)
         w = boundary_weights(mask)
         terms = {"seg": self.seg_weight * (structure_loss(s_out["p1"], mask, w) + structure_loss(s_out["p2"], mask, w))}
         if self.distillers:
-            t_outs = []
-            with torch.no_grad():
-                for t in self._teachers:
-                    t_outs.append(t.model(_renormalise(image, self._student_norm, t.meta)))
+            if targets is not None:
+                t_outs = [{"p1": targets[:, 0:1], "p2": targets[:, 1:2]}]
+            else:
+                t_outs = []
+                with torch.no_grad():
+                    for t in self._teachers:
+                        t_outs.append(t.model(_renormalise(image, self._student_norm, t.meta)))
             batch = {"image": image, "mask": mask}
             for d in self.distillers:
                 terms.update(d(s_out, t_outs, batch))
@@ -194,10 +200,26 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         student = init_student(cfg)
         pretrained_desc = getattr(student, "pretrained_source", "none")
         n_params = count_params(student)
-        teachers = _load_teachers(cfg.teachers, device)
-        if cfg.kd != "none" and not teachers:
-            raise ValueError(f"--kd {cfg.kd} needs at least one --teacher checkpoint")
+        cached = None
+        if cfg.teacher_targets:
+            from ..teacher_targets import load as load_targets
+
+            stored, cached = load_targets(cfg.teacher_targets, layout.train, size,
+                                          [file_sha256(p) for p in cfg.teachers] if cfg.teachers else None)
+            row_of = {p: i for i, p in enumerate(layout.train)}
+            stored = stored[[row_of[p] for p in train_pairs]]
+            teachers = []
+        else:
+            teachers = _load_teachers(cfg.teachers, device)
+        if cfg.kd != "none" and not teachers and cached is None:
+            raise ValueError(f"--kd {cfg.kd} needs at least one --teacher checkpoint (or --teacher-targets)")
         distillers = build_distillers(cfg.kd, student, [t.model for t in teachers])
+        if cached is not None:
+            live = [d.name for d in distillers if d.teacher_outputs is None]
+            if live or not len(distillers):
+                raise ValueError(f"--teacher-targets holds the teachers' output maps only; --kd {cfg.kd} "
+                                 + (f"({', '.join(live)}) needs the teachers' features: give --teacher instead"
+                                    if live else "distils nothing: add --kd kdas, kdas-paper or kd"))
         step_module = TrainStep(student, distillers, teachers, (mean, std)).to(device)
         # channels_last: faster convolutions on GPUs and, for depthwise convs, ~20 % on CPU too.
         step_module = step_module.to(memory_format=torch.channels_last)
@@ -226,7 +248,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
             wrapped = DistributedDataParallel(step_module, find_unused_parameters=bool(list(distillers.parameters())))
 
         dataset = TrainDataset(train_pairs, size, mean, std, augment=cfg.augment, cache=cfg.cache_images,
-                               progress=cfg.progress and is_main)
+                               progress=cfg.progress and is_main, targets=stored if cached is not None else None)
         drop_last = len(dataset) >= cfg.batch_size * world * 2
         per_rank = math.ceil(len(dataset) / world)
         batches_per_epoch = per_rank // cfg.batch_size if drop_last else math.ceil(per_rank / cfg.batch_size)
@@ -244,6 +266,9 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
                      "n_groups": split.n_groups, "test_sets": {n: len(p) for n, p in layout.tests.items()}}
         teacher_info = [{"path": os.path.abspath(t.path), "preset": t.meta["preset"], "sha256": file_sha256(t.path)}
                         for t in teachers]
+        if cached is not None:
+            teacher_info = [{k: t[k] for k in ("path", "preset", "sha256")} | {"via": "cached targets",
+                            "tta": cached["key"]["tta"]} for t in cached["teachers"]]
         if is_main:
             with open(os.path.join(cfg.out, "config.json"), "w") as f:
                 json.dump({**cfg.to_dict(), "resolved": {"image_size": size, "mean": mean, "std": std,
@@ -291,9 +316,14 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
                     image = batch["image"].to(device, non_blocking=True)
                     mask = batch["mask"].to(device, non_blocking=True)
                     image, mask = _rescale(image, mask, rate * size_rate)
+                    targets = None
+                    if "targets" in batch:  # cached teacher maps: the same resize as the image
+                        targets = batch["targets"].to(device, non_blocking=True)
+                        if targets.shape[-2:] != image.shape[-2:]:
+                            targets = F.interpolate(targets, size=image.shape[-2:], mode="bilinear", align_corners=True)
                     image = image.contiguous(memory_format=torch.channels_last)
                     with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                        loss, terms = wrapped(image, mask)
+                        loss, terms = wrapped(image, mask, targets)
                     if not torch.isfinite(loss):
                         raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch + 1}, step {i + 1}: "
                                                  f"terms {({k: float(v) for k, v in terms.items()})}; lower --lr?")

@@ -1,0 +1,203 @@
+"""Cached teacher targets: the teachers' output maps for every training image, computed once, so
+that output-level distillation (`--kd kdas`, `kdas-paper`, `kd`) costs what plain training costs.
+
+Examples:
+  python -m kdas_core.teacher_targets --teacher runs/teacher/best.safetensors --data ../shared/data/polyp-352 \\
+      --out runs/targets-256
+  python -m kdas_core.teacher_targets --teacher T1 --teacher T2 --tta flip --data DATA --out runs/targets-ens
+  python -m kdas_core.distill --teacher-targets runs/targets-256 --kd kdas --model polyppvt-lite0 \\
+      --data ../shared/data/polyp-352 --out runs/student-kdas
+
+What is stored (OUT/targets.safetensors): for each training image, the teachers' logits P1 and P2
+on the image resized to the training size S (as the training loader resizes it, before any
+augmentation), at the decoder's own resolution S/8 in float16 — the teacher's full-size P1/P2 are
+bilinear upsamplings of exactly these maps, so nothing is lost but float16 rounding (about 2 KB
+per image at 256). Several teachers are averaged in logit space; `--tta flip` also averages each
+teacher with its prediction on the horizontally flipped image, flipped back.
+
+During `distill --teacher-targets`, each stored pair is upsampled to S and then goes through
+exactly the geometric augmentation its image gets (the same flips, rotation and crop, in the same
+call, bilinear), and through the same multi-scale resize per batch. Photometric augmentation
+(colour jitter) changes the image only, so the targets are those of the un-jittered image.
+
+The file records a key: the teachers' SHA-256, the image size, the TTA, and a SHA-1 of the
+training images' bytes. Targets made with another teacher, for other data or another size are
+refused by name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import sys
+import time
+from pathlib import Path
+
+
+from .cli_common import run_cli
+
+FORMAT = "kdas-teacher-targets/1"
+FILE = "targets.safetensors"
+STRIDE = 8  # the decoder's P1/P2 logits are predicted at 1/8 of the input size
+ROTATION_FILL_LOGIT = -10.0  # what a teacher says about the black corners a rotation brings in
+
+
+class TeacherTargetsError(ValueError):
+    """Targets that cannot be used for this run; the message says which key differs."""
+
+
+def data_digest(pairs: list[tuple[str, str]]) -> str:
+    """SHA-1 over the training images' stems and bytes (independent of paths and timestamps)."""
+    h = hashlib.sha1()
+    for image, _ in sorted(pairs, key=lambda p: Path(p[0]).stem):
+        h.update(Path(image).stem.encode() + b"\0")
+        with open(image, "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()
+
+
+def compute(teachers: list[str], data: str, size: int, tta: str = "none", batch_size: int = 8,
+            device: str = "cpu", progress: bool = True):
+    """(targets (N, 2, S/8, S/8) float16, metadata) for every training image of `data`."""
+    import torch
+
+    from .checkpoint import file_sha256, load_checkpoint
+    from .data.dataset import _normalise, read_image, resolve_layout
+    from .data.transforms import to_tensor
+
+    if size % 32:
+        raise ValueError(f"--image-size must be a multiple of 32, got {size}")
+    layout = resolve_layout(data)
+    pairs = layout.train
+    if not pairs:
+        raise ValueError(f"{data}: no training data (TrainDataset/ or images/+masks/)")
+    models = [load_checkpoint(p, device) for p in teachers]
+    out = torch.empty(len(pairs), 2, size // STRIDE, size // STRIDE, dtype=torch.float16)
+    started = time.time()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(pairs), desc="teacher targets", unit="img", dynamic_ncols=True)
+    with torch.no_grad():
+        for start in range(0, len(pairs), batch_size):
+            chunk = pairs[start:start + batch_size]
+            raw = torch.stack([to_tensor(read_image(p[0]), None, size)[0] for p in chunk])
+            acc = torch.zeros(len(chunk), 2, size // STRIDE, size // STRIDE)
+            for model, meta in models:
+                x = torch.stack([_normalise(im, meta["mean"], meta["std"]) for im in raw]).to(device)
+                views = [(x, False)] + ([(torch.flip(x, dims=[-1]), True)] if tta == "flip" else [])
+                for v, flipped in views:
+                    o = model(v)
+                    maps = torch.cat([o["p1_low"], o["p2_low"]], dim=1).float().cpu()
+                    acc += (torch.flip(maps, dims=[-1]) if flipped else maps) / (len(views) * len(models))
+            out[start:start + len(chunk)] = acc.half()
+            if bar is not None:
+                bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
+    meta = {
+        "format": FORMAT,
+        "key": {"teachers": sorted(file_sha256(p) for p in teachers), "image_size": size, "tta": tta,
+                "data_sha1": data_digest(pairs)},
+        "stems": [Path(p[0]).stem for p in pairs],
+        "teachers": [{"path": os.path.abspath(p), "preset": m["preset"], "sha256": file_sha256(p),
+                      "val_metrics": m.get("val_metrics", {})} for p, (_, m) in zip(teachers, models)],
+        "data_root": os.path.abspath(data),
+        "seconds": round(time.time() - started, 1),
+    }
+    return out, meta
+
+
+def save(out_dir: str, targets, meta: dict) -> str:
+    from .checkpoint import save_tensors
+
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, FILE)
+    save_tensors(path, {"targets": targets}, meta)
+    return path
+
+
+def load(path: str, pairs: list[tuple[str, str]], size: int, teacher_sha256: list[str] | None = None):
+    """(targets aligned with `pairs` as float16 (N, 2, S/8, S/8), metadata); refuses stale ones."""
+    from .checkpoint import CheckpointError, read_tensors
+
+    file = os.path.join(path, FILE) if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        raise TeacherTargetsError(f"--teacher-targets {path}: no {FILE} (make it with python -m kdas_core.teacher_targets)")
+    try:
+        tensors, meta = read_tensors(file)
+    except CheckpointError as exc:
+        raise TeacherTargetsError(f"--teacher-targets {path}: {exc}") from None
+    if meta.get("format") != FORMAT or "targets" not in tensors:
+        raise TeacherTargetsError(f"--teacher-targets {path}: not a teacher-targets file (format {meta.get('format')!r})")
+    key = meta["key"]
+    if key["image_size"] != size:
+        raise TeacherTargetsError(f"--teacher-targets {path}: made at {key['image_size']} px, this run trains at {size} px; "
+                                  f"make targets with --image-size {size}")
+    if teacher_sha256 is not None and sorted(teacher_sha256) != key["teachers"]:
+        raise TeacherTargetsError(f"--teacher-targets {path}: made from other teacher checkpoints than the --teacher "
+                                  f"given ({', '.join(t['path'] for t in meta['teachers'])})")
+    digest = data_digest(pairs)
+    if digest != key["data_sha1"]:
+        raise TeacherTargetsError(f"--teacher-targets {path}: made for other training images (made from "
+                                  f"{meta.get('data_root')}); make them again for this --data")
+    index = {s: i for i, s in enumerate(meta["stems"])}
+    order = [index[Path(p[0]).stem] for p in pairs]
+    return tensors["targets"][order], meta
+
+
+def upsample(stored, size: int):
+    """Stored (…, 2, S/8, S/8) float16 -> float32 (…, 2, S, S), as the teacher upsamples P1/P2."""
+    import torch.nn.functional as F
+
+    x = stored.float()
+    squeeze = x.dim() == 3
+    if squeeze:
+        x = x[None]
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    return x[0] if squeeze else x
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .engine.config import defaults
+
+    p = argparse.ArgumentParser(prog="python -m kdas_core.teacher_targets", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--teacher", action="append", required=True, metavar="CKPT",
+                   help="teacher checkpoint; repeat to average several teachers")
+    p.add_argument("--data", required=True, metavar="DIR", help="the training data the student will use (as --data of distill)")
+    p.add_argument("--out", required=True, metavar="DIR", help=f"folder for {FILE}")
+    p.add_argument("--image-size", type=int, default=defaults()["image_size"], metavar="S",
+                   help="the student's training size (default: %(default)s, the training default)")
+    p.add_argument("--tta", choices=["none", "flip"], default="none", help="average with the flipped image (default: none)")
+    p.add_argument("--batch-size", type=int, default=8, metavar="B", help="teacher batch size (default: 8)")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+
+    def go() -> None:
+        import torch
+
+        from .checkpoint import read_metadata
+
+        for t in args.teacher:
+            read_metadata(t)  # a bad checkpoint fails before any work
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        targets, meta = compute(args.teacher, args.data, args.image_size, args.tta, args.batch_size, device,
+                                progress=not args.no_progress)
+        path = save(args.out, targets, meta)
+        size_mb = os.path.getsize(path) / 1e6
+        print(f"[kdas] {len(meta['stems'])} targets from {len(args.teacher)} teacher(s), tta {args.tta}, "
+              f"{args.image_size}px -> {path} ({size_mb:.1f} MB, {meta['seconds']:.0f} s)")
+
+    return run_cli(go, "kdas_core.teacher_targets")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

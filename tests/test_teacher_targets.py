@@ -1,0 +1,129 @@
+"""Cached teacher targets: equal to the live teacher, warped like the image, refused when stale."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from kdas_core import distill, teacher_targets
+from kdas_core.checkpoint import build_metadata, save_checkpoint
+from kdas_core.data import resolve_layout
+from kdas_core.data.dataset import TrainDataset
+from kdas_core.data.transforms import TrainAugment
+from kdas_core.engine.trainer import Teacher, TrainStep
+from kdas_core.losses import build_distillers
+from kdas_core.models import create_model
+
+SIZE = 64
+MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from kdas_core.data import synthetic
+
+    root = tmp_path_factory.mktemp("tt")
+    data = root / "data"
+    synthetic.main(["--out", str(data), "--train", "6", "--test", "2", "--size", "64", "--seed", "2"])
+    torch.manual_seed(0)
+    teacher = create_model("polyppvt-lite0").eval()
+    path = root / "teacher.safetensors"
+    save_checkpoint(str(path), teacher, build_metadata("polyppvt-lite0", input_size=SIZE))
+    return data, path, teacher
+
+
+def _targets(setup, tmp_path, tta="none"):
+    data, path, _ = setup
+    stored, meta = teacher_targets.compute([str(path)], str(data), SIZE, tta=tta, progress=False)
+    teacher_targets.save(str(tmp_path), stored, meta)
+    return stored, meta
+
+
+def test_cached_loss_equals_the_live_teacher_loss_without_augmentation(setup, tmp_path):
+    data, path, teacher = setup
+    pairs = resolve_layout(data).train
+    stored, _ = _targets(setup, tmp_path)
+    loaded, _ = teacher_targets.load(str(tmp_path), pairs, SIZE)
+    ds = TrainDataset(pairs, SIZE, MEAN, STD, augment=False, targets=loaded)
+    batch = [ds[i] for i in range(4)]
+    image = torch.stack([b["image"] for b in batch])
+    mask = torch.stack([b["mask"] for b in batch])
+    targets = torch.stack([b["targets"] for b in batch])
+    student = create_model("polyppvt-lite0", pretrained=None).eval()
+    for kd in ("kdas", "kdas-paper", "kd"):
+        distillers = build_distillers(kd, student, [teacher])
+        step = TrainStep(student, distillers, [Teacher(teacher, {"mean": MEAN, "std": STD}, str(path))], (MEAN, STD))
+        with torch.no_grad():
+            _, live = step(image, mask)
+            _, cached = step(image, mask, targets)
+        for k in live:
+            assert cached[k].item() == pytest.approx(live[k].item(), rel=2e-3, abs=1e-4), (kd, k)
+
+
+def test_flip_tta_targets_follow_a_flip_exactly(setup, tmp_path):
+    """With --tta flip the cached map of a flipped image is the flip of the cached map, so the
+    warped cache equals the teacher's (TTA) map of the warped image up to float16 rounding."""
+    data, path, _ = setup
+    pairs = resolve_layout(data).train
+    stored, _ = _targets(setup, tmp_path, tta="flip")
+    flipped_root = tmp_path / "flipped"
+    for sub in ("images", "masks"):
+        (flipped_root / "TrainDataset" / sub).mkdir(parents=True)
+    for img, msk in pairs:
+        # PNG: lossless, so the flipped file holds exactly the flipped pixels.
+        cv2.imwrite(str(flipped_root / "TrainDataset" / "images" / (Path(img).stem + ".png")), cv2.flip(cv2.imread(img), 1))
+        cv2.imwrite(str(flipped_root / "TrainDataset" / "masks" / (Path(msk).stem + ".png")), cv2.flip(cv2.imread(msk), 1))
+    of_flipped, _ = teacher_targets.compute([str(path)], str(flipped_root), SIZE, tta="flip", progress=False)
+    assert torch.allclose(torch.flip(stored.float(), dims=[-1]), of_flipped.float(), atol=2e-3)
+
+
+def test_targets_get_exactly_the_geometry_of_the_image():
+    torch.manual_seed(3)
+    image = (torch.rand(3, SIZE, SIZE) * 255).to(torch.uint8)
+    mask = (torch.rand(1, SIZE, SIZE) > 0.5).float()
+    aug = TrainAugment(SIZE)
+    aug.colour = lambda x: x  # geometry only, so image and maps can be compared
+    for seed in range(6):
+        torch.manual_seed(seed)
+        img, _, t = aug(image, mask, image.float(), targets_fill=0.0)
+        assert (t - img.float()).abs().max() <= 1.01  # the image is rounded to uint8, the maps are not
+        torch.manual_seed(seed)
+        img, _, t = aug(image, mask, image.float(), targets_fill=-10.0)
+        # Where a rotation brought in black corners, the maps say "background" (logit -10).
+        assert torch.all(t[:, img.sum(0) == 0] < -9)
+
+
+def test_stale_targets_are_refused(setup, tmp_path):
+    data, path, _ = setup
+    pairs = resolve_layout(data).train
+    _targets(setup, tmp_path)
+    with pytest.raises(teacher_targets.TeacherTargetsError, match="made at 64 px"):
+        teacher_targets.load(str(tmp_path), pairs, 96)
+    with pytest.raises(teacher_targets.TeacherTargetsError, match="other teacher"):
+        teacher_targets.load(str(tmp_path), pairs, SIZE, teacher_sha256=["0" * 64])
+    changed = tmp_path / "changed"
+    import shutil
+
+    shutil.copytree(data, changed)
+    first = sorted((changed / "TrainDataset" / "images").iterdir())[0]
+    img = cv2.imread(str(first))
+    cv2.imwrite(str(first), 255 - img)
+    with pytest.raises(teacher_targets.TeacherTargetsError, match="other training images"):
+        teacher_targets.load(str(tmp_path), resolve_layout(changed).train, SIZE)
+
+
+def test_distill_with_targets_runs_and_feature_methods_refuse_them(setup, tmp_path, capsys):
+    data, _, _ = setup
+    _targets(setup, tmp_path / "t")
+    common = ["--model", "polyppvt-lite0", "--data", str(data), "--teacher-targets", str(tmp_path / "t"),
+              "--epochs", "1", "--image-size", str(SIZE), "--batch-size", "2", "--workers", "0", "--no-progress",
+              "--pretrained", "none", "--steps-per-epoch", "2", "--val-fraction", "0.34"]
+    assert distill.main([*common, "--kd", "kdas", "--out", str(tmp_path / "ok")]) == 0
+    log = (tmp_path / "ok" / "log.csv").read_text().splitlines()
+    assert "share_kdas/sgm" in log[0]
+    assert distill.main([*common, "--kd", "cwd", "--out", str(tmp_path / "no")]) == 2
+    assert "needs the teachers' features" in capsys.readouterr().err
