@@ -6,6 +6,8 @@ Examples:
   python -m kdas_core.bench_train --model polyppvt-lite0 --data DATA --image-size 352 --threads 2 --json bench.json
   python -m kdas_core.bench_train --model polyppvt-lite0 --data DATA --no-cache-images --workers 1   # today's loader
   python -m kdas_core.bench_train --teacher T.safetensors --kd kdas --model polyppvt-lite0 --data DATA  # KD cost
+  python -m kdas_core.bench_train --kd-cost --teacher T.safetensors --teacher-targets TARGETS --kd kdas \
+      --model polyppvt-lite0 --data DATA --json results/kd_cost.json   # plain vs live teacher vs cached, interleaved
 
 It runs the training step of `kdas_core.train` (same model, loss, recipe flags; every training
 flag is accepted) for --steps timed steps after --warmup untimed ones, on the first batches of
@@ -35,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", metavar="PATH", help="write the figures as JSON")
     g.add_argument("--teacher", action="append", metavar="CKPT", help="teacher checkpoint(s), to time a --kd step")
     g.add_argument("--kd", default="none", metavar="METHOD", help="distillation method to time (default: none)")
+    g.add_argument("--teacher-targets", metavar="DIR", help="cached teacher targets (kdas_core.teacher_targets)")
+    g.add_argument("--kd-cost", action="store_true",
+                   help="time plain training, --kd with the live --teacher and --kd with --teacher-targets in one run, "
+                        "step by step in turn (so the ratios hold on a busy machine)")
     add_training_args(p)
     for action in p._actions:
         if action.dest == "out":
@@ -47,23 +53,33 @@ def _now(sync) -> float:
     return time.perf_counter()
 
 
-def measure(cfg, steps: int, warmup: int) -> dict:
-    """Time `steps` training steps of `cfg`; returns per-phase medians and totals (seconds)."""
+def _setup(cfg):
+    """(device, sync, preset, size, layout, training split) of a benchmark, threads applied."""
     import torch
 
-    from .data.dataset import TrainDataset, resolve_layout, split_by_groups
-    from .engine.trainer import TrainStep, _load_teachers, _rescale, _seed_everything
-    from .losses import build_distillers
-    from .models import create_model, resolve
+    from .data.dataset import resolve_layout, split_by_groups
+    from .models import resolve
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     preset = resolve(cfg.model)
-    size = cfg.image_size or preset.input_size
     layout = resolve_layout(cfg.data)
     split = split_by_groups(layout.train, cfg.val_fraction, cfg.groups)
+    return device, sync, preset, cfg.image_size or preset.input_size, layout, split
+
+
+def measure(cfg, steps: int, warmup: int) -> dict:
+    """Time `steps` training steps of `cfg`; returns per-phase medians and totals (seconds)."""
+    import torch
+
+    from .data.dataset import TrainDataset
+    from .engine.trainer import TrainStep, _load_teachers, _rescale, _seed_everything
+    from .losses import build_distillers
+    from .models import create_model
+
+    device, sync, preset, size, layout, split = _setup(cfg)
     _seed_everything(cfg.seed)
     student = create_model(cfg.model, pretrained=cfg.pretrained)
     teachers = _load_teachers(cfg.teachers, device)
@@ -126,6 +142,62 @@ def measure(cfg, steps: int, warmup: int) -> dict:
     }
 
 
+def kd_cost(cfg, steps: int, warmup: int) -> dict:
+    """Seconds per optimiser step for plain training, live-teacher KD and cached-target KD, measured
+    in one process, one step of each in turn, from the same initial weights and batches."""
+    import torch
+
+    from .checkpoint import file_sha256
+    from .data.dataset import TrainDataset
+    from .engine.trainer import TrainStep, _load_teachers, _rescale, _seed_everything
+    from .losses import build_distillers
+    from .models import create_model
+    from .teacher_targets import load as load_targets
+
+    device, sync, preset, size, layout, split = _setup(cfg)
+    norm = (list(preset.mean), list(preset.std))
+    pairs = split.train
+    stored, _ = load_targets(cfg.teacher_targets, layout.train, size, [file_sha256(p) for p in cfg.teachers])
+    row_of = {p: i for i, p in enumerate(layout.train)}
+    stored = stored[[row_of[p] for p in pairs]]
+    teachers = _load_teachers(cfg.teachers, device)
+    variants = {}
+    for name, kd, tlist, targets in (("plain", "none", [], None), ("live_teacher", cfg.kd, teachers, None),
+                                     ("cached_targets", cfg.kd, [], stored)):
+        _seed_everything(cfg.seed)
+        student = create_model(cfg.model, pretrained=cfg.pretrained)
+        step = TrainStep(student, build_distillers(kd, student, [t.model for t in teachers]), tlist, norm).to(device)
+        step = step.to(memory_format=torch.channels_last).train()
+        params = [p for p in step.parameters() if p.requires_grad]
+        ds = TrainDataset(pairs, size, preset.mean, preset.std, augment=cfg.augment, cache=cfg.cache_images, targets=targets)
+        loader = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, num_workers=cfg.workers,
+                                             drop_last=True, generator=torch.Generator().manual_seed(cfg.seed))
+        variants[name] = {"step": step, "opt": torch.optim.AdamW(params, lr=cfg.lr), "params": params,
+                          "loader": loader, "it": iter(loader), "times": []}
+    for n in range(warmup + steps):
+        for name, v in variants.items():
+            t0 = _now(sync)
+            try:
+                batch = next(v["it"])
+            except StopIteration:
+                v["it"] = iter(v["loader"])
+                batch = next(v["it"])
+            image, mask = _rescale(batch["image"].to(device), batch["mask"].to(device), 1.0)
+            targets = batch["targets"].to(device) if "targets" in batch else None
+            loss, _ = v["step"](image.contiguous(memory_format=torch.channels_last), mask, targets)
+            v["opt"].zero_grad(set_to_none=True)
+            loss.backward()
+            v["opt"].step()
+            if n >= warmup:
+                v["times"].append(_now(sync) - t0)
+    med = {k: statistics.median(v["times"]) for k, v in variants.items()}
+    return {"model": cfg.model, "teachers": [t.meta["preset"] for t in teachers], "kd": cfg.kd, "image_size": size,
+            "batch_size": cfg.batch_size, "device": str(device), "threads": torch.get_num_threads(),
+            "steps": steps, "step_seconds_median": {k: round(v, 4) for k, v in med.items()},
+            "ratio_to_plain": {k: round(v / med["plain"], 3) for k, v in med.items()},
+            "torch": torch.__version__}
+
+
 def report(r: dict) -> str:
     ph = r["phase_seconds_median"]
     lines = [f"{r['model']} at {r['image_size']}px, batch {r['batch_size']}, kd={r['kd']}, {r['device']}, "
@@ -144,10 +216,17 @@ def main(argv: list[str] | None = None) -> int:
 
     def go() -> None:
         cfg = config_from_args(args)
-        if cfg.kd != "none" and not cfg.teachers:
-            raise ValueError(f"--kd {cfg.kd} needs --teacher")
-        r = measure(cfg, args.steps, max(0, args.warmup))
-        print(report(r))
+        if args.kd_cost:
+            if not (cfg.teachers and cfg.teacher_targets and cfg.kd != "none"):
+                raise ValueError("--kd-cost needs --teacher, --teacher-targets (made from that teacher) and --kd METHOD")
+            r = kd_cost(cfg, args.steps, max(0, args.warmup))
+            print(f"{r['model']} {r['image_size']}px batch {r['batch_size']}, --kd {r['kd']} from {', '.join(r['teachers'])}: "
+                  + ", ".join(f"{k} {v:.3f} s/step ({r['ratio_to_plain'][k]:.2f}x)" for k, v in r["step_seconds_median"].items()))
+        else:
+            if cfg.kd != "none" and not cfg.teachers:
+                raise ValueError(f"--kd {cfg.kd} needs --teacher")
+            r = measure(cfg, args.steps, max(0, args.warmup))
+            print(report(r))
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(r, f, indent=2)

@@ -127,3 +127,22 @@ def test_distill_with_targets_runs_and_feature_methods_refuse_them(setup, tmp_pa
     assert "share_kdas/sgm" in log[0]
     assert distill.main([*common, "--kd", "cwd", "--out", str(tmp_path / "no")]) == 2
     assert "needs the teachers' features" in capsys.readouterr().err
+
+
+def test_bench_train_times_phases_and_kd_cost(setup, tmp_path):
+    from kdas_core import bench_train
+
+    data, path, _ = setup
+    _targets(setup, tmp_path / "t")
+    common = ["--model", "polyppvt-lite0", "--data", str(data), "--image-size", str(SIZE), "--batch-size", "2",
+              "--workers", "0", "--pretrained", "none", "--val-fraction", "0.34", "--steps", "2", "--warmup", "0"]
+    assert bench_train.main([*common, "--json", str(tmp_path / "b.json")]) == 0
+    import json
+
+    r = json.loads((tmp_path / "b.json").read_text())
+    assert set(r["phase_seconds_median"]) == {"data", "forward", "backward", "optimizer"} and r["images_per_s"] > 0
+    assert bench_train.main([*common, "--kd-cost", "--kd", "kdas", "--teacher", str(path), "--teacher-targets",
+                             str(tmp_path / "t"), "--json", str(tmp_path / "k.json")]) == 0
+    k = json.loads((tmp_path / "k.json").read_text())
+    assert set(k["ratio_to_plain"]) == {"plain", "live_teacher", "cached_targets"} and k["ratio_to_plain"]["plain"] == 1
+    assert bench_train.main([*common, "--kd-cost", "--kd", "kdas"]) == 2  # no teacher: a named error

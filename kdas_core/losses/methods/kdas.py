@@ -1,6 +1,7 @@
-"""KDAS (Trinh, Nguyen Mau, Vo Thi, Tran and Nguyen, "KDAS: Knowledge Distillation via Attention
-Supervision Framework for Polyp Segmentation", ICASSP 2024; official code: huyquoctrinh/KDAS,
-`train_kd_paper.py`), on the two output maps P1 (CFM head) and P2 (SAM head).
+"""KDAS (Q.-H. Trinh, M.-V. Nguyen and P.-T. Vo Thi, "KDAS: Knowledge Distillation via Attention
+Supervision Framework for Polyp Segmentation", arXiv:2312.08555, 2023; official code:
+github.com/huyquoctrinh/KDAS, `train_kd_paper.py`), on the two output maps P1 (CFM head) and
+P2 (SAM head).
 
 Two terms, both on one map per image (an H x W matrix):
 
