@@ -164,7 +164,11 @@ def export_onnx(
         )
     proto = program.model_proto
     _check_dynamic_batch(proto, out_path)
-    inner = uint8_tensors(proto, include_inputs=False)
+    try:
+        inner = uint8_tensors(proto, include_inputs=False, require_typed=False)
+    except Exception as exc:  # shape inference itself failed: say so, do not block the export
+        log(f"note: could not check the graph's tensor dtypes ({type(exc).__name__}: {exc})")
+        inner = []
     if inner:
         raise BackendError(f"{out_path}: exported graph has UINT8 tensors inside it ({', '.join(inner[:5])}); TensorRT cannot parse that")
     for key, value in onnx_metadata(meta, size, precision, source_sha256, source_path).items():
@@ -200,14 +204,15 @@ def _check_dynamic_batch(proto, path: str) -> None:
             )
 
 
-def uint8_tensors(proto, include_inputs: bool = True) -> list[str]:
+def uint8_tensors(proto, include_inputs: bool = True, require_typed: bool = True) -> list[str]:
     """Names of every UINT8 tensor of `proto` after ONNX shape inference (graph inputs only when
     `include_inputs`). TensorRT accepts UINT8 only as a network input or output, so an exported
-    KDAS graph must have none besides its `frames` input."""
+    KDAS graph must have none besides its `frames` input. `require_typed`: BackendError when
+    inference leaves a node output untyped (the answer would be incomplete)."""
     import onnx
     from onnx import TensorProto
 
-    inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=True)
+    inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=require_typed)
     g = inferred.graph
     inputs = {v.name for v in g.input}
     typed = [(v.name, v.type.tensor_type.elem_type) for v in list(g.input) + list(g.value_info) + list(g.output)]
@@ -220,7 +225,7 @@ def uint8_tensors(proto, include_inputs: bool = True) -> list[str]:
             out.append(name)
     known = {name for name, _ in typed}
     untyped = [o for n in g.node for o in n.output if o and o not in known]
-    if untyped:  # shape inference could not type them: do not claim the graph is clean
+    if untyped and require_typed:  # shape inference could not type them: do not claim the graph is clean
         raise BackendError(f"ONNX shape inference left {len(untyped)} tensor(s) untyped (e.g. {untyped[0]!r}); cannot check dtypes")
     return out
 

@@ -160,12 +160,12 @@ class SelfCheck:
         import torch
 
         from .backends.onnxruntime_backend import available_providers
-        from .trt_common import _dist_version, cuda_versions, import_cudart, import_trt
+        from .trt_common import dist_version, cuda_versions, import_cudart, import_trt
 
         v: dict[str, Any] = {
             "python": platform.python_version(), "torch": torch.__version__, "torch_cuda": torch.version.cuda,
-            "torch_sees_gpu": torch.cuda.is_available(), "onnx": _dist_version("onnx"), "onnxruntime": ort.__version__,
-            "onnxruntime_dists": {d: _dist_version(d) for d in ("onnxruntime", "onnxruntime-gpu") if _dist_version(d)},
+            "torch_sees_gpu": torch.cuda.is_available(), "onnx": dist_version("onnx"), "onnxruntime": ort.__version__,
+            "onnxruntime_dists": {d: dist_version(d) for d in ("onnxruntime", "onnxruntime-gpu") if dist_version(d)},
             "ort_providers": available_providers(),
         }
         try:
@@ -376,40 +376,39 @@ class SelfCheck:
         shutil.copyfile(sidecar_path(engine), sidecar_path(dst))
         return dst
 
-    def check_trt_reject_version(self) -> tuple[str, dict]:
-        from .backends.tensorrt_backend import TensorRTBackend
-        from .trt_common import read_sidecar, sidecar_path, write_json_atomic
-
-        copy = self._copy_engine(self._engine("fp32"), "version")
-        try:
-            write_json_atomic(sidecar_path(copy), {**read_sidecar(copy), "tensorrt_version": "0.0.0"})
-            try:
-                TensorRTBackend(copy, device=self.device).close()
-            except BackendError as exc:
-                if "TensorRT 0.0.0 built it" in str(exc):
-                    return "refused: " + _short(exc, 160), {"message": str(exc)}
-                raise CheckFailed(f"refused, but not for the version: {exc}")
-            raise CheckFailed("an engine whose sidecar names TensorRT 0.0.0 was accepted")
-        finally:
-            shutil.rmtree(os.path.dirname(copy), ignore_errors=True)
-
-    def check_trt_reject_truncated(self) -> tuple[str, dict]:
+    def _expect_refusal(self, tag: str, spoil: Callable[[str], None], expected: str, accepted: str) -> tuple[str, dict]:
+        """Copy the fp32 engine, `spoil` the copy, load and run it: pass when TensorRTBackend
+        refuses it with a BackendError containing `expected`."""
         from .backends.tensorrt_backend import TensorRTBackend
 
-        copy = self._copy_engine(self._engine("fp32"), "truncated")
+        copy = self._copy_engine(self._engine("fp32"), tag)
         try:
-            with open(copy, "r+b") as f:
-                f.truncate(os.path.getsize(copy) // 2)
+            spoil(copy)
             try:
                 with TensorRTBackend(copy, device=self.device) as b:
                     b.predict(self.frames[:1])
             except BackendError as exc:
-                if "could not deserialize" in str(exc):
+                if expected in str(exc):
                     return "refused: " + _short(exc, 200), {"message": str(exc)}
-                raise CheckFailed(f"refused, but not at deserialisation: {exc}")
-            raise CheckFailed("a truncated engine ran")
+                raise CheckFailed(f"refused, but not with {expected!r}: {exc}")
+            raise CheckFailed(accepted)
         finally:
             shutil.rmtree(os.path.dirname(copy), ignore_errors=True)
+
+    def check_trt_reject_version(self) -> tuple[str, dict]:
+        from .trt_common import read_sidecar, sidecar_path, write_json_atomic
+
+        def other_version(copy: str) -> None:
+            write_json_atomic(sidecar_path(copy), {**read_sidecar(copy), "tensorrt_version": "0.0.0"})
+
+        return self._expect_refusal("version", other_version, "TensorRT 0.0.0 built it", "an engine whose sidecar names TensorRT 0.0.0 was accepted")
+
+    def check_trt_reject_truncated(self) -> tuple[str, dict]:
+        def truncate(copy: str) -> None:
+            with open(copy, "r+b") as f:
+                f.truncate(os.path.getsize(copy) // 2)
+
+        return self._expect_refusal("truncated", truncate, "could not deserialize", "a truncated engine ran")
 
     def check_trt_failed_verify(self) -> tuple[str, dict]:
         import torch

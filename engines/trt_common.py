@@ -132,7 +132,7 @@ def cuda_versions() -> dict[str, Any]:
     return {
         "driver": driver, "runtime": runtime,
         "driver_text": format_cuda_version(driver), "runtime_text": format_cuda_version(runtime),
-        "cuda_bindings": _dist_version("cuda-bindings") or _dist_version("cuda-python") or "?",
+        "cuda_bindings": dist_version("cuda-bindings") or dist_version("cuda-python") or "?",
     }
 
 
@@ -150,7 +150,7 @@ def driver_mismatch_hint(versions: dict[str, Any]) -> str:
     return where
 
 
-def _dist_version(name: str) -> str | None:
+def dist_version(name: str) -> str | None:
     from importlib import metadata
 
     try:

@@ -25,7 +25,6 @@ from ..trt_common import (
     compatibility_problem,
     cuda_check,
     device_index,
-    engine_cache_key,
     gpu_info,
     import_cudart,
     import_trt,
@@ -230,8 +229,9 @@ class _TrtState:
 
     def _bind(self, context) -> None:
         # Fixed addresses: valid for every batch size (buffers are sized for max_batch).
-        if not (context.set_tensor_address(self.in_name, self.d_in) and context.set_tensor_address(self.out_name, self.d_out)):
-            raise BackendError("TensorRT refused the input/output buffer addresses")
+        for name, ptr in ((self.in_name, self.d_in), (self.out_name, self.d_out)):
+            if context.set_tensor_address(name, ptr) is False:  # C++ returns bool; be explicit about False only
+                raise BackendError(f"TensorRT refused the buffer address of {name!r}")
 
     def _alloc(self, dtype: np.dtype, shape: tuple[int, ...]) -> tuple[np.ndarray, int]:
         nbytes = int(np.prod(shape)) * dtype.itemsize
