@@ -27,7 +27,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="session")
 def cache_root(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("kdas-cache"))
+    # A fixed folder under the session's base temp: test_selfcheck imports these fixtures, which
+    # makes pytest run them once per module; both must then share one cache and one checkpoint.
+    root = str(tmp_path_factory.getbasetemp() / "kdas-cache")
+    os.makedirs(root, exist_ok=True)
     old = os.environ.get("KDAS_CACHE_DIR")
     os.environ["KDAS_CACHE_DIR"] = root
     yield root
@@ -44,9 +47,11 @@ def ckpt(tmp_path_factory, cache_root):
     from kdas_core.checkpoint import build_metadata, save_checkpoint
     from kdas_core.models import create_model
 
-    torch.manual_seed(0)
-    path = str(tmp_path_factory.mktemp("ckpt") / "student.safetensors")
-    save_checkpoint(path, create_model("polyppvt-lite0"), build_metadata("polyppvt-lite0", input_size=SIZE, threshold=0.45))
+    path = str(tmp_path_factory.getbasetemp() / "ckpt" / "student.safetensors")
+    if not os.path.isfile(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        torch.manual_seed(0)
+        save_checkpoint(path, create_model("polyppvt-lite0"), build_metadata("polyppvt-lite0", input_size=SIZE, threshold=0.45))
     return path
 
 
