@@ -14,12 +14,13 @@ import os
 
 from .backends.base import Backend
 from .errors import BackendError
+from .trt_common import is_sticky_cuda_error
 
 BACKENDS = ("tensorrt", "onnxruntime", "torch")
 CHOICES = ("auto",) + BACKENDS
 ENGINE_SUFFIXES = (".engine", ".plan")
 
-__all__ = ["Backend", "BackendError", "BACKENDS", "CHOICES", "load_backend", "file_kind"]
+__all__ = ["Backend", "BackendError", "BACKENDS", "CHOICES", "load_backend", "file_kind", "is_sticky_cuda_error"]
 
 
 def file_kind(path: str) -> str:
@@ -99,7 +100,7 @@ def _open(name: str, path: str, kind: str, opts: dict, notes: list[str]) -> Back
         reason = trt_b.why_unavailable(opts["device"])
         if reason:
             raise BackendError(reason)
-        engine = path if kind == "engine" else trt_b.find_cached_engine(path, opts["image_size"], opts["device"])
+        engine = path if kind == "engine" else trt_b.find_cached_engine(path, opts["image_size"], opts["device"], notes)
         b = trt_b.TensorRTBackend(engine, device=opts["device"])
         if engine != path:
             notes.append(f"tensorrt runs the prebuilt engine {engine}")

@@ -8,6 +8,7 @@ import os
 import shutil
 import sys
 
+from . import ENGINE_SUFFIXES
 from .cli_common import EXIT_CODES_HELP, EXIT_OK, UnavailableError, VerifyError, run
 
 DESCRIPTION = """\
@@ -18,10 +19,12 @@ the model size, with a dynamic batch N; it normalises inside and outputs float32
 (N,S,S) = sigmoid(P1 + P2). Input size, threshold, mean/std and the checkpoint's SHA-256 are
 embedded as ONNX metadata (kdas.*), so apps hold no pre/post-processing constants.
 
-TensorRT (--format tensorrt, extra [trt], NVIDIA GPU): builds an engine from that ONNX with a
-strongly typed network (FP16 comes from an FP16 ONNX: works on TensorRT 10 and 11), batch 1-4,
-a timing cache, and names the engine by GPU, compute capability, TensorRT version, precision
-and input size, with a JSON sidecar. Builds take minutes; progress is printed.
+TensorRT (--format tensorrt, extra [trt-cu12] or [trt-cu13] matching the driver, NVIDIA GPU):
+builds an engine from that ONNX with a strongly typed network (FP16 comes from an FP16 ONNX:
+works on TensorRT 10 and 11), batch 1-4, a timing cache, and names the engine by model, export
+revision, GPU, compute capability, SM count, TensorRT version, precision, input size and max
+batch, with a JSON sidecar. Builds take minutes; progress is printed. The engine enters the
+cache index (where load_backend(checkpoint) finds it) only after --verify passed.
 """
 
 EPILOG = f"""\
@@ -31,8 +34,11 @@ examples:
   python -m engines.build --weights best.safetensors --out deploy/ --image-size 256
 
 --verify runs the artefact and the PyTorch checkpoint on the same frames (--verify-frames DIR,
-or synthetic ones) and fails unless: fp32 max prob diff <= 1e-3; fp16 mask Dice >= 0.99 and no
-all-empty masks where the reference has foreground.
+or by default the bundled demo clip's frames on which the checkpoint finds a polyp) and fails
+unless: fp32 max prob diff <= 1e-3; fp16 mask Dice >= 0.99, no all-empty masks where the
+reference has foreground, mean prob diff <= 5e-3 and 99th-percentile prob diff <= 0.05. A TensorRT engine
+that fails (or is built without --verify) stays out of the cache index; its sidecar says
+"verified": false.
 
 {EXIT_CODES_HELP}
 """
@@ -48,7 +54,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32", help="fp32 (default) or fp16 (network in half precision; for TensorRT/GPU)")
     p.add_argument("--image-size", type=int, metavar="S", help="square input side (default: the checkpoint's input_size; multiples of 32 recommended)")
     p.add_argument("--verify", action="store_true", help="compare the artefact with the PyTorch checkpoint and fail on disagreement")
-    p.add_argument("--verify-frames", metavar="DIR", help="images to verify on (default: synthetic frames)")
+    p.add_argument("--verify-frames", metavar="DIR", help="images to verify on (default: demo-clip frames where the checkpoint finds a polyp)")
     p.add_argument("--max-batch", type=int, default=4, metavar="N", help="TensorRT profile: largest batch (default 4)")
     p.add_argument("--device", default=None, metavar="DEV", help="CUDA device for TensorRT, e.g. cuda:1 (default cuda:0)")
     args = p.parse_args(argv)
@@ -63,11 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if not os.path.isfile(args.weights):  # before importing torch: a typo fails fast
         raise FileNotFoundError(f"{args.weights}: no such checkpoint file")
-    from kdas_core.checkpoint import file_sha256, read_metadata
+    from kdas_core.checkpoint import read_metadata
 
     from .backends.onnxruntime_backend import cached_onnx_for_checkpoint
-    from .backends.torch_backend import load_torch_checkpoint
-    from .export import export_onnx
 
     meta = read_metadata(args.weights)  # CheckpointError -> exit 2 with the file named
     size = int(args.image_size or meta["input_size"])
@@ -83,49 +87,60 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.splitext(os.path.basename(args.weights))[0]
     onnx_path = os.path.join(args.out, f"{stem}-{size}-{args.precision}.onnx")
-    if args.precision == "fp32":
-        # The same export load_backend(checkpoint) uses: made once in the cache, copied here.
-        notes: list[str] = []
-        cached = cached_onnx_for_checkpoint(args.weights, size, notes)
-        _copy(cached, onnx_path)
-        _say(f"{notes[-1]}; copied to {onnx_path}")
-    else:
-        model, meta = load_torch_checkpoint(args.weights)
-        export_onnx(
-            model, meta, onnx_path, image_size=size, precision=args.precision,
-            source_sha256=file_sha256(args.weights), source_path=args.weights, log=_say,
-        )
+    # The same exports load_backend(checkpoint) uses: made once in the cache, copied here.
+    notes: list[str] = []
+    cached = cached_onnx_for_checkpoint(args.weights, size, notes, precision=args.precision)
+    _copy(cached, onnx_path)
+    _say(f"{notes[-1]}; copied to {onnx_path}")
     artefact = onnx_path
     if args.format == "tensorrt":
         from .trt_build import build_engine
 
         artefact = build_engine(onnx_path, args.out, max_batch=args.max_batch, device=args.device, checkpoint=args.weights, log=_say)
 
-    if args.verify:
-        _verify(args, artefact, size)
+    result = _verify(args, artefact, size) if args.verify else None
+    if artefact.endswith(ENGINE_SUFFIXES):
+        _publish(artefact, result)
+    if result is not None and not result.ok:
+        raise VerifyError(f"{artefact} disagrees with {args.weights}; see above")
     print(artefact)  # stdout: the artefact path only, for scripts
     return EXIT_OK
 
 
-def _verify(args: argparse.Namespace, artefact: str, size: int) -> None:
+def _verify(args: argparse.Namespace, artefact: str, size: int):
+    """The verify result (engines.verify.Agreement) of `artefact` against the checkpoint."""
     from . import load_backend
-    from .verify import compare, load_frames, synthetic_frames
+    from .verify import compare, verification_frames
 
-    frames = load_frames(args.verify_frames, size) if args.verify_frames else synthetic_frames(3, size)
     reference = load_backend(args.weights, backend="torch", device="cpu", image_size=size)
+    try:
+        frames, ref_probs, what = verification_frames(reference, size, args.verify_frames)
+    finally:
+        reference.close()
     if artefact.endswith(".onnx"):
         candidate = load_backend(artefact, backend="onnxruntime", device="cpu")
     else:
         candidate = load_backend(artefact, backend="tensorrt", device=args.device)
-    _say(f"verifying {candidate.name} against torch (cpu, fp32) on {len(frames)} {'image' if args.verify_frames else 'synthetic'} frames ...")
+    _say(f"verifying {candidate.name} against torch (cpu, fp32) on {what} ...")
     try:
-        result = compare(reference.predict(frames), candidate.predict(frames), args.precision, reference.threshold)
+        result = compare(ref_probs, candidate.predict(frames), args.precision, reference.threshold)
     finally:
-        reference.close()
         candidate.close()
     _say(result.summary())
-    if not result.ok:
-        raise VerifyError(f"{artefact} disagrees with {args.weights}; see above")
+    return result
+
+
+def _publish(engine: str, result) -> None:
+    """Only a verified engine enters the cache index; the sidecar records the outcome either way."""
+    from .trt_build import publish_engine, record_failed_verify
+
+    if result is None:
+        _say(f"{engine} is not in the engine cache (built without --verify): load it by its path, or rebuild with --verify")
+    elif result.ok:
+        _say(f"verified; indexed in the engine cache as {os.path.basename(publish_engine(engine, result.to_dict()))}")
+    else:
+        record_failed_verify(engine, result.to_dict())
+        _say(f"{engine} failed verification: kept for inspection with \"verified\": false, not in the engine cache")
 
 
 def _copy(src: str, dst: str) -> None:

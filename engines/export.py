@@ -30,7 +30,9 @@ from .errors import BackendError
 
 OPSET = 18
 FORMAT = "kdas-onnx/1"
-REVISION = 2  # bump when the exported graph changes, so cached exports are redone
+# Bump when the exported graph changes, so cached exports (and engines built from them) are redone.
+# 3: Cast uint8 -> float before the NHWC->NCHW Transpose (TensorRT allows UINT8 only at the edges).
+REVISION = 3
 INPUT_NAME = "frames"
 OUTPUT_NAME = "probs"
 PRECISIONS = ("fp32", "fp16")
@@ -57,7 +59,9 @@ class FramesToProbs(nn.Module):
         self.register_buffer("shift", (-mean_t / std_t).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
-        x = frames.permute(0, 3, 1, 2).to(torch.float32) * self.scale + self.shift
+        # Cast first: TensorRT takes UINT8 only as a network input/output, so the Transpose (and
+        # everything after the input) must see float32; onnx-tensorrt rejects a uint8 Transpose.
+        x = frames.to(torch.float32).permute(0, 3, 1, 2) * self.scale + self.shift
         logits = self.model.predict_logits(x.to(self.dtype))
         # squeeze, not [:, 0]: a Squeeze is free in ONNX Runtime, a Gather copies the map
         return torch.sigmoid(logits).to(torch.float32).squeeze(1)
@@ -67,6 +71,7 @@ def onnx_metadata(meta: dict[str, Any], image_size: int, precision: str, source_
     """The `kdas.*` metadata_props written into every exported graph."""
     return {
         "kdas.format": FORMAT,
+        "kdas.export_revision": str(REVISION),
         "kdas.preset": str(meta["preset"]),
         "kdas.backbone": str(meta.get("backbone", "")),
         "kdas.input_size": str(int(image_size)),
@@ -115,6 +120,7 @@ def parse_metadata_props(props: dict[str, str], path: str) -> dict[str, Any]:
             "precision": props.get("kdas.precision", "fp32"),
             "source_sha256": props.get("kdas.source_sha256", ""),
             "source_path": props.get("kdas.source_path", ""),
+            "export_revision": int(props.get("kdas.export_revision", "0")),  # 0: exported before revisions were recorded
         }
     except (KeyError, ValueError) as exc:
         raise BackendError(f"{path}: damaged KDAS metadata in ONNX file ({exc}); export it again") from exc
@@ -158,6 +164,13 @@ def export_onnx(
         )
     proto = program.model_proto
     _check_dynamic_batch(proto, out_path)
+    try:
+        inner = uint8_tensors(proto, include_inputs=False, require_typed=False)
+    except Exception as exc:  # shape inference itself failed: say so, do not block the export
+        log(f"note: could not check the graph's tensor dtypes ({type(exc).__name__}: {exc})")
+        inner = []
+    if inner:
+        raise BackendError(f"{out_path}: exported graph has UINT8 tensors inside it ({', '.join(inner[:5])}); TensorRT cannot parse that")
     for key, value in onnx_metadata(meta, size, precision, source_sha256, source_path).items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
@@ -189,6 +202,32 @@ def _check_dynamic_batch(proto, path: str) -> None:
                 f"{path}: export fixed the batch axis of {value.name!r} to {dim0.dim_value}; "
                 "the graph must accept any batch size"
             )
+
+
+def uint8_tensors(proto, include_inputs: bool = True, require_typed: bool = True) -> list[str]:
+    """Names of every UINT8 tensor of `proto` after ONNX shape inference (graph inputs only when
+    `include_inputs`). TensorRT accepts UINT8 only as a network input or output, so an exported
+    KDAS graph must have none besides its `frames` input. `require_typed`: BackendError when
+    inference leaves a node output untyped (the answer would be incomplete)."""
+    import onnx
+    from onnx import TensorProto
+
+    inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=require_typed)
+    g = inferred.graph
+    inputs = {v.name for v in g.input}
+    typed = [(v.name, v.type.tensor_type.elem_type) for v in list(g.input) + list(g.value_info) + list(g.output)]
+    typed += [(t.name, t.data_type) for t in g.initializer]
+    typed += [(n.output[0], a.t.data_type) for n in g.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
+    seen, out = set(), []
+    for name, elem in typed:
+        if elem == TensorProto.UINT8 and name not in seen and (include_inputs or name not in inputs):
+            seen.add(name)
+            out.append(name)
+    known = {name for name, _ in typed}
+    untyped = [o for n in g.node for o in n.output if o and o not in known]
+    if untyped and require_typed:  # shape inference could not type them: do not claim the graph is clean
+        raise BackendError(f"ONNX shape inference left {len(untyped)} tensor(s) untyped (e.g. {untyped[0]!r}); cannot check dtypes")
+    return out
 
 
 @contextlib.contextmanager

@@ -7,6 +7,10 @@ ONNX export (`engines.export`, precision="fp16") and an FP32 engine from an FP32
 One optimisation profile covers batch 1..max_batch; a timing cache per GPU/TensorRT version makes
 rebuilds fast; a progress line is printed while the builder works (builds take minutes). The
 engine file is named by its cache key and gets a JSON sidecar with everything a loader checks.
+
+A new engine is *not* indexed in the cache: `publish_engine` does that after `--verify` passed
+(and records `verified` in the sidecar), so `load_backend(checkpoint)` only ever picks up
+engines that agreed with PyTorch.
 """
 
 from __future__ import annotations
@@ -29,7 +33,9 @@ from .trt_common import (
     gpu_info,
     import_cudart,
     import_trt,
+    read_sidecar,
     sidecar_path,
+    trt_logger,
     write_json_atomic,
 )
 
@@ -49,8 +55,9 @@ def build_engine(
     checkpoint: str | None = None,
     log: Callable[[str], None] = _stderr,
 ) -> str:
-    """Build, write `<out_dir>/<cache key>.engine` + `.json` sidecar, index it in the cache; returns
-    the engine path. BackendError for anything TensorRT refuses."""
+    """Build, write `<out_dir>/<cache key>.engine` + `.json` sidecar (`verified: false`); returns
+    the engine path. Not indexed in the cache until `publish_engine` (after a passing verify).
+    BackendError for anything TensorRT refuses, with what TensorRT logged."""
     from kdas_core.checkpoint import file_sha256
 
     trt = import_trt()
@@ -63,13 +70,14 @@ def build_engine(
     if not 1 <= opt_batch <= max_batch:
         raise BackendError(f"optimisation batch {opt_batch} must lie in 1..{max_batch}")
 
-    logger = trt.Logger(trt.Logger.WARNING)
+    logger = trt_logger()
+    mark = logger.recorder.mark()
     builder = trt.Builder(logger)
     network = builder.create_network(_network_flags(trt))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(os.path.abspath(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise BackendError(f"{onnx_path}: TensorRT's ONNX parser refused the graph: {errors}")
+        raise BackendError(f"{onnx_path}: TensorRT's ONNX parser refused the graph: {errors or logger.recorder.since(mark)}")
 
     config = builder.create_builder_config()
     if workspace_mib:
@@ -84,9 +92,7 @@ def build_engine(
     profile.set_shape(inp.name, (1, *frame), (opt_batch, *frame), (max_batch, *frame))
     config.add_optimization_profile(profile)
 
-    timing_path = os.path.join(
-        cache_dir("tensorrt"), engine_cache_key("timing", here["gpu_name"], here["compute_capability"], here["tensorrt_version"], "all", 0) + ".cache"
-    )
+    timing_path = timing_cache_path(here)
     timing_blob = open(timing_path, "rb").read() if os.path.isfile(timing_path) else b""
     timing_cache = config.create_timing_cache(timing_blob)
     config.set_timing_cache(timing_cache, ignore_mismatch=False)
@@ -103,12 +109,12 @@ def build_engine(
     with _ticker(log, t0):
         serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise BackendError(f"{onnx_path}: TensorRT failed to build an engine (see the TensorRT log above)")
+        raise BackendError(f"{onnx_path}: TensorRT failed to build an engine: {logger.recorder.since(mark) or 'no message from TensorRT'}")
     seconds = time.perf_counter() - t0
     _write_bytes(timing_path, bytes(config.get_timing_cache().serialize()))
 
     source_sha = meta["source_sha256"] or file_sha256(onnx_path)
-    key = engine_cache_key(f"{meta['preset']}-{source_sha[:12]}", here["gpu_name"], here["compute_capability"], here["tensorrt_version"], precision, size)
+    key = engine_cache_key(model_id(meta["preset"], source_sha), here, precision, size, max_batch, meta["export_revision"])
     engine_path = os.path.join(out_dir, key + ".engine")
     _write_bytes(engine_path, bytes(serialized))
     sidecar: dict[str, Any] = {
@@ -124,18 +130,71 @@ def build_engine(
         "min_batch": 1,
         "opt_batch": opt_batch,
         "max_batch": max_batch,
+        "export_revision": meta["export_revision"],
         "onnx": os.path.abspath(onnx_path),
         "onnx_sha256": file_sha256(onnx_path),
         "checkpoint": os.path.abspath(checkpoint or meta["source_path"]),
         "source_sha256": source_sha,
         "build_seconds": round(seconds, 1),
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "verified": False,
     }
+    # An index entry pointing at the file this build overwrites is stale until the new one is verified.
+    unpublish(key, only_if_engine=engine_path)
     write_json_atomic(sidecar_path(engine_path), sidecar)
-    # Index entry: lets load_backend(checkpoint) find this engine on this GPU/TensorRT.
-    write_json_atomic(os.path.join(cache_dir("tensorrt"), key + ".json"), {**sidecar, "engine": os.path.abspath(engine_path)})
     log(f"built {engine_path} in {seconds:.0f} s")
     return engine_path
+
+
+def model_id(preset: str, source_sha256: str) -> str:
+    """The model part of an engine's cache key: preset and the checkpoint's hash."""
+    return f"{preset}-{source_sha256[:12]}"
+
+
+def index_path(key: str) -> str:
+    """Where the cache index entry of engine `key` lives (`<cache>/tensorrt/<key>.json`)."""
+    return os.path.join(cache_dir("tensorrt"), key + ".json")
+
+
+def timing_cache_path(target: dict[str, Any]) -> str:
+    """One timing cache per GPU model / SM count / TensorRT version, shared by every build there."""
+    return os.path.join(cache_dir("tensorrt"), engine_cache_key("timing", target, "all", 0, 0, 0) + ".cache")
+
+
+def publish_engine(engine_path: str, verification: dict[str, Any]) -> str:
+    """After a passing verify: mark the sidecar `verified` (with the verify figures) and add the
+    engine to the cache index, so `load_backend(checkpoint)` finds it. Returns the index path."""
+    meta = read_sidecar(engine_path)
+    meta = {**meta, "verified": True, "verification": verification}
+    write_json_atomic(sidecar_path(engine_path), meta)
+    entry = index_path(meta["cache_key"])
+    write_json_atomic(entry, {**meta, "engine": os.path.abspath(engine_path)})
+    return entry
+
+
+def record_failed_verify(engine_path: str, verification: dict[str, Any]) -> None:
+    """After a failed verify: the sidecar says so, and the cache index has no entry pointing at it."""
+    meta = read_sidecar(engine_path)
+    write_json_atomic(sidecar_path(engine_path), {**meta, "verified": False, "verification": verification})
+    unpublish(meta["cache_key"], only_if_engine=engine_path)  # a verified engine elsewhere stays indexed
+
+
+def unpublish(key: str, only_if_engine: str | None = None) -> None:
+    """Remove the cache index entry `key` (only when it points at `only_if_engine`, if given)."""
+    import json
+
+    entry = index_path(key)
+    if not os.path.exists(entry):
+        return
+    if only_if_engine is not None:
+        try:
+            with open(entry, encoding="utf-8") as f:
+                target = json.load(f).get("engine", "")
+        except (OSError, ValueError):
+            target = only_if_engine  # unreadable: remove it
+        if os.path.abspath(target) != os.path.abspath(only_if_engine):
+            return
+    os.remove(entry)
 
 
 def _network_flags(trt) -> int:

@@ -1,25 +1,44 @@
 """What the TensorRT builder and the TensorRT backend share: guarded imports, CUDA error checks,
 GPU identity, engine cache keys and the JSON sidecar.
 
-TensorRT and cuda-python are optional (extra `[trt]`); nothing here imports them at module
-import time, so the rest of `engines` works without them.
+TensorRT and cuda-bindings are optional (extras `[trt-cu12]` / `[trt-cu13]`, pick by driver);
+nothing here imports them at module import time, so the rest of `engines` works without them.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import re
 import tempfile
+import sys
+import threading
 from typing import Any
 
 from .errors import BackendError
 
-SIDECAR_FORMAT = "kdas-trt/1"
+SIDECAR_FORMAT = "kdas-trt/2"  # 2: SM count, export revision, max batch in the key; `verified`
+# The CUDA major of the runtime must not exceed what the driver supports: a CUDA 13 runtime
+# (tensorrt-cu13, cuda-bindings 13) needs a CUDA 13 driver (580+); a CUDA 12 driver (525+) takes the cu12 builds.
+TRT_EXTRAS = {12: "trt-cu12", 13: "trt-cu13"}
 INSTALL_HINT = (
-    "install the [trt] extra from NVIDIA's index: "
-    "pip install --extra-index-url https://pypi.nvidia.com 'kdas[trt]'"
+    "install the TensorRT extra matching your driver's CUDA version (`nvidia-smi` shows it): "
+    "pip install -e '.[trt-cu12]' for a CUDA 12 driver, '.[trt-cu13]' for CUDA 13"
 )
+
+
+def recommended_extra(driver_version: int) -> str | None:
+    """The extra whose CUDA runtime this driver can run (`cudaDriverGetVersion` number, e.g.
+    12040 for CUDA 12.4); the newest one it supports; None when the driver is older than CUDA 12."""
+    major = int(driver_version) // 1000
+    fitting = [m for m in TRT_EXTRAS if m <= major]
+    return TRT_EXTRAS[max(fitting)] if fitting else None
+
+
+def format_cuda_version(version: int) -> str:
+    """12040 -> '12.4' (CUDA's encoding: 1000*major + 10*minor); 0 -> 'none'."""
+    return f"{version // 1000}.{(version % 1000) // 10}" if version else "none"
 
 
 def import_trt():
@@ -46,8 +65,47 @@ def import_cudart():
     return cudart
 
 
+class CudaError(BackendError):
+    """A failed CUDA runtime call; `sticky` when the CUDA context of this process is now unusable."""
+
+    def __init__(self, message: str, code_name: str = ""):
+        super().__init__(message)
+        self.code_name = code_name
+        self.sticky = is_sticky_cuda_error(self)
+
+
+# Errors after which every CUDA call of this process fails (the context is corrupt): only a new
+# process gets the GPU back. Names as cudaError_t spells them, plus the words CUDA, PyTorch and
+# ONNX Runtime put in their messages for them.
+STICKY_CUDA_PATTERNS = (
+    "cudaErrorIllegalAddress", "illegal memory access", "CUDA_ERROR_ILLEGAL_ADDRESS",
+    "cudaErrorLaunchFailure", "unspecified launch failure", "CUDA_ERROR_LAUNCH_FAILED",
+    "cudaErrorHardwareStackError", "hardware stack error",
+    "cudaErrorIllegalInstruction", "illegal instruction",
+    "cudaErrorMisalignedAddress", "misaligned address",
+    "cudaErrorInvalidAddressSpace", "cudaErrorInvalidPc", "invalid program counter",
+    "cudaErrorLaunchTimeout", "the launch timed out",
+    "cudaErrorECCUncorrectable", "uncorrectable ECC error",
+    "cudaErrorAssert", "device-side assert",
+)
+
+
+def is_sticky_cuda_error(exc: BaseException) -> bool:
+    """True when `exc` (from our CUDA calls, TensorRT, torch or onnxruntime, or anything it was
+    raised from) reports an error that leaves this process's CUDA context unusable."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if getattr(exc, "sticky", False):
+            return True
+        text = f"{getattr(exc, 'code_name', '')} {exc}".lower()
+        if any(p.lower() in text for p in STICKY_CUDA_PATTERNS):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
 def cuda_check(result: Any, what: str):
-    """Unwrap a cuda-python `(err, *values)` tuple; BackendError with CUDA's own words on failure."""
+    """Unwrap a cuda-python `(err, *values)` tuple; CudaError with CUDA's own words on failure."""
     cudart = import_cudart()
     if isinstance(result, tuple):
         err, values = result[0], result[1:]
@@ -56,23 +114,123 @@ def cuda_check(result: Any, what: str):
     if err != cudart.cudaError_t.cudaSuccess:
         _, text = cudart.cudaGetErrorString(err)
         detail = text.decode() if isinstance(text, bytes) else str(text)
-        raise BackendError(f"CUDA error in {what}: {getattr(err, 'name', err)} ({detail})")
+        name = getattr(err, "name", str(err))
+        raise CudaError(f"CUDA error in {what}: {name} ({detail})", name)
     if not values:
         return None
     return values[0] if len(values) == 1 else values
 
 
-def gpu_info(device: int = 0) -> dict[str, Any]:
-    """Name and compute capability of CUDA device `device` (BackendError when there is none)."""
+def cuda_versions() -> dict[str, Any]:
+    """Driver and runtime CUDA versions as numbers (12040 = 12.4) and text, plus the
+    cuda-bindings version; the driver number is 0 when no NVIDIA driver is installed."""
     cudart = import_cudart()
-    count = cuda_check(cudart.cudaGetDeviceCount(), "cudaGetDeviceCount (is an NVIDIA driver installed?)")
+    err, driver = cudart.cudaDriverGetVersion()
+    driver = int(driver) if err == cudart.cudaError_t.cudaSuccess else 0
+    err, runtime = cudart.cudaRuntimeGetVersion()
+    runtime = int(runtime) if err == cudart.cudaError_t.cudaSuccess else 0
+    return {
+        "driver": driver, "runtime": runtime,
+        "driver_text": format_cuda_version(driver), "runtime_text": format_cuda_version(runtime),
+        "cuda_bindings": dist_version("cuda-bindings") or dist_version("cuda-python") or "?",
+    }
+
+
+def driver_mismatch_hint(versions: dict[str, Any]) -> str:
+    """Words for a driver/runtime mismatch: which versions, and which extra to install instead."""
+    driver, runtime = versions["driver"], versions["runtime"]
+    where = (f"CUDA driver {versions['driver_text']}, CUDA runtime {versions['runtime_text']} "
+             f"(cuda-bindings {versions['cuda_bindings']})")
+    if not driver:
+        return f"{where}: no NVIDIA driver found; install one (CUDA 12 or newer)"
+    if runtime and runtime // 1000 > driver // 1000:
+        extra = recommended_extra(driver)
+        fix = f"install the [{extra}] extra instead" if extra else "update the NVIDIA driver (CUDA 12 or newer)"
+        return f"{where}: this runtime needs a CUDA {runtime // 1000} driver; {fix}, or update the driver"
+    return where
+
+
+def dist_version(name: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def gpu_info(device: int = 0) -> dict[str, Any]:
+    """Name, compute capability and SM count of CUDA device `device` (BackendError when there is
+    none, naming the driver and runtime versions)."""
+    cudart = import_cudart()
+    try:
+        count = cuda_check(cudart.cudaGetDeviceCount(), "cudaGetDeviceCount")
+    except CudaError as exc:
+        raise BackendError(f"{exc}; {driver_mismatch_hint(cuda_versions())}") from exc
     if not count:
-        raise BackendError("no NVIDIA GPU visible to CUDA")
+        raise BackendError(f"no NVIDIA GPU visible to CUDA ({driver_mismatch_hint(cuda_versions())})")
     if device >= count:
         raise BackendError(f"CUDA device {device} asked for, but only {count} visible")
     prop = cuda_check(cudart.cudaGetDeviceProperties(device), "cudaGetDeviceProperties")
     name = prop.name.decode(errors="replace").rstrip("\x00") if isinstance(prop.name, bytes) else str(prop.name)
-    return {"gpu_name": name.strip(), "compute_capability": f"{prop.major}.{prop.minor}"}
+    return {"gpu_name": name.strip(), "compute_capability": f"{prop.major}.{prop.minor}", "sm_count": int(prop.multiProcessorCount)}
+
+
+class LogRecorder:
+    """Thread-safe ring buffer of (severity, message) lines, so errors can quote what TensorRT said."""
+
+    def __init__(self, keep: int = 200):
+        self._lines: collections.deque = collections.deque(maxlen=keep)
+        self._lock = threading.Lock()
+        self._count = 0
+
+    def add(self, severity: str, msg: str) -> None:
+        with self._lock:
+            self._lines.append((severity, str(msg).strip()))
+            self._count += 1
+
+    def mark(self) -> int:
+        """A position; `since(mark)` returns what was logged after it."""
+        with self._lock:
+            return self._count
+
+    def since(self, mark: int, severities: tuple[str, ...] = ("INTERNAL_ERROR", "ERROR", "WARNING")) -> str:
+        with self._lock:
+            new = list(self._lines)[max(0, len(self._lines) - (self._count - mark)):]
+        return " | ".join(m for sev, m in new if sev in severities)
+
+
+_LOGGER = None
+_LOGGER_LOCK = threading.Lock()
+
+
+def trt_logger():
+    """The process's one TensorRT logger (TensorRT expects a single logger for every builder and
+    runtime): prints warnings and errors to stderr as TensorRT's own logger does, and keeps them in
+    `.recorder` for error messages."""
+    global _LOGGER
+    with _LOGGER_LOCK:
+        if _LOGGER is None:
+            trt = import_trt()
+
+            class _Logger(trt.ILogger):
+                def __init__(self):
+                    trt.ILogger.__init__(self)
+                    self.recorder = LogRecorder()
+                    self.print_at = int(trt.ILogger.Severity.WARNING)  # INTERNAL_ERROR 0 ... VERBOSE 4
+                    self.keep_at = int(trt.ILogger.Severity.INFO)
+
+                def log(self, severity, msg):
+                    level = int(severity)
+                    if level > self.keep_at:
+                        return  # VERBOSE: thousands of lines per build
+                    name = getattr(severity, "name", str(severity))
+                    self.recorder.add(name, msg)
+                    if level <= self.print_at:
+                        print(f"[TensorRT] {name}: {msg}", file=sys.stderr, flush=True)
+
+            _LOGGER = _Logger()
+        return _LOGGER
 
 
 def device_index(device: str | None) -> int:
@@ -84,11 +242,16 @@ def device_index(device: str | None) -> int:
     return int(m.group(1))
 
 
-def engine_cache_key(model_id: str, gpu_name: str, compute_capability: str, trt_version: str, precision: str, input_size: int) -> str:
-    """File stem of an engine: everything that makes an engine unusable elsewhere is in it."""
-    gpu = re.sub(r"[^a-z0-9]+", "-", gpu_name.lower()).strip("-")
-    cc = compute_capability.replace(".", "")
-    return f"{model_id}-{gpu}-sm{cc}-trt{trt_version}-{precision}-{int(input_size)}"
+def engine_cache_key(model_id: str, target: dict[str, Any], precision: str, input_size: int, max_batch: int, export_revision: int) -> str:
+    """File stem of an engine: everything that makes an engine unusable (or different) elsewhere is
+    in it: model (preset + checkpoint hash), export revision, GPU name, compute capability and SM
+    count (engines tuned for one SM count differ from another's, as in HoloHub's engine cache),
+    TensorRT version, precision, input size and the profile's max batch. `target` has gpu_name,
+    compute_capability, sm_count and tensorrt_version (`current_target()` / a sidecar)."""
+    gpu = re.sub(r"[^a-z0-9]+", "-", target["gpu_name"].lower()).strip("-")
+    cc = target["compute_capability"].replace(".", "")
+    return (f"{model_id}-r{int(export_revision)}-{gpu}-sm{cc}x{int(target['sm_count'])}-trt{target['tensorrt_version']}"
+            f"-{precision}-{int(input_size)}-b{int(max_batch)}")
 
 
 def sidecar_path(engine_path: str) -> str:
@@ -108,8 +271,11 @@ def read_sidecar(engine_path: str) -> dict[str, Any]:
     except (OSError, json.JSONDecodeError) as exc:
         raise BackendError(f"{side}: unreadable engine sidecar ({exc}); rebuild the engine") from exc
     if meta.get("format") != SIDECAR_FORMAT:
-        raise BackendError(f"{side}: not a KDAS engine sidecar (format {meta.get('format')!r})")
-    for key in ("input_size", "threshold", "precision", "gpu_name", "compute_capability", "tensorrt_version"):
+        raise BackendError(
+            f"{side}: not a current KDAS engine sidecar (format {meta.get('format')!r}, expected {SIDECAR_FORMAT!r}); "
+            "rebuild the engine with `python -m engines.build --format tensorrt`"
+        )
+    for key in ("input_size", "threshold", "precision", "gpu_name", "compute_capability", "sm_count", "tensorrt_version", "max_batch", "export_revision"):
         if key not in meta:
             raise BackendError(f"{side}: engine sidecar lacks {key!r}; rebuild the engine")
     return meta
@@ -136,4 +302,6 @@ def compatibility_problem(meta: dict[str, Any], here: dict[str, Any]) -> str | N
             f"built for {meta['gpu_name']} (sm {meta['compute_capability']}), this GPU is "
             f"{here['gpu_name']} (sm {here['compute_capability']})"
         )
+    if "export_revision" in here and int(meta["export_revision"]) != int(here["export_revision"]):
+        problems.append(f"built from export revision {meta['export_revision']}, this code exports revision {here['export_revision']}")
     return "; ".join(problems) or None

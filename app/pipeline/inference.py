@@ -6,7 +6,9 @@ so lazily created GPU objects belong to this thread too.
 
 Fallback: if the asked-for backend cannot be built or cannot run (engine built for another
 GPU, missing CUDA, broken export), the next one in tensorrt -> onnxruntime -> torch is tried
-and a notice says so. Input size and threshold come only from the backend (model metadata).
+and a notice says so. After a sticky CUDA error (illegal address, launch failure, ...) CUDA is
+unusable in this process, so the fallback runs on the CPU. Input size and threshold come only
+from the backend (model metadata).
 """
 
 from __future__ import annotations
@@ -84,12 +86,22 @@ def open_backend(path: str, requested: str, *, factory: Callable = _default_fact
                     pass
             tried.update({name, actual})
             errors.append(f"{actual}: {_oneline(exc)}")
+            if device != "cpu" and _sticky(exc):  # this process's CUDA context is gone: CPU only from here
+                device = "cpu"
+                tried.add("tensorrt")
+                notice("CUDA failed with an unrecoverable error; the fallback runs on the CPU")
             if name == "auto" and backend is not None:
                 chain = [b for b in fallbacks_after(actual) if b not in tried]
             chain = [b for b in chain if b not in tried]
             if chain:
                 notice(f"{actual} backend failed ({_oneline(exc)}); falling back to {chain[0]}")
     raise AppError(f"{path}: no backend could run the model:\n  " + "\n  ".join(errors))
+
+
+def _sticky(exc: BaseException) -> bool:
+    from engines import is_sticky_cuda_error
+
+    return is_sticky_cuda_error(exc)
 
 
 def _oneline(exc: BaseException, limit: int = 300) -> str:
@@ -188,6 +200,9 @@ class InferenceStage(threading.Thread):
             except Exception:
                 pass
             nxt = fallbacks_after(failed)
+            if _sticky(exc):  # e.g. an illegal address: every CUDA call in this process fails from now on
+                self.device = "cpu"
+                nxt = [b for b in nxt if b != "tensorrt"]
             if not nxt:
                 raise AppError(f"{self.model_path}: the {failed} backend failed while running: {_oneline(exc)}") from exc
             self._load(nxt[0], skip=tuple(ORDER[: ORDER.index(failed) + 1]))

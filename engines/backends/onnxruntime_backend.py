@@ -1,6 +1,12 @@
 """ONNX Runtime backend. CPU always; CUDA / TensorRT execution providers when onnxruntime-gpu
 is installed. Accepts an exported .onnx or a .safetensors checkpoint (exported once into the
-cache, then reused)."""
+cache, then reused).
+
+ONNX Runtime quietly runs on CPU when a GPU provider fails to load (missing CUDA/cuDNN
+libraries, or `onnxruntime` and `onnxruntime-gpu` installed side by side, which share one
+package folder and lose the CUDA provider). The session's *active* providers are therefore
+checked after creation: a GPU that was asked for and is not used is an error naming the cause;
+with device=None it is a note."""
 
 from __future__ import annotations
 
@@ -20,10 +26,10 @@ log = logging.getLogger("engines")
 GRAPH_OPT_LEVELS = ("disable", "basic", "extended", "all")
 
 
-def cached_onnx_for_checkpoint(ckpt: str, image_size: int | None = None, notes: list[str] | None = None) -> str:
-    """ONNX export of a checkpoint in the cache (`<cache>/onnx/<sha256[:16]>-<size>-fp32-r<rev>.onnx`),
-    exporting it on first use. The checkpoint's hash is in the name, so new weights never reuse
-    a stale export."""
+def cached_onnx_for_checkpoint(ckpt: str, image_size: int | None = None, notes: list[str] | None = None, precision: str = "fp32") -> str:
+    """ONNX export of a checkpoint in the cache (`<cache>/onnx/<sha256[:16]>-<size>-<precision>-r<rev>.onnx`),
+    exporting it on first use. The checkpoint's hash and the export revision are in the name, so
+    new weights or a changed exporter never reuse a stale export."""
     from kdas_core.checkpoint import CheckpointError, file_sha256, read_metadata
 
     from .torch_backend import load_torch_checkpoint
@@ -34,11 +40,12 @@ def cached_onnx_for_checkpoint(ckpt: str, image_size: int | None = None, notes: 
         raise BackendError(str(exc)) from exc
     size = int(image_size or meta["input_size"])
     sha = file_sha256(ckpt)
-    path = os.path.join(cache_dir("onnx"), f"{sha[:16]}-{size}-fp32-r{REVISION}.onnx")
+    path = os.path.join(cache_dir("onnx"), f"{sha[:16]}-{size}-{precision}-r{REVISION}.onnx")
     notes = notes if notes is not None else []
     if os.path.isfile(path):
         try:
-            if read_onnx_metadata(path)["source_sha256"] == sha:
+            cached = read_onnx_metadata(path)
+            if cached["source_sha256"] == sha and cached["export_revision"] == REVISION and cached["precision"] == precision:
                 notes.append(f"reused cached ONNX export {path}")
                 return path
         except BackendError:
@@ -46,7 +53,7 @@ def cached_onnx_for_checkpoint(ckpt: str, image_size: int | None = None, notes: 
     model, meta = load_torch_checkpoint(ckpt)
     t0 = time.perf_counter()
     log.info(f"exporting {ckpt} to ONNX once (cached in {os.path.dirname(path)}) ...")
-    export_onnx(model, meta, path, image_size=size, source_sha256=sha, source_path=os.path.abspath(ckpt), log=log.info)
+    export_onnx(model, meta, path, image_size=size, precision=precision, source_sha256=sha, source_path=os.path.abspath(ckpt), log=log.info)
     notes.append(f"exported {ckpt} to ONNX cache {path} ({time.perf_counter() - t0:.1f} s, once per checkpoint and size)")
     return path
 
@@ -55,6 +62,57 @@ def available_providers() -> list[str]:
     import onnxruntime as ort
 
     return list(ort.get_available_providers())
+
+
+GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+
+
+def ort_install_problem() -> str | None:
+    """Why this onnxruntime install cannot use a GPU reliably (None when it looks fine): the CPU
+    and GPU wheels both installed (they overwrite each other's files and the CUDA provider is lost)."""
+    from importlib import metadata
+
+    installed = []
+    for dist in ("onnxruntime", "onnxruntime-gpu"):
+        try:
+            installed.append(f"{dist} {metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            pass
+    if len(installed) == 2:
+        return (f"both {installed[0]} and {installed[1]} are installed; they share the onnxruntime package folder "
+                "and the CUDA provider is lost. Fix: pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu")
+    return None
+
+
+def provider_names(providers: list) -> list[str]:
+    """Provider names of an ORT providers list whose entries are names or (name, options)."""
+    return [p[0] if isinstance(p, tuple) else p for p in providers]
+
+
+def cuda_device_id(device: str | None) -> int:
+    """'cuda' / None -> 0, 'cuda:N' -> N (ORT's `device_id` provider option)."""
+    if device in (None, "cuda"):
+        return 0
+    if device.startswith("cuda:") and device[5:].isdigit():
+        return int(device[5:])
+    raise BackendError(f"device must be 'cpu', 'cuda' or 'cuda:N', not {device!r}")
+
+
+def gpu_provider_options(have: list[str], device: str | None, trt_fp16: bool, cache: str, use_trt: bool = True) -> list:
+    """ONNX Runtime providers (with options) for a GPU session on `device`, CPU last; ORT's
+    TensorRT provider first when available and `use_trt`."""
+    dev = cuda_device_id(device)
+    chosen: list = []
+    if use_trt and "TensorrtExecutionProvider" in have:
+        # Engine + timing caches so the (minutes-long) TensorRT build happens once per graph/GPU.
+        chosen.append(("TensorrtExecutionProvider", {
+            "device_id": dev, "trt_fp16_enable": bool(trt_fp16),
+            "trt_engine_cache_enable": True, "trt_engine_cache_path": cache,
+            "trt_timing_cache_enable": True, "trt_timing_cache_path": cache,
+        }))
+    if "CUDAExecutionProvider" in have:
+        chosen.append(("CUDAExecutionProvider", {"device_id": dev}))
+    return chosen + ["CPUExecutionProvider"] if chosen else []
 
 
 class OnnxRuntimeBackend(Backend):
@@ -68,6 +126,8 @@ class OnnxRuntimeBackend(Backend):
         threads: int | None = None,
         graph_opt: str = "all",
         spin: bool | None = None,
+        trt_fp16: bool | None = None,
+        ort_tensorrt: bool | None = None,
     ):
         notes: list[str] = []
         source = path
@@ -91,6 +151,12 @@ class OnnxRuntimeBackend(Backend):
         # better when other work competes for the cores (a GUI, a video decoder, other jobs).
         env_spin = os.environ.get("KDAS_ORT_SPIN")
         self.spin = spin if spin is not None else (env_spin != "0" if env_spin else None)
+        # FP16 in ORT's TensorRT provider (for an fp32 graph): asked for, or KDAS_ORT_TRT_FP16=1.
+        self.trt_fp16 = trt_fp16 if trt_fp16 is not None else os.environ.get("KDAS_ORT_TRT_FP16") == "1"
+        # ORT's own TensorRT provider (before CUDA) unless turned off, or KDAS_ORT_TRT=0.
+        self.ort_tensorrt = ort_tensorrt if ort_tensorrt is not None else os.environ.get("KDAS_ORT_TRT", "1") != "0"
+        self.device = device
+        self.active_providers: list[str] | None = None  # what the session really runs (after creation)
         self.providers = self._choose_providers(device)
         self._session = None
         self._input_name = INPUT_NAME
@@ -98,28 +164,40 @@ class OnnxRuntimeBackend(Backend):
             # CPU sessions are thread-agnostic: create now, so a bad file fails at load time.
             self._session = self._create_session()
         spin_text = "default" if self.spin is None else ("on" if self.spin else "off")
-        self.notes.append(f"onnxruntime providers {self.providers}, threads {self.threads or 'default'}, graph opt {graph_opt}, spinning {spin_text}")
+        names = provider_names(self.providers)
+        self.notes.append(f"onnxruntime providers {names}{' (TensorRT fp16)' if self.trt_fp16 and 'TensorrtExecutionProvider' in names else ''}, threads {self.threads or 'default'}, graph opt {graph_opt}, spinning {spin_text}")
 
     def _choose_providers(self, device: str | None) -> list:
         have = available_providers()
-        if device == "cpu" or device is None and not any(p in have for p in ("CUDAExecutionProvider", "TensorrtExecutionProvider")):
+        if device == "cpu" or device is None and not any(p in have for p in GPU_PROVIDERS):
             return ["CPUExecutionProvider"]
-        chosen: list = []
-        if "TensorrtExecutionProvider" in have:
-            # Engine + timing caches so the (minutes-long) TensorRT build happens once.
-            trt_cache = cache_dir("ort-tensorrt")
-            chosen.append(("TensorrtExecutionProvider", {
-                "trt_engine_cache_enable": True, "trt_engine_cache_path": trt_cache,
-                "trt_timing_cache_enable": True, "trt_timing_cache_path": trt_cache,
-            }))
-        if "CUDAExecutionProvider" in have:
-            chosen.append("CUDAExecutionProvider")
+        chosen = gpu_provider_options(have, device, self.trt_fp16, cache_dir("ort-tensorrt"), self.ort_tensorrt)
         if not chosen:
+            problem = ort_install_problem()
             raise BackendError(
                 f"{self.path}: device {device!r} asked for a GPU but onnxruntime has only {have}; "
-                "install onnxruntime-gpu (extra [gpu]) or use device='cpu'"
+                + (problem if problem else "install onnxruntime-gpu (extra [gpu], see the README) or use device='cpu'")
             )
-        return chosen + ["CPUExecutionProvider"]
+        if chosen[0][0] == "TensorrtExecutionProvider":
+            self.notes.append(
+                "onnxruntime's TensorRT provider builds an engine on the first run (minutes); "
+                f"it is cached in {cache_dir('ort-tensorrt')} for the next runs"
+            )
+        return chosen
+
+    def _check_active(self, session) -> None:
+        """ORT falls back to CPU without a word when a GPU provider fails to load: say what runs."""
+        active = list(session.get_providers())
+        self.active_providers = active
+        asked_gpu = [p for p in provider_names(self.providers) if p in GPU_PROVIDERS]
+        if not asked_gpu or any(p in active for p in GPU_PROVIDERS):
+            return
+        problem = ort_install_problem() or "the CUDA/cuDNN libraries onnxruntime-gpu needs did not load (see ONNX Runtime's log)"
+        text = f"onnxruntime was asked for {asked_gpu} but runs on {active}: {problem}"
+        if self.device is not None:  # a GPU was explicitly asked for
+            raise BackendError(f"{self.path}: {text}")
+        self.notes.append(text)
+        log.warning(text)
 
     def _create_session(self):
         import onnxruntime as ort
@@ -145,6 +223,7 @@ class OnnxRuntimeBackend(Backend):
                 "export it again with `python -m engines.build`"
             ) from exc
         self._input_name = session.get_inputs()[0].name
+        self._check_active(session)
         return session
 
     def _predict(self, frames: np.ndarray) -> np.ndarray:

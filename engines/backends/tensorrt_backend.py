@@ -1,8 +1,10 @@
 """TensorRT backend: a serialized engine built by `python -m engines.build --format tensorrt`.
 
 Buffers and streams use cuda-python (`cuda.bindings.runtime`), not pycuda. Pinned host buffers,
-device buffers, one stream and (optionally) one CUDA graph per batch size, all sized for the
-engine's largest profile batch; bigger batches run in chunks.
+device buffers and one stream, sized for the engine's largest profile batch (bigger batches run in
+chunks). With CUDA graphs, each batch size gets its own execution context and graph: a graph
+replays the shape-dependent state of the context it was captured on, so one context must never
+serve graphs of several shapes.
 
 Every CUDA/TensorRT object is created by the first `predict`, in the thread that calls it:
 construct anywhere, then predict from one worker thread (a call from another thread rebuilds
@@ -23,11 +25,11 @@ from ..trt_common import (
     compatibility_problem,
     cuda_check,
     device_index,
-    engine_cache_key,
     gpu_info,
     import_cudart,
     import_trt,
     read_sidecar,
+    trt_logger,
 )
 from .base import Backend
 
@@ -46,41 +48,80 @@ def why_unavailable(device: str | None = None) -> str | None:
 
 
 def current_target(device: str | None = None) -> dict:
-    """GPU name, compute capability and TensorRT version of this machine (what an engine must match)."""
+    """GPU name, compute capability, SM count, TensorRT version and export revision of this
+    machine and code (what an engine must match)."""
+    from ..export import REVISION
+
     trt = import_trt()
-    return {**gpu_info(device_index(device)), "tensorrt_version": trt.__version__}
+    return {**gpu_info(device_index(device)), "tensorrt_version": trt.__version__, "export_revision": REVISION}
 
 
-def find_cached_engine(path: str, image_size: int | None = None, device: str | None = None) -> str:
-    """A prebuilt engine for checkpoint/ONNX `path` on this GPU + TensorRT, found through the cache
-    index that `engines.build` writes. BackendError (with the build command) when there is none."""
-    from kdas_core.checkpoint import file_sha256, read_metadata
-
+def find_cached_engine(path: str, image_size: int | None = None, device: str | None = None, notes: list[str] | None = None) -> str:
+    """A prebuilt, verified engine for checkpoint/ONNX `path` on this GPU + TensorRT, found through
+    the cache index that `engines.build` writes after a passing `--verify`. BackendError (with the
+    build command) when there is none."""
     from ..export import read_onnx_metadata
 
     if path.lower().endswith(".onnx"):
         meta = read_onnx_metadata(path)
-        sha = meta["source_sha256"]
+        sha, onnx_sha = meta["source_sha256"], _sha256(path)
     else:
-        meta = read_metadata(path)
-        sha = file_sha256(path)
+        from kdas_core.checkpoint import read_metadata
+
+        meta, sha, onnx_sha = read_metadata(path), _sha256(path), None
     size = int(image_size or meta["input_size"])
     here = current_target(device)
-    index = cache_dir("tensorrt")
-    for precision in ("fp16", "fp32"):  # fp16 first: faster, and verified by the build
-        key = engine_cache_key(f"{meta['preset']}-{sha[:12]}", here["gpu_name"], here["compute_capability"], here["tensorrt_version"], precision, size)
-        pointer = os.path.join(index, key + ".json")
-        if os.path.isfile(pointer):
-            import json
-
-            with open(pointer, encoding="utf-8") as f:
-                engine = json.load(f).get("engine", "")
-            if os.path.isfile(engine):
-                return engine
+    engine, skipped = pick_indexed_engine(cache_dir("tensorrt"), meta["preset"], sha, here, size, onnx_sha)
+    if notes is not None:
+        notes.extend(skipped)
+    if engine:
+        return engine
     raise BackendError(
         f"{path}: no TensorRT engine built for {here['gpu_name']} / TensorRT {here['tensorrt_version']} at {size}x{size}; "
         f"build one (takes minutes): python -m engines.build --weights {path} --out engines-out --format tensorrt --precision fp16 --verify"
+        + (f" ({'; '.join(skipped)})" if skipped else "")
     )
+
+
+def pick_indexed_engine(index_dir: str, preset: str, source_sha256: str, here: dict, size: int, onnx_sha256: str | None = None) -> tuple[str | None, list[str]]:
+    """(engine path or None, reasons entries were passed over) from the cache index: entries whose
+    key matches this model, GPU (incl. SM count), TensorRT, export revision and size, whose engine
+    file and sidecar still exist, and (for an ONNX source) whose ONNX hash matches. Verified
+    engines first, then fp16 before fp32, then the largest max batch."""
+    import json
+
+    candidates, skipped = [], []
+    for name in sorted(os.listdir(index_dir)) if os.path.isdir(index_dir) else []:
+        if not name.endswith(".json"):
+            continue
+        try:
+            with open(os.path.join(index_dir, name), encoding="utf-8") as f:
+                entry = json.load(f)
+            if entry.get("source_sha256") != source_sha256 or entry.get("preset") != preset:
+                continue  # another model's engine
+            engine = entry["engine"]
+            side = read_sidecar(engine)  # the engine's own sidecar is the authority, not the index copy
+        except (OSError, ValueError, KeyError, BackendError) as exc:
+            skipped.append(f"index entry {name} skipped: {exc}")
+            continue
+        if int(side["input_size"]) != size or int(side["sm_count"]) != int(here["sm_count"]) or compatibility_problem(side, here):
+            continue  # built for another size, GPU, TensorRT or export revision
+        if onnx_sha256 and side.get("onnx_sha256") != onnx_sha256:
+            skipped.append(f"{engine} skipped: built from another ONNX file (hash differs)")
+            continue
+        candidates.append((not side.get("verified", False), side["precision"] != "fp16", -int(side["max_batch"]), engine))
+    if not candidates:
+        return None, skipped
+    best = min(candidates)
+    if best[0]:
+        skipped.append(f"{best[3]}: no verified engine indexed; using an unverified one")
+    return best[3], skipped
+
+
+def _sha256(path: str) -> str:
+    from kdas_core.checkpoint import file_sha256
+
+    return file_sha256(path)
 
 
 class TensorRTBackend(Backend):
@@ -99,12 +140,17 @@ class TensorRTBackend(Backend):
                 f"{path}: this engine cannot run here: {problem}. Engines are tied to the GPU and TensorRT "
                 f"version that built them; rebuild with `python -m engines.build --weights CKPT --out DIR --format tensorrt`"
             )
-        if meta["gpu_name"] != here["gpu_name"]:
-            self.notes.append(f"engine built on {meta['gpu_name']}, running on {here['gpu_name']} (same architecture)")
+        if meta["gpu_name"] != here["gpu_name"] or int(meta["sm_count"]) != int(here["sm_count"]):
+            self.notes.append(
+                f"engine built on {meta['gpu_name']} ({meta['sm_count']} SMs), running on {here['gpu_name']} "
+                f"({here['sm_count']} SMs): same architecture, but its tactics were tuned for the other GPU; rebuild for best speed"
+            )
+        if not meta.get("verified", False):
+            self.notes.append("this engine was not verified against PyTorch (build it with --verify)")
         if cuda_graph is None:
             cuda_graph = os.environ.get("KDAS_TRT_CUDA_GRAPH", "0") == "1"
         self.use_cuda_graph = bool(cuda_graph)
-        self.max_batch = int(meta.get("max_batch", 4))
+        self.max_batch = int(meta["max_batch"])
         self._state: _TrtState | None = None
         self.notes.append(
             f"tensorrt {here['tensorrt_version']} on {here['gpu_name']}, {meta['precision']}, batch 1-{self.max_batch}"
@@ -129,7 +175,7 @@ class TensorRTBackend(Backend):
 
 
 class _TrtState:
-    """Engine, context, stream, buffers and graphs of one inference thread."""
+    """Engine, contexts, stream, buffers and graphs of one inference thread."""
 
     @classmethod
     def create(cls, path: str, device: int, max_batch: int, use_cuda_graph: bool) -> "_TrtState":
@@ -143,7 +189,8 @@ class _TrtState:
 
     def __init__(self, path: str, device: int, max_batch: int, use_cuda_graph: bool):
         trt = import_trt()
-        self.graphs: dict[int, object] = {}
+        # batch size -> (its own execution context, the graph captured on it)
+        self.graphs: dict[int, tuple[object, object]] = {}
         self._device_ptrs: list[int] = []
         self._host_ptrs: list[int] = []
         self.stream = None
@@ -151,14 +198,18 @@ class _TrtState:
         self.thread = threading.get_ident()
         self.use_cuda_graph = use_cuda_graph
         cuda_check(cudart.cudaSetDevice(device), "cudaSetDevice")
-        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.logger = trt_logger()  # the process's one TensorRT logger
+        mark = self.logger.recorder.mark()
         self.runtime = trt.Runtime(self.logger)
         with open(path, "rb") as f:
             blob = f.read()
         self.engine = self.runtime.deserialize_cuda_engine(blob)
         if self.engine is None:
-            raise BackendError(f"{path}: TensorRT could not deserialize this engine (see the TensorRT log above); rebuild it for this GPU/TensorRT")
+            said = self.logger.recorder.since(mark) or "no message from TensorRT"
+            raise BackendError(f"{path}: TensorRT could not deserialize this engine ({said}); rebuild it for this GPU/TensorRT")
         self.context = self.engine.create_execution_context()
+        if self.context is None:
+            raise BackendError(f"{path}: TensorRT could not create an execution context ({self.logger.recorder.since(mark)})")
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
@@ -174,9 +225,13 @@ class _TrtState:
         self.stream = cuda_check(cudart.cudaStreamCreate(), "cudaStreamCreate")
         self.h_in, self.d_in = self._alloc(self.in_dtype, (max_batch, *self.frame_shape))
         self.h_out, self.d_out = self._alloc(self.out_dtype, (max_batch, *self.out_frame_shape))
-        # Fixed addresses: set once, valid for every batch size (buffers are sized for max_batch).
-        self.context.set_tensor_address(self.in_name, self.d_in)
-        self.context.set_tensor_address(self.out_name, self.d_out)
+        self._bind(self.context)
+
+    def _bind(self, context) -> None:
+        # Fixed addresses: valid for every batch size (buffers are sized for max_batch).
+        for name, ptr in ((self.in_name, self.d_in), (self.out_name, self.d_out)):
+            if context.set_tensor_address(name, ptr) is False:  # C++ returns bool; be explicit about False only
+                raise BackendError(f"TensorRT refused the buffer address of {name!r}")
 
     def _alloc(self, dtype: np.dtype, shape: tuple[int, ...]) -> tuple[np.ndarray, int]:
         nbytes = int(np.prod(shape)) * dtype.itemsize
@@ -195,38 +250,68 @@ class _TrtState:
         in_bytes = n * self.h_in[0].nbytes
         out_bytes = n * self.h_out[0].nbytes
         cuda_check(cudart.cudaMemcpyAsync(self.d_in, self.h_in.ctypes.data, in_bytes, kind.cudaMemcpyHostToDevice, self.stream), "copy frames to GPU")
-        self._execute(n)
+        if self.use_cuda_graph:
+            self._launch_graph(n)
+        else:
+            self._enqueue(self.context, n)
         cuda_check(cudart.cudaMemcpyAsync(self.h_out.ctypes.data, self.d_out, out_bytes, kind.cudaMemcpyDeviceToHost, self.stream), "copy probabilities from GPU")
         cuda_check(cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
         return np.array(self.h_out[:n], dtype=np.float32)  # copy out of the reused pinned buffer
 
-    def _execute(self, n: int) -> None:
-        cudart = self.cudart
-        if not self.context.set_input_shape(self.in_name, (n, *self.frame_shape)):
+    def _enqueue(self, context, n: int) -> None:
+        if not context.set_input_shape(self.in_name, (n, *self.frame_shape)):
             raise BackendError(f"TensorRT refused batch {n} (engine profile is 1-{self.max_batch})")
-        if not self.use_cuda_graph:
-            if not self.context.execute_async_v3(int(self.stream)):
-                raise BackendError("TensorRT execute_async_v3 failed (see the TensorRT log above)")
-            return
-        graph_exec = self.graphs.get(n)
-        if graph_exec is None:
-            # One plain run first: TensorRT does shape-dependent setup that must not be captured.
-            if not self.context.execute_async_v3(int(self.stream)):
-                raise BackendError("TensorRT execute_async_v3 failed (see the TensorRT log above)")
-            mode = cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
-            cuda_check(cudart.cudaStreamBeginCapture(self.stream, mode), "cudaStreamBeginCapture")
-            self.context.execute_async_v3(int(self.stream))
-            graph = cuda_check(cudart.cudaStreamEndCapture(self.stream), "cudaStreamEndCapture")
-            graph_exec = cuda_check(cudart.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
-            cuda_check(cudart.cudaGraphDestroy(graph), "cudaGraphDestroy")
-            self.graphs[n] = graph_exec
-        cuda_check(cudart.cudaGraphLaunch(graph_exec, self.stream), "cudaGraphLaunch")
+        self._execute(context)
+
+    def _execute(self, context) -> None:
+        mark = self.logger.recorder.mark()
+        if not context.execute_async_v3(int(self.stream)):
+            raise BackendError(f"TensorRT execute_async_v3 failed: {self.logger.recorder.since(mark) or 'no message from TensorRT'}")
+
+    def _launch_graph(self, n: int) -> None:
+        entry = self.graphs.get(n)
+        if entry is None:
+            entry = self.graphs[n] = self._capture(n)
+        cuda_check(self.cudart.cudaGraphLaunch(entry[1], self.stream), "cudaGraphLaunch")
+
+    def _capture(self, n: int) -> tuple[object, object]:
+        """A new execution context fixed at batch `n`, and a CUDA graph of its enqueue."""
+        cudart = self.cudart
+        context = self.engine.create_execution_context()
+        if context is None:
+            raise BackendError(f"TensorRT could not create an execution context for batch {n} (GPU memory?)")
+        self._bind(context)
+        # One plain run first: TensorRT does shape-dependent setup that must not be captured.
+        self._enqueue(context, n)
+        cuda_check(cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
+        mode = cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
+        cuda_check(cudart.cudaStreamBeginCapture(self.stream, mode), "cudaStreamBeginCapture")
+        graph, failure = None, None
+        try:
+            self._execute(context)
+        except BaseException as exc:
+            failure = exc
+        finally:
+            # End the capture on every path, or the stream stays in capture mode for good.
+            err, graph = cudart.cudaStreamEndCapture(self.stream)
+        if failure is not None:
+            if not _null(graph):
+                cudart.cudaGraphDestroy(graph)
+            raise BackendError(f"CUDA graph capture at batch {n} failed: {failure}") from failure
+        if err != cudart.cudaError_t.cudaSuccess or _null(graph):
+            cuda_check((err,), f"cudaStreamEndCapture (batch {n})")
+            raise BackendError(f"CUDA graph capture at batch {n} returned no graph (capture invalidated)")
+        try:
+            graph_exec = cuda_check(cudart.cudaGraphInstantiate(graph, 0), f"cudaGraphInstantiate (batch {n})")
+        finally:
+            cudart.cudaGraphDestroy(graph)
+        return context, graph_exec
 
     def release(self) -> None:
         cudart = getattr(self, "cudart", None)
         if cudart is None:
             return
-        for graph_exec in getattr(self, "graphs", {}).values():
+        for _context, graph_exec in getattr(self, "graphs", {}).values():
             cudart.cudaGraphExecDestroy(graph_exec)
         self.graphs.clear()
         self.context = None
@@ -239,3 +324,8 @@ class _TrtState:
         if self.stream is not None:
             cudart.cudaStreamDestroy(self.stream)
             self.stream = None
+
+
+def _null(handle) -> bool:
+    """A cuda-python handle (cudaGraph_t, ...) that is absent or NULL (they are always truthy)."""
+    return handle is None or int(handle) == 0
