@@ -8,6 +8,7 @@ parts of the stats JSON; `FrameAnalysis` is what one frame's CSV row and the win
 
 from __future__ import annotations
 
+import collections
 import threading
 from dataclasses import dataclass, field
 
@@ -61,6 +62,7 @@ class Analyzer:
         self._agree_n = 0
         self._agree_inter = 0
         self._agree_total = 0
+        self._agree_recent: collections.deque = collections.deque(maxlen=50)  # the window's readout
 
     # -- before the threshold ----------------------------------------------------------------
     def filter(self, frame, threshold: float) -> np.ndarray:
@@ -99,12 +101,18 @@ class Analyzer:
         if agreement is not None:
             self._agree_sum += agreement
             self._agree_n += 1
+            self._agree_recent.append(agreement)
             nb = cv2.countNonZero(frame.mask_b)
             self._agree_inter += cv2.countNonZero(cv2.bitwise_and(mask, frame.mask_b))
             self._agree_total += area + nb
         self._last = FrameAnalysis(area_pct, bbox, present, cue_on, self._cut, self.settings.smooth is not None,
                                    agreement)
         return self._last
+
+    def recent_agreement(self) -> float | None:
+        """Mean Dice of the two models over the last frames (any thread: a snapshot of a deque)."""
+        recent = list(self._agree_recent)
+        return sum(recent) / len(recent) if recent else None
 
     def summary(self) -> dict:
         smooth = self.settings.smooth
