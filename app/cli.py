@@ -57,17 +57,21 @@ window keys
 exit status: 0 ok, 1 failure (message on stderr), 2 bad arguments, 130/143 interrupted."""
 
 
-def _unit_interval(name: str):
+def _number_in(name: str, lo: float, hi: float):
     def parse(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a number in [0, 1], got {text!r}") from None
-        if not 0.0 <= value <= 1.0:
-            raise argparse.ArgumentTypeError(f"{name} must be in [0, 1], got {value}")
+            raise argparse.ArgumentTypeError(f"{name} must be a number in [{lo:g}, {hi:g}], got {text!r}") from None
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"{name} must be in [{lo:g}, {hi:g}], got {value}")
         return value
 
     return parse
+
+
+def _unit_interval(name: str):
+    return _number_in(name, 0.0, 1.0)
 
 
 def _positive_int(text: str) -> int:
@@ -86,16 +90,6 @@ def _smooth_spec(text: str) -> SmoothSpec:
     except ValueError as exc:
         hint = "; a bare --smooth takes the next word as SPEC: put SOURCE before it" if "=" not in text else ""
         raise argparse.ArgumentTypeError(f"{exc}{hint}") from None
-
-
-def _percent(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a percentage 0..100, got {text!r}") from None
-    if not 0.0 <= value <= 100.0:
-        raise argparse.ArgumentTypeError(f"expected a percentage 0..100, got {value}")
-    return value
 
 
 def analysis_settings(args) -> AnalysisSettings:
@@ -140,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"polyp cue: on after N frames in a row with a polyp (default {CueSpec.on_after})")
     a.add_argument("--cue-off", type=_positive_int, default=CueSpec.off_after, metavar="M",
                    help=f"polyp cue: off after M frames in a row without one (default {CueSpec.off_after})")
-    a.add_argument("--min-area", type=_percent, default=CueSpec.min_area_pct, metavar="PCT",
+    a.add_argument("--min-area", type=_number_in("--min-area", 0.0, 100.0), default=CueSpec.min_area_pct, metavar="PCT",
                    help=f"a frame has a polyp when the mask covers at least PCT %% of it (default {CueSpec.min_area_pct:g})")
     a.add_argument("--no-cue", dest="cue", action="store_false", help="do not draw the polyp cue border (still counted)")
     a.add_argument("--compare-weights", metavar="OTHER",

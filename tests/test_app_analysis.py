@@ -243,7 +243,7 @@ def test_real_clip_filter_cuts_toggles_and_cue_episodes_are_threshold_stable(tmp
     gt = shared_data("polyp")
     if not DEFAULT_WEIGHTS.is_file():
         pytest.skip("bundled weights missing")
-    res = evaluate(str(clip), str(gt), str(DEFAULT_WEIGHTS), backend="torch", threads=1, max_frames=160,
+    res = evaluate(str(clip), str(gt), str(DEFAULT_WEIGHTS), backend="torch", threads=1, max_frames=100,
                    thresholds=[0.45, 0.5, 0.55])
     rows = {(r["filter"], r["threshold"]): r for r in res["rows"]}
     spec = SmoothSpec().describe()

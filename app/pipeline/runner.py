@@ -232,7 +232,8 @@ class Pipeline:
         if threshold is None:
             threshold = self.inference.info.threshold
         analyzer = self.analyzer
-        probs = analyzer.filter(frame, threshold)
+        stale = frame.epoch != self.epoch.value  # from before a seek / source change: dropped at delivery
+        probs = frame.probs if stale else analyzer.filter(frame, threshold)
         frame.mask = probs_to_mask(probs, frame.image.shape[:2], threshold)
         info_b = self.compare.info
         if frame.probs_b is not None and info_b is not None:
@@ -240,7 +241,7 @@ class Pipeline:
             frame.mask_b = probs_to_mask(frame.probs_b, frame.image.shape[:2], threshold_b)
         else:
             frame.mask_b = None
-        frame.analysis = analyzer.observe(frame)
+        frame.analysis = None if stale else analyzer.observe(frame)
         return frame
 
     def _overlay(self, frame: Frame) -> Frame:
