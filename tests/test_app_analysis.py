@@ -86,6 +86,15 @@ def test_hysteresis_keeps_a_mask_that_dips_just_below_the_threshold():
     assert not (raw.apply(dip, 0.5, cut=False) >= 0.5).any()
 
 
+def test_ema_averages_the_raw_probabilities():
+    f = TemporalFilter(SmoothSpec(hyst=0.2, hold=0, ema=0.5), min_area_frac=0.001)
+    f.apply(blob(True, value=1.0), 0.5, cut=False)
+    out = f.apply(blob(True, value=0.2), 0.5, cut=False)
+    assert out.max() == pytest.approx(0.6 + 0.2)  # average 0.6, plus the hysteresis bump where the mask was
+    out = f.apply(blob(True, value=0.2), 0.5, cut=False)
+    assert out.max() == pytest.approx(0.4 + 0.2)  # the bump of the last frame did not enter the average
+
+
 def test_flicker_meter_counts_toggles_and_consecutive_dice_within_sequences():
     m = FlickerMeter()
     a, b = blob(True) >= 0.5, np.zeros((64, 64), bool)

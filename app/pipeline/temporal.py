@@ -94,30 +94,33 @@ class TemporalFilter:
     def __init__(self, spec: SmoothSpec, min_area_frac: float):
         self.spec = spec
         self.min_area_frac = float(min_area_frac)
-        self._prev: np.ndarray | None = None
+        self._avg: np.ndarray | None = None  # moving average of the model's own probabilities
+        self._out: np.ndarray | None = None  # what was thresholded last (hysteresis, hold)
         self._held = 0
 
     def reset(self) -> None:
-        self._prev, self._held = None, 0
+        self._avg, self._out, self._held = None, None, 0
 
     def apply(self, probs: np.ndarray, threshold: float, cut: bool) -> np.ndarray:
         s = self.spec
-        prev = None if cut else self._prev
-        if prev is None or prev.shape != probs.shape:
-            self._prev, self._held = probs, 0
+        if cut or self._out is None or self._out.shape != probs.shape:
+            self._avg, self._out, self._held = probs, probs, 0
             return probs
-        q = probs if s.ema >= 1.0 else cv2.addWeighted(probs, s.ema, prev, 1.0 - s.ema, 0.0)
-        was_on = prev >= threshold
+        # The average takes the raw probabilities only: the hysteresis bump must not feed back into it.
+        avg = probs if s.ema >= 1.0 else cv2.addWeighted(probs, s.ema, self._avg, 1.0 - s.ema, 0.0)
+        self._avg = avg
+        was_on = self._out >= threshold
+        q = avg
         if s.hyst > 0:  # >= threshold - H where the mask was: the same as raising those pixels by H
-            q = np.where(was_on, np.minimum(q + s.hyst, 1.0), q).astype(np.float32, copy=False)
-        min_px = self.min_area_frac * q.size
-        if np.count_nonzero(q >= threshold) < max(1.0, min_px):
-            if self._held < s.hold and np.count_nonzero(was_on) >= max(1.0, min_px):
+            q = np.where(was_on, np.minimum(avg + s.hyst, 1.0), avg).astype(np.float32, copy=False)
+        min_px = max(1.0, self.min_area_frac * q.size)
+        if np.count_nonzero(q >= threshold) < min_px:
+            if self._held < s.hold and np.count_nonzero(was_on) >= min_px:
                 self._held += 1
-                q = prev  # the mask vanished for a frame: keep the last one a little longer
+                q = self._out  # the mask vanished for a frame: keep the last one a little longer
         else:
             self._held = 0
-        self._prev = q
+        self._out = q
         return q
 
 
