@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import csv
-import json
 import sys
 import time
 from pathlib import Path

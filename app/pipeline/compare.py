@@ -19,7 +19,7 @@ import numpy as np
 from ..errors import AppError
 from .channels import Closed
 from .inference import ModelInfo, _default_factory, open_backend
-from .items import EndOfStream, Frame
+from .items import Frame
 from .preprocess import resize_for_model
 
 CONTOUR_B_RGB = (255, 0, 255)  # magenta: model B's outline beside model A's green

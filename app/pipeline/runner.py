@@ -1,7 +1,11 @@
 """The pipeline: stage threads wired by channels. The window and headless mode both use it.
 
-    source --ch--> preprocess --ch--> inference --q--> postprocess --q--> overlay --> sinks
-    (thread)       (thread)           (thread)         (thread)           (thread)
+    source --ch--> preprocess --ch--> inference --q--> compare --q--> postprocess --q--> overlay --> sinks
+    (thread)       (thread)           (thread)         (thread)       (thread)           (thread)
+
+`compare` runs a second model (--compare-weights) or passes frames on; `postprocess` applies the
+temporal filter and the analysis (cue, flicker, agreement: analysis.Analyzer) around the threshold;
+`overlay` adds model B's outline and the cue border.
 
 Each stage runs on its own thread so decode, resize, overlay and encode overlap with
 inference: throughput approaches the model's own. In real-time mode (the window, cameras)
@@ -263,7 +267,8 @@ class Pipeline:
             sink(item)
 
     def _downstream_idle(self) -> bool:
-        return len(self.q_probs) == 0 and len(self.q_compared) == 0 and len(self.q_mask) == 0 and all(f() for f in self.sink_idle)
+        queues = (self.q_probs, self.q_compared, self.q_mask)
+        return all(len(q) == 0 for q in queues) and all(f() for f in self.sink_idle)
 
     def _dropped(self, item) -> None:
         if isinstance(item, Frame) and item.epoch == self.epoch.value:
