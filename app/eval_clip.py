@@ -9,8 +9,9 @@ detection, temporal filter, mask at frame resolution, flicker meter, cue hystere
 probabilities, so the rows differ only in what they say they differ in. Reported per row:
 per-frame Dice against the ground truth, `mask_toggles`, Dice of consecutive masks, cue episodes
 with and without hysteresis, and the time per frame of the whole analysis and of the filter step
-(a micro-benchmark; `added_ms_mean` is the filter step's cost over the same step without a filter,
-i.e. cut detection only, measured interleaved frame by frame).
+(a micro-benchmark: `added_ms_p50` / `added_ms_mean` are the median / mean of the per-frame
+differences between the filter step and the same step without a filter, i.e. cut detection
+only, measured interleaved frame by frame in one process).
 
 Ground truth: clip frame i is the mask with the i-th smallest numeric stem found under --gt
 (a masks folder, or a PraNet root: TrainDataset/masks and TestDataset/*/masks), which is how
@@ -176,7 +177,7 @@ def _table(res: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from . import DEFAULT_WEIGHTS
-    from .cli import _positive_int, _smooth_spec, resolve_model
+    from .cli import _number_in, _positive_int, _smooth_spec, resolve_model
 
     p = argparse.ArgumentParser(prog="python -m app.eval_clip", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -190,8 +191,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smooth", action="append", nargs="?", const="default", type=_smooth_spec, metavar="SPEC",
                    help="a filter setting to compare with no filter (repeatable; default: the default filter)")
     p.add_argument("--thresholds", metavar="T,T,...", help="thresholds to evaluate (default: the model's own)")
-    p.add_argument("--cue-on", type=_positive_int, default=CueSpec.on_after, metavar="N")
-    p.add_argument("--cue-off", type=_positive_int, default=CueSpec.off_after, metavar="M")
+    p.add_argument("--cue-on", type=_positive_int, default=CueSpec.on_after, metavar="N",
+                   help=f"cue on after N frames with a polyp (default {CueSpec.on_after})")
+    p.add_argument("--cue-off", type=_positive_int, default=CueSpec.off_after, metavar="M",
+                   help=f"cue off after M frames without (default {CueSpec.off_after})")
+    p.add_argument("--min-area", type=_number_in("--min-area", 0.0, 100.0), default=CueSpec.min_area_pct, metavar="PCT",
+                   help=f"a frame has a polyp when its mask covers PCT %% of it (default {CueSpec.min_area_pct:g})")
     p.add_argument("--max-frames", type=_positive_int, metavar="N", help="only the first N frames (quick checks)")
     p.add_argument("--json", metavar="OUT", help="write the results as JSON")
     p.add_argument("--per-frame", metavar="CSV", help="per-frame Dice of every row")
@@ -207,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     try:
         res = evaluate(args.clip, args.gt, resolve_model(args), backend=args.backend, threads=args.threads,
-                       specs=args.smooth, thresholds=thresholds, cue=CueSpec(args.cue_on, args.cue_off),
+                       specs=args.smooth, thresholds=thresholds, cue=CueSpec(args.cue_on, args.cue_off, args.min_area),
                        per_frame=args.per_frame, max_frames=args.max_frames, log=log)
     except AppError as exc:
         print(f"error: {exc}", file=sys.stderr)

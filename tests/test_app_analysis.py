@@ -264,3 +264,21 @@ def test_real_clip_filter_cuts_toggles_and_cue_episodes_are_threshold_stable(tmp
     # cue episodes with hysteresis do not move with the threshold; without hysteresis they would count flicker
     assert len({rows[(f, t)]["cue_episodes"] for f in ("off", spec) for t in (0.45, 0.5, 0.55)}) == 1
     assert rows[("off", 0.5)]["episodes_without_hysteresis"] > rows[("off", 0.5)]["cue_episodes"]
+
+
+def test_eval_clip_pairs_frames_with_numeric_masks_and_says_when_they_do_not(assets, tmp_path):
+    import cv2
+
+    from app.eval_clip import evaluate, main
+
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for stem in (3, 10, 7):  # numeric order, not text order: 3, 7, 10
+        cv2.imwrite(str(masks / f"{stem}.png"), np.full((160, 160), 255 if stem == 7 else 0, np.uint8))
+    res = evaluate(assets["clip"], str(masks), assets["ckpt"], backend="torch", threads=1, max_frames=3,
+                   thresholds=[0.0])  # threshold 0: the prediction is the whole frame
+    dice = {r["filter"]: r["dice_mean"] for r in res["rows"]}
+    assert res["frames"] == 3 and dice["off"] == pytest.approx(1 / 3, abs=1e-3)  # only 7.png (frame 1) is full
+    with pytest.raises(AppError, match="more frames than --gt"):
+        evaluate(assets["clip"], str(masks), assets["ckpt"], backend="torch", threads=1)
+    assert main([assets["clip"], "--gt", str(tmp_path / "none"), "--weights", assets["ckpt"]]) == 1
