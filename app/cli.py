@@ -92,11 +92,26 @@ def _smooth_spec(text: str) -> SmoothSpec:
         raise argparse.ArgumentTypeError(f"{exc}{hint}") from None
 
 
+def add_cue_arguments(group) -> None:
+    """--cue-on / --cue-off / --min-area (the viewer and app.eval_clip)."""
+    group.add_argument("--cue-on", type=_positive_int, default=CueSpec.on_after, metavar="N",
+                       help=f"polyp cue: on after N frames in a row with a polyp (default {CueSpec.on_after})")
+    group.add_argument("--cue-off", type=_positive_int, default=CueSpec.off_after, metavar="M",
+                       help=f"polyp cue: off after M frames in a row without one (default {CueSpec.off_after})")
+    group.add_argument("--min-area", type=_number_in("--min-area", 0.0, 100.0), default=CueSpec.min_area_pct,
+                       metavar="PCT", help="a frame has a polyp when the mask covers at least PCT %% of it "
+                                           f"(default {CueSpec.min_area_pct:g})")
+
+
+def cue_spec(args) -> CueSpec:
+    return CueSpec(on_after=args.cue_on, off_after=args.cue_off, min_area_pct=args.min_area)
+
+
 def analysis_settings(args) -> AnalysisSettings:
     """The temporal filter and cue from the flags (the window's switches start from these)."""
     smooth = args.smooth
     return AnalysisSettings(smooth=smooth, smooth_spec=smooth or SmoothSpec(), cue_border=args.cue,
-                            cue=CueSpec(on_after=args.cue_on, off_after=args.cue_off, min_area_pct=args.min_area))
+                            cue=cue_spec(args))
 
 
 def resolve_compare(args) -> str | None:
@@ -130,12 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--smooth", nargs="?", const="default", default=None, metavar="SPEC", type=_smooth_spec,
                    help="temporal filter against flicker; bare --smooth: the default filter "
                         f"({SmoothSpec().describe()}); SPEC: {SmoothSpec.HELP}")
-    a.add_argument("--cue-on", type=_positive_int, default=CueSpec.on_after, metavar="N",
-                   help=f"polyp cue: on after N frames in a row with a polyp (default {CueSpec.on_after})")
-    a.add_argument("--cue-off", type=_positive_int, default=CueSpec.off_after, metavar="M",
-                   help=f"polyp cue: off after M frames in a row without one (default {CueSpec.off_after})")
-    a.add_argument("--min-area", type=_number_in("--min-area", 0.0, 100.0), default=CueSpec.min_area_pct, metavar="PCT",
-                   help=f"a frame has a polyp when the mask covers at least PCT %% of it (default {CueSpec.min_area_pct:g})")
+    add_cue_arguments(a)
     a.add_argument("--no-cue", dest="cue", action="store_false", help="do not draw the polyp cue border (still counted)")
     a.add_argument("--compare-weights", metavar="OTHER",
                    help="a second model (.safetensors/.onnx/.engine) on the same frames: its outline in magenta, "

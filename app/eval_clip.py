@@ -177,7 +177,7 @@ def _table(res: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from . import DEFAULT_WEIGHTS
-    from .cli import _number_in, _positive_int, _smooth_spec, resolve_model
+    from .cli import _positive_int, _smooth_spec, add_cue_arguments, cue_spec, resolve_model
 
     p = argparse.ArgumentParser(prog="python -m app.eval_clip", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -191,12 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smooth", action="append", nargs="?", const="default", type=_smooth_spec, metavar="SPEC",
                    help="a filter setting to compare with no filter (repeatable; default: the default filter)")
     p.add_argument("--thresholds", metavar="T,T,...", help="thresholds to evaluate (default: the model's own)")
-    p.add_argument("--cue-on", type=_positive_int, default=CueSpec.on_after, metavar="N",
-                   help=f"cue on after N frames with a polyp (default {CueSpec.on_after})")
-    p.add_argument("--cue-off", type=_positive_int, default=CueSpec.off_after, metavar="M",
-                   help=f"cue off after M frames without (default {CueSpec.off_after})")
-    p.add_argument("--min-area", type=_number_in("--min-area", 0.0, 100.0), default=CueSpec.min_area_pct, metavar="PCT",
-                   help=f"a frame has a polyp when its mask covers PCT %% of it (default {CueSpec.min_area_pct:g})")
+    add_cue_arguments(p)
     p.add_argument("--max-frames", type=_positive_int, metavar="N", help="only the first N frames (quick checks)")
     p.add_argument("--json", metavar="OUT", help="write the results as JSON")
     p.add_argument("--per-frame", metavar="CSV", help="per-frame Dice of every row")
@@ -212,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     try:
         res = evaluate(args.clip, args.gt, resolve_model(args), backend=args.backend, threads=args.threads,
-                       specs=args.smooth, thresholds=thresholds, cue=CueSpec(args.cue_on, args.cue_off, args.min_area),
+                       specs=args.smooth, thresholds=thresholds, cue=cue_spec(args),
                        per_frame=args.per_frame, max_frames=args.max_frames, log=log)
     except AppError as exc:
         print(f"error: {exc}", file=sys.stderr)
