@@ -8,6 +8,9 @@ import sys
 
 from . import DEFAULT_WEIGHTS, DEMO_CLIP, DISCLAIMER
 from .errors import AppError
+from .pipeline.analysis import AnalysisSettings
+from .pipeline.cue import CueSpec
+from .pipeline.temporal import SmoothSpec
 
 BACKENDS = ("auto", "tensorrt", "onnxruntime", "torch")
 
@@ -17,7 +20,10 @@ as a tinted fill with a contour. {DISCLAIMER}.
 
 Window (default): play a file, a camera or the bundled demo clip, tune threshold and
 opacity live, record the overlaid video, save snapshots. Headless (--headless): the same
-pipeline, every input frame written to --out, throughput and latency to --stats."""
+pipeline, every input frame written to --out, throughput and latency to --stats.
+Both: an amber frame border while a polyp is segmented (with hysteresis), an optional
+temporal filter against flicker (--smooth), a second model side by side (--compare-weights),
+and one CSV row per frame (--frames-csv)."""
 
 EPILOG = f"""\
 SOURCE
@@ -38,26 +44,34 @@ examples
   python -m app colonoscopy.mp4 --record out/    record from the start into out/
   python -m app /dev/video0 --backend tensorrt --engine student.engine
   python -m app clip.mp4 --headless --out clip-overlay.mp4 --stats stats.json
+  python -m app clip.mp4 --headless --out o.mp4 --smooth --frames-csv frames.csv
+  python -m app clip.mp4 --compare-weights teacher.safetensors   green = model, magenta = OTHER
+  python -m app.eval_clip CLIP --gt ../shared/data/polyp --smooth   flicker and Dice vs ground truth
   python -m app.soak --frames 10000              memory soak benchmark (headless)
 
 window keys
   Space play/pause   Left/Right seek 5 s   Up/Down threshold   [ ] opacity   C contour
   R record           S snapshot            Ctrl+O open file    Ctrl+K camera   F1 keys
+  T smoothing        P polyp cue border    B compare model
 
 exit status: 0 ok, 1 failure (message on stderr), 2 bad arguments, 130/143 interrupted."""
 
 
-def _unit_interval(name: str):
+def _number_in(name: str, lo: float, hi: float):
     def parse(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a number in [0, 1], got {text!r}") from None
-        if not 0.0 <= value <= 1.0:
-            raise argparse.ArgumentTypeError(f"{name} must be in [0, 1], got {value}")
+            raise argparse.ArgumentTypeError(f"{name} must be a number in [{lo:g}, {hi:g}], got {text!r}") from None
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"{name} must be in [{lo:g}, {hi:g}], got {value}")
         return value
 
     return parse
+
+
+def _unit_interval(name: str):
+    return _number_in(name, 0.0, 1.0)
 
 
 def _positive_int(text: str) -> int:
@@ -70,12 +84,49 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _smooth_spec(text: str) -> SmoothSpec:
+    try:
+        return SmoothSpec.parse(text)
+    except ValueError as exc:
+        hint = "; a bare --smooth takes the next word as SPEC: put SOURCE before it" if "=" not in text else ""
+        raise argparse.ArgumentTypeError(f"{exc}{hint}") from None
+
+
+def add_cue_arguments(group) -> None:
+    """--cue-on / --cue-off / --min-area (the viewer and app.eval_clip)."""
+    group.add_argument("--cue-on", type=_positive_int, default=CueSpec.on_after, metavar="N",
+                       help=f"polyp cue: on after N frames in a row with a polyp (default {CueSpec.on_after})")
+    group.add_argument("--cue-off", type=_positive_int, default=CueSpec.off_after, metavar="M",
+                       help=f"polyp cue: off after M frames in a row without one (default {CueSpec.off_after})")
+    group.add_argument("--min-area", type=_number_in("--min-area", 0.0, 100.0), default=CueSpec.min_area_pct,
+                       metavar="PCT", help="a frame has a polyp when the mask covers at least PCT %% of it "
+                                           f"(default {CueSpec.min_area_pct:g})")
+
+
+def cue_spec(args) -> CueSpec:
+    return CueSpec(on_after=args.cue_on, off_after=args.cue_off, min_area_pct=args.min_area)
+
+
+def analysis_settings(args) -> AnalysisSettings:
+    """The temporal filter and cue from the flags (the window's switches start from these)."""
+    smooth = args.smooth
+    return AnalysisSettings(smooth=smooth, smooth_spec=smooth or SmoothSpec(), cue_border=args.cue,
+                            cue=cue_spec(args))
+
+
+def resolve_compare(args) -> str | None:
+    path = args.compare_weights
+    if path and not os.path.isfile(path):
+        raise AppError(f"--compare-weights {path}: no such file; give a .safetensors checkpoint, an .onnx or an .engine")
+    return path
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m app",
         usage="\n  python -m app [SOURCE] [--weights CKPT | --engine PATH] [--backend auto|tensorrt|onnxruntime|torch]\n"
-              "                [--threshold T] [--opacity A] [--record DIR]\n"
-              "  python -m app SOURCE --headless --out OUT.mp4 [--stats STATS.json]",
+              "                [--threshold T] [--opacity A] [--record DIR] [--smooth [SPEC]] [--compare-weights OTHER]\n"
+              "  python -m app SOURCE --headless --out OUT.mp4 [--stats STATS.json] [--frames-csv PATH]",
         description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", nargs="?", metavar="SOURCE", help="video file, camera (0, /dev/video0), or nothing for the demo clip")
     model = p.add_mutually_exclusive_group()
@@ -90,6 +141,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opacity", type=_unit_interval("--opacity"), default=0.4, metavar="A",
                    help="opacity of the mask's tinted fill, 0..1 (default: 0.4)")
     p.add_argument("--no-contour", dest="contour", action="store_false", help="do not draw the mask's outline")
+    a = p.add_argument_group("analysis (window and headless)")
+    a.add_argument("--smooth", nargs="?", const="default", default=None, metavar="SPEC", type=_smooth_spec,
+                   help="temporal filter against flicker; bare --smooth: the default filter "
+                        f"({SmoothSpec().describe()}); SPEC: {SmoothSpec.HELP}")
+    add_cue_arguments(a)
+    a.add_argument("--no-cue", dest="cue", action="store_false", help="do not draw the polyp cue border (still counted)")
+    a.add_argument("--compare-weights", metavar="OTHER",
+                   help="a second model (.safetensors/.onnx/.engine) on the same frames: its outline in magenta, "
+                        "its latency and the Dice agreement of the two masks in the readout and --stats")
+    a.add_argument("--frames-csv", metavar="PATH",
+                   help="one row per frame (index, time, mask area, box, polyp present, cue, latencies, dropped), "
+                        "written as it goes: complete up to the last frame after Ctrl+C")
     p.add_argument("--record", metavar="DIR",
                    help="window: start recording at once; recordings and snapshots go to DIR (default DIR for the R key: ./recordings)")
     h = p.add_argument_group("headless")
@@ -149,12 +212,14 @@ def main(argv: list[str] | None = None) -> int:
             result = run_headless(resolve_source(args), args.out, model_path=resolve_model(args), backend=args.backend,
                                   stats_path=args.stats, threshold=args.threshold, opacity=args.opacity,
                                   contour=args.contour, loop=args.loop, progress=args.progress, threads=args.threads,
-                                  max_frames=args.max_frames)
+                                  max_frames=args.max_frames, analysis=analysis_settings(args),
+                                  compare_path=resolve_compare(args), frames_csv=args.frames_csv)
             return result.exit_code
         from .ui.app import check_display, run_window
 
         check_display()
-        return run_window(args, model_path=resolve_model(args), source=resolve_source(args))
+        return run_window(args, model_path=resolve_model(args), source=resolve_source(args),
+                          analysis=analysis_settings(args), compare_path=resolve_compare(args))
     except AppError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -20,6 +20,8 @@ import time
 from dataclasses import dataclass, field
 
 from .errors import AppError
+from .pipeline.analysis import AnalysisSettings
+from .pipeline.frames_csv import FramesCsv
 from .pipeline.inference import ModelInfo
 from .pipeline.items import EndOfStream, Frame
 from .pipeline.overlay import OverlaySettings
@@ -74,17 +76,24 @@ class HeadlessResult:
 def run_headless(source: str, out: str, *, model_path: str, backend: str = "auto", stats_path: str | None = None,
                  threshold: float | None = None, opacity: float = 0.4, contour: bool = True, loop: int = 1,
                  progress: bool | None = None, backend_factory=None, log=None, on_frame=None,
-                 threads: int | None = None, max_frames: int | None = None) -> HeadlessResult:
+                 threads: int | None = None, max_frames: int | None = None,
+                 analysis: AnalysisSettings | None = None, compare_path: str | None = None,
+                 frames_csv: str | None = None) -> HeadlessResult:
     """Run the pipeline over `source` into `out`. `on_frame(frame)` (soak benchmark) is called
-    after each recorded frame, in the overlay thread."""
+    after each recorded frame, in the overlay thread. `analysis`: temporal filter and cue settings;
+    `compare_path`: a second model run on the same frames; `frames_csv`: one row per frame."""
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     if not str(out).lower().endswith(".mp4"):
         raise AppError(f"--out {out}: the recording is an MP4; give a path ending in .mp4")
     reader = open_reader(source)
+    rows = FramesCsv(frames_csv) if frames_csv else None  # before the run: a bad path fails at once
     events = _Events(log)
     settings = OverlaySettings(threshold=threshold, opacity=opacity, contour=contour)
     pipeline = Pipeline(model_path, backend, settings=settings, events=events, realtime=reader.live,
-                        backend_factory=backend_factory, threads=threads, measure_model_only=True)
+                        backend_factory=backend_factory, threads=threads, measure_model_only=True,
+                        analysis=analysis, compare_path=compare_path)
+    if rows is not None:
+        pipeline.drop_listeners.append(rows.dropped)
     recorder: list[Recorder] = []  # created by the first frame: its size is the frame's
     total = reader.frame_count * max(1, loop) if reader.frame_count else None
     if max_frames:
@@ -107,6 +116,8 @@ def run_headless(source: str, out: str, *, model_path: str, backend: str = "auto
         t = frame.t_capture - first_capture[0] if reader.live else None
         recorder[0].write(frame.overlay, t)
         pipeline.stats.frame_out(frame.t_capture)
+        if rows is not None:
+            rows(frame)
         if bar is not None:
             bar.update(1)
         if on_frame is not None:
@@ -126,6 +137,8 @@ def run_headless(source: str, out: str, *, model_path: str, backend: str = "auto
         interrupted = exc
     finally:
         pipeline.close()
+        if rows is not None:
+            rows.close()
         if bar is not None:
             bar.close()
         record_error = None
@@ -149,6 +162,10 @@ def run_headless(source: str, out: str, *, model_path: str, backend: str = "auto
         "frames_recorded": recorder[0].frames_written if recorder else 0,
         **model_only,
     })
+    if "compare" in stats or compare_path:
+        stats["compare"] = {**pipeline.compare_summary(), **stats.get("compare", {})}
+    if rows is not None:
+        stats["frames_csv"] = {"path": rows.path, "rows": rows.rows}
     if model_only.get("model_only_fps"):
         stats["fps_vs_model_only"] = round(stats["fps"] / model_only["model_only_fps"], 3)
     error = events.error or record_error

@@ -326,7 +326,8 @@ def test_real_window_under_xvfb_shows_the_mask(assets, tmp_path):
     shot = REPO / "out" / "test-screenshots" / "xvfb-window.png"  # kept for people to look at (git-ignored)
     shot.parent.mkdir(parents=True, exist_ok=True)
     app = subprocess.Popen([sys.executable, "-m", "app", assets["long"], "--weights", assets["ckpt"], "--backend", "torch",
-                            "--threads", "1", "--threshold", "0", "--opacity", "0.6"],
+                            "--threads", "1", "--threshold", "0", "--opacity", "0.6",
+                            "--no-cue"],  # threshold 0 puts the contour on the frame edge, where the cue border goes
                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         grab = subprocess.run([sys.executable, "-c", GRAB, str(shot), "90"], env=env, capture_output=True, text=True,
@@ -350,3 +351,43 @@ def test_real_window_under_xvfb_shows_the_mask(assets, tmp_path):
     tinted = (g > 140) & (g > r + 60)  # mask colour (green) blended over reddish mucosa
     assert tinted.mean() > 0.05, f"mask colour covers only {tinted.mean():.1%} of the screen; see {shot}"
     assert ((rgb[..., 0] < 60) & (rgb[..., 1] > 200) & (rgb[..., 2] < 60)).any()  # the pure-green contour
+
+
+def test_analysis_controls_smooth_cue_and_compare(qtbot, window, assets, tmp_path, monkeypatch):
+    """Issue 16 in the window: the smoothing and cue switches reach the pipeline (also by key),
+    the cue label lights with the border, and Compare runs a second model chosen in a dialog."""
+    from app.pipeline.analysis import AnalysisSettings
+    from app.pipeline.cue import CUE_RGB
+
+    csv_path = tmp_path / "frames.csv"
+    win = window(threshold=0.0, analysis=AnalysisSettings(), frames_csv=str(csv_path))  # threshold 0: always a "polyp"
+    assert not win.smooth_box.isChecked() and win.analysis.smooth is None
+    win.open_source(assets["long"])
+    wait_frames(qtbot, win, 1)
+    qtbot.keyClick(win, Qt.Key.Key_T)
+    assert win.smooth_box.isChecked() and win.analysis.smooth is not None
+    qtbot.waitUntil(lambda: win.cue_on, timeout=WAIT_MS)
+    assert "POLYP" in win.cue_label.text() and "100.0 %" in win.cue_label.text()
+    qtbot.waitUntil(lambda: tuple(image_array(win)[0, 80]) == CUE_RGB, timeout=WAIT_MS)  # the border, shown
+    monkeypatch.setattr(QFileDialog, "getOpenFileName", staticmethod(lambda *a, **k: (assets["ckpt"], "")))
+    qtbot.keyClick(win, Qt.Key.Key_B)
+    qtbot.waitUntil(lambda: win.compare_info is not None, timeout=WAIT_MS)
+    assert win.compare_button.isChecked() and "vs" in win.model_label.text()
+    qtbot.waitUntil(lambda: win.pipeline.stats.live()["inference_b_ms"] is not None, timeout=WAIT_MS)
+    qtbot.waitUntil(lambda: win.pipeline.analyzer.recent_agreement() is not None, timeout=WAIT_MS)
+    win._update_readout()
+    assert "B " in win.readout_label.text() and "agree 1.00" in win.readout_label.text()  # same model, threshold 0
+    qtbot.keyClick(win, Qt.Key.Key_P)  # cue border off: the label stays, the border goes
+    assert win.analysis.cue_border is False
+    qtbot.keyClick(win, Qt.Key.Key_Space)
+    time.sleep(0.3)
+    win.pipeline.refresh()
+    qtbot.waitUntil(lambda: tuple(image_array(win)[0, 80]) != CUE_RGB, timeout=WAIT_MS)
+    stats = win.stats_summary()
+    assert stats["temporal"]["smooth"] and stats["cue"]["episodes"] == 1
+    assert stats["compare"]["model"] == assets["ckpt"] and stats["compare"]["agreement"]["dice_mean"] == 1.0
+    qtbot.mouseClick(win.compare_button, Qt.MouseButton.LeftButton)  # stop comparing
+    qtbot.waitUntil(lambda: win.compare_info is None, timeout=WAIT_MS)
+    win.close()
+    rows = csv_path.read_text().splitlines()
+    assert rows[0].startswith("index,") and len(rows) > 2

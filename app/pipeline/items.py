@@ -22,6 +22,10 @@ class Frame:
     mask: np.ndarray | None = None  # uint8 {0, 255} (H, W) at frame resolution
     overlay: np.ndarray | None = None  # RGB uint8 (H, W, 3): what is shown and recorded
     refresh: bool = False  # a re-render of the last frame (settings changed while paused)
+    probs_b: np.ndarray | None = None  # compare mode: the second model's probabilities (its size)
+    infer_ms_b: float = 0.0
+    mask_b: np.ndarray | None = None  # compare mode: the second model's mask at frame resolution
+    analysis: object | None = None  # analysis.FrameAnalysis: area, box, cue, agreement
 
 
 @dataclass(frozen=True)

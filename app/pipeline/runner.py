@@ -1,7 +1,11 @@
 """The pipeline: stage threads wired by channels. The window and headless mode both use it.
 
-    source --ch--> preprocess --ch--> inference --q--> postprocess --q--> overlay --> sinks
-    (thread)       (thread)           (thread)         (thread)           (thread)
+    source --ch--> preprocess --ch--> inference --q--> compare --q--> postprocess --q--> overlay --> sinks
+    (thread)       (thread)           (thread)         (thread)       (thread)           (thread)
+
+`compare` runs a second model (--compare-weights) or passes frames on; `postprocess` applies the
+temporal filter and the analysis (cue, flicker, agreement: analysis.Analyzer) around the threshold;
+`overlay` adds model B's outline and the cue border.
 
 Each stage runs on its own thread so decode, resize, overlay and encode overlap with
 inference: throughput approaches the model's own. In real-time mode (the window, cameras)
@@ -16,10 +20,13 @@ import threading
 import time
 from typing import Callable
 
+from .analysis import Analyzer, AnalysisSettings
 from .channels import BoundedQueue, Closed, LatestSlot
+from .compare import CompareStage, draw_contour_b
+from .cue import draw_cue_border
 from .inference import InferenceStage, ModelInfo
 from .items import EndOfStream, Frame
-from .overlay import OverlaySettings, draw_overlay
+from .overlay import OverlaySettings, contour_thickness, draw_overlay
 from .postprocess import probs_to_mask
 from .preprocess import resize_for_model
 from .source import Epoch, SourceStage
@@ -39,6 +46,8 @@ class PipelineEvents:
     def fatal(self, text: str) -> None: ...  # the pipeline cannot go on (no backend, stage crashed)
 
     def end_of_stream(self, eos: EndOfStream) -> None: ...
+
+    def compare_ready(self, info: ModelInfo | None) -> None: ...  # compare model loaded (None: none / failed)
 
 
 class _Worker(threading.Thread):
@@ -82,12 +91,16 @@ class _Deliver:
 class Pipeline:
     def __init__(self, model_path: str, backend: str = "auto", *, settings: OverlaySettings | None = None,
                  events: PipelineEvents | None = None, realtime: bool = True, device=None, threads: int | None = None,
-                 backend_factory: Callable | None = None, measure_model_only: bool = False):
+                 backend_factory: Callable | None = None, measure_model_only: bool = False,
+                 analysis: AnalysisSettings | None = None, compare_path: str | None = None):
         self.settings = settings or OverlaySettings()
+        self.analysis_settings = analysis or AnalysisSettings()
         self.events = events or PipelineEvents()
         self.realtime = realtime
         self.stats = RunStats()
+        self.analyzer = self.stats.analyzer = Analyzer(self.analysis_settings)
         self.epoch = Epoch()
+        self.drop_listeners: list[Callable[[Frame], None]] = []  # frames dropped before the model (any thread)
         self.sinks: list[Callable[[Frame], None]] = []  # called in the overlay thread, in order
         self.sink_idle: list[Callable[[], bool]] = []  # e.g. "the recorder has encoded its backlog"
         self.source: SourceStage | None = None
@@ -103,21 +116,27 @@ class Pipeline:
             self.q_model = BoundedQueue(2)
             depth = 2
         self.q_probs = BoundedQueue(depth)
+        self.q_compared = BoundedQueue(depth)
         self.q_mask = BoundedQueue(depth)
 
         self.inference = InferenceStage(model_path, backend, self.q_model, self.q_probs, stats_ref=lambda: self.stats,
                                         events=self.events, factory=backend_factory, device=device, threads=threads,
                                         measure_model_only=measure_model_only,
                                         downstream_idle=self._downstream_idle)
+        # Model B (compare mode): always in the chain, a pass-through until it has a model.
+        self.compare = CompareStage(self.q_probs, self.q_compared, stats_ref=lambda: self.stats, events=self.events,
+                                    model_path=compare_path, backend=backend, factory=backend_factory, device=device,
+                                    threads=threads)
         self.workers = [
             _Worker("preprocess", self._preprocess, self.q_source, self.q_model, self._fail),
-            _Worker("postprocess", self._postprocess, self.q_probs, self.q_mask, self._fail),
+            _Worker("postprocess", self._postprocess, self.q_compared, self.q_mask, self._fail),
             _Worker("overlay", self._overlay, self.q_mask, _Deliver(self), self._fail),
         ]
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> "Pipeline":
         self.inference.start()
+        self.compare.start()
         for w in self.workers:
             w.start()
         return self
@@ -136,6 +155,7 @@ class Pipeline:
         self._stop_source()
         self.epoch.bump()
         self.stats = RunStats()
+        self.analyzer = self.stats.analyzer = Analyzer(self.analysis_settings)
         self._last_inferred = None
         self.source = SourceStage(reader, self.q_source, stats=self.stats, events=self.events, epoch=self.epoch,
                                   realtime=self.realtime, loop=loop,
@@ -143,6 +163,14 @@ class Pipeline:
                                   max_frames=max_frames)
         self.source.start()
         return self.source
+
+    def compare_summary(self) -> dict:
+        """Model B's identity for the stats JSON (its latency and agreement come from RunStats)."""
+        info = self.compare.info
+        return {"model": info.path if info else None, "backend": info.backend if info else None,
+                "input_size": list(info.input_size) if info else None,
+                "threshold": (self.settings.threshold if self.settings.threshold is not None else info.threshold)
+                if info else None}
 
     def _stop_source(self) -> None:
         if self.source is not None:
@@ -158,11 +186,12 @@ class Pipeline:
         if self.source is not None:
             self.source.stop()
         self.inference.stop()
+        self.compare.stop()
         for w in self.workers:
             w.stop()
-        for ch in (self.q_source, self.q_model, self.q_probs, self.q_mask):
+        for ch in (self.q_source, self.q_model, self.q_probs, self.q_compared, self.q_mask):
             ch.close()
-        for t in [self.source, self.inference, *self.workers]:
+        for t in [self.source, self.inference, self.compare, *self.workers]:
             if t is not None and t.is_alive():
                 t.join(timeout=5)
         self.stats.stop()
@@ -192,6 +221,7 @@ class Pipeline:
     # -- stages ----------------------------------------------------------------------------
     def _preprocess(self, frame: Frame) -> Frame | None:
         self.inference.ready.wait()
+        self.compare.loaded.wait()  # compare mode: every frame goes through both models
         info = self.inference.info
         if info is None:
             return None  # no backend: nothing can run; the fatal event has been sent
@@ -205,12 +235,26 @@ class Pipeline:
         threshold = self.settings.threshold
         if threshold is None:
             threshold = self.inference.info.threshold
-        frame.mask = probs_to_mask(frame.probs, frame.image.shape[:2], threshold)
+        analyzer = self.analyzer
+        stale = frame.epoch != self.epoch.value  # from before a seek / source change: dropped at delivery
+        probs = frame.probs if stale else analyzer.filter(frame, threshold)
+        frame.mask = probs_to_mask(probs, frame.image.shape[:2], threshold)
+        info_b = self.compare.info
+        if frame.probs_b is not None and info_b is not None:
+            threshold_b = self.settings.threshold if self.settings.threshold is not None else info_b.threshold
+            frame.mask_b = probs_to_mask(frame.probs_b, frame.image.shape[:2], threshold_b)
+        else:
+            frame.mask_b = None
+        frame.analysis = None if stale else analyzer.observe(frame)
         return frame
 
     def _overlay(self, frame: Frame) -> Frame:
         s = self.settings
         frame.overlay = draw_overlay(frame.image, frame.mask, s.opacity, s.contour, s.color)
+        if frame.mask_b is not None:
+            draw_contour_b(frame.overlay, frame.mask_b, contour_thickness(*frame.image.shape[:2]))
+        if frame.analysis is not None and frame.analysis.cue_on and self.analysis_settings.cue_border:
+            draw_cue_border(frame.overlay)
         return frame
 
     def _deliver(self, item) -> None:
@@ -223,11 +267,14 @@ class Pipeline:
             sink(item)
 
     def _downstream_idle(self) -> bool:
-        return len(self.q_probs) == 0 and len(self.q_mask) == 0 and all(f() for f in self.sink_idle)
+        queues = (self.q_probs, self.q_compared, self.q_mask)
+        return all(len(q) == 0 for q in queues) and all(f() for f in self.sink_idle)
 
     def _dropped(self, item) -> None:
         if isinstance(item, Frame) and item.epoch == self.epoch.value:
             self.stats.frame_dropped()
+            for listener in self.drop_listeners:
+                listener(item)
 
     def _fail(self, text: str) -> None:
         self.events.fatal(text)

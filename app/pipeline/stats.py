@@ -56,8 +56,11 @@ class RunStats:
         self.frames_out = 0  # shown (window) or handed to the recorder (headless)
         self.dropped = 0  # replaced in a latest-frame-wins slot before being processed or shown
         self.infer_hist = Histogram()
+        self.infer_b_hist = Histogram()  # compare mode: model B
+        self.analyzer = None  # analysis.Analyzer of this run (temporal, cue, agreement figures)
         self.latency_hist = Histogram()
         self._infer_recent: collections.deque = collections.deque(maxlen=window)
+        self._infer_b_recent: collections.deque = collections.deque(maxlen=window)
         self._latency_recent: collections.deque = collections.deque(maxlen=window)
         self._out_times: collections.deque = collections.deque(maxlen=window)
         self.t_start: float | None = None  # first frame may enter the model (backend ready)
@@ -79,6 +82,11 @@ class RunStats:
             self.infer_hist.add(ms)
             self.infer_total_ms += ms
             self._infer_recent.append(ms)
+
+    def inference_b(self, ms: float) -> None:
+        with self._lock:
+            self.infer_b_hist.add(ms)
+            self._infer_b_recent.append(ms)
 
     def frame_out(self, t_capture: float, now: float | None = None) -> None:
         now = time.perf_counter() if now is None else now
@@ -108,6 +116,7 @@ class RunStats:
         with self._lock:
             times = list(self._out_times)
             infer = list(self._infer_recent)
+            infer_b = list(self._infer_b_recent)
             lat = list(self._latency_recent)
             dropped, seen = self.dropped, self.frames_in
         now = time.perf_counter()
@@ -116,6 +125,7 @@ class RunStats:
         return {
             "display_fps": fps,
             "inference_ms": float(np.median(infer)) if infer else None,
+            "inference_b_ms": float(np.median(infer_b)) if infer_b else None,
             "latency_ms_p50": float(np.percentile(lat, 50)) if lat else None,
             "latency_ms_p95": float(np.percentile(lat, 95)) if lat else None,
             "dropped": dropped,
@@ -145,6 +155,16 @@ class RunStats:
                 "latency_ms_p50": _r(self.latency_hist.percentile(50)),
                 "latency_ms_p95": _r(self.latency_hist.percentile(95)),
             }
+            if self.infer_b_hist.n:
+                out["compare"] = {"inference_ms_p50": _r(self.infer_b_hist.percentile(50)),
+                                  "inference_ms_p95": _r(self.infer_b_hist.percentile(95)),
+                                  "frames": self.infer_b_hist.n}
+        if self.analyzer is not None:  # written by the postprocess thread only; read at the end
+            analysis = self.analyzer.summary()
+            agreement = analysis.pop("agreement", None)
+            out.update(analysis)
+            if agreement is not None:
+                out.setdefault("compare", {})["agreement"] = agreement
         return out
 
 

@@ -77,7 +77,7 @@ class _SignalBridge:
         self._w.close()
 
 
-def run_window(args, *, model_path: str, source: str | None) -> int:
+def run_window(args, *, model_path: str, source: str | None, analysis=None, compare_path: str | None = None) -> int:
     from PyQt6.QtWidgets import QApplication
 
     from .main_window import MainWindow
@@ -86,7 +86,8 @@ def run_window(args, *, model_path: str, source: str | None) -> int:
     app.setApplicationName("KDAS polyp viewer")
     window = MainWindow(model_path, args.backend, threshold=args.threshold, opacity=args.opacity,
                         contour=args.contour, record_dir=args.record, stats_path=args.stats,
-                        exit_at_end=args.exit_at_end, threads=args.threads)
+                        exit_at_end=args.exit_at_end, threads=args.threads, analysis=analysis,
+                        compare_path=compare_path, frames_csv=args.frames_csv)
     signals = _SignalBridge(app, window)
     window.show()
     opened = window.open_source(source) if source else False

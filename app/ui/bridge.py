@@ -28,6 +28,7 @@ class QtEvents(QObject, PipelineEvents):
     signalChanged = pyqtSignal(bool, str)
     failed = pyqtSignal(str)
     ended = pyqtSignal(object)
+    compareReady = pyqtSignal(object)
 
     def model_ready(self, info) -> None:
         self.modelReady.emit(info)
@@ -43,6 +44,9 @@ class QtEvents(QObject, PipelineEvents):
 
     def end_of_stream(self, eos: EndOfStream) -> None:
         self.ended.emit(eos)
+
+    def compare_ready(self, info) -> None:
+        self.compareReady.emit(info)
 
 
 class DisplaySink(QObject):
@@ -61,7 +65,8 @@ class DisplaySink(QObject):
     def __call__(self, frame: Frame) -> None:
         image = to_qimage(frame.overlay)
         meta = Frame(index=frame.index, pts=frame.pts, image=_EMPTY, t_capture=frame.t_capture,
-                     epoch=frame.epoch, infer_ms=frame.infer_ms, refresh=frame.refresh)
+                     epoch=frame.epoch, infer_ms=frame.infer_ms, refresh=frame.refresh,
+                     infer_ms_b=frame.infer_ms_b, analysis=frame.analysis)
         with self._lock:
             replaced = self._pending
             self._pending = (image, meta)

@@ -11,6 +11,7 @@ from pathlib import Path
 from PyQt6.QtCore import Qt, QTimer
 from PyQt6.QtGui import QAction, QKeySequence
 from PyQt6.QtWidgets import (
+    QApplication,
     QCheckBox,
     QFileDialog,
     QHBoxLayout,
@@ -26,6 +27,8 @@ from PyQt6.QtWidgets import (
 
 from .. import DISCLAIMER
 from ..errors import AppError
+from ..pipeline.analysis import AnalysisSettings
+from ..pipeline.frames_csv import FramesCsv
 from ..pipeline.inference import ModelInfo
 from ..pipeline.items import EndOfStream
 from ..pipeline.overlay import OverlaySettings
@@ -45,6 +48,9 @@ SHORTCUTS = [
     ("Up / Down", "threshold +/\u2212 0.05"),
     ("] / [", "opacity +/\u2212 0.1"),
     ("C", "contour on/off"),
+    ("T", "temporal smoothing on/off"),
+    ("P", "polyp cue border on/off"),
+    ("B", "compare with a second model / stop comparing"),
     ("R", "record on/off"),
     ("S", "snapshot (PNG)"),
     ("Ctrl+O", "open a video file"),
@@ -59,7 +65,8 @@ class MainWindow(QMainWindow):
     def __init__(self, model_path: str, backend: str = "auto", *, threshold: float | None = None,
                  opacity: float = 0.4, contour: bool = True, record_dir: str | None = None,
                  stats_path: str | None = None, exit_at_end: bool = False, backend_factory=None,
-                 camera_factory=None, threads: int | None = None):
+                 camera_factory=None, threads: int | None = None, analysis: AnalysisSettings | None = None,
+                 compare_path: str | None = None, frames_csv: str | None = None):
         super().__init__()
         self.model_path = model_path
         self.record_dir = Path(record_dir) if record_dir else Path("recordings")
@@ -78,13 +85,21 @@ class MainWindow(QMainWindow):
         self._closing = False
         self._final_stats: dict | None = None
         self.last_recording: str | None = None
+        self.cue_on = False
+        self.compare_info: ModelInfo | None = None
+        self.frames_csv = FramesCsv(frames_csv) if frames_csv else None
 
         self.settings = OverlaySettings(threshold=threshold, opacity=opacity, contour=contour)
         self.events = QtEvents()
+        self.analysis = analysis or AnalysisSettings()
         self.pipeline = Pipeline(model_path, backend, settings=self.settings, events=self.events, realtime=True,
-                                 backend_factory=backend_factory, threads=threads)
+                                 backend_factory=backend_factory, threads=threads, analysis=self.analysis,
+                                 compare_path=compare_path)
         self.display = DisplaySink(lambda: self.pipeline.stats)
         self.recording = RecordingSink(on_error=self.events.failed.emit)
+        if self.frames_csv is not None:
+            self.pipeline.sinks.append(self.frames_csv)
+            self.pipeline.drop_listeners.append(self.frames_csv.dropped)
         self.pipeline.sinks += [self.recording, self.display]
 
         self._build_ui()
@@ -94,6 +109,7 @@ class MainWindow(QMainWindow):
         self.events.signalChanged.connect(self._on_signal)
         self.events.failed.connect(self._on_error)
         self.events.ended.connect(self._on_end)
+        self.events.compareReady.connect(self._on_compare_ready)
         self.display.frameReady.connect(self._on_frame)
 
         self._readout_timer = QTimer(self, interval=500, timeout=self._update_readout)
@@ -177,6 +193,35 @@ class MainWindow(QMainWindow):
         row.addWidget(self.snapshot_button)
         layout.addLayout(row)
 
+        # Analysis: temporal filter, polyp cue, second model.
+        arow = QHBoxLayout()
+        self.smooth_box = QCheckBox("Smooth", central)
+        self.smooth_box.setChecked(self.analysis.smooth is not None)
+        self.smooth_box.setToolTip(f"Temporal filter against flicker ({self.analysis.smooth_spec.describe()}); T")
+        self.smooth_box.toggled.connect(self._on_smooth)
+        self.cue_box = QCheckBox("Cue border", central)
+        self.cue_box.setChecked(self.analysis.cue_border)
+        cue = self.analysis.cue
+        self.cue_box.setToolTip(f"Amber frame border while a polyp is segmented (on after {cue.on_after} frames, "
+                                f"off after {cue.off_after}, mask \u2265 {cue.min_area_pct:g} % of the frame); P")
+        self.cue_box.toggled.connect(self._on_cue_border)
+        self.sound_box = QCheckBox("Sound", central)
+        self.sound_box.setToolTip("A short beep when the polyp cue comes on")
+        self.compare_button = QPushButton("Compare\u2026", central)
+        self.compare_button.setCheckable(True)
+        self.compare_button.setToolTip("Run a second model on the same frames: its outline in magenta; B")
+        self.compare_button.clicked.connect(self._on_compare_clicked)
+        self.cue_label = QLabel("no polyp", central)
+        self.cue_label.setObjectName("cue")
+        self.cue_label.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        self.cue_label.setMinimumWidth(150)
+        for w in (self.smooth_box, self.cue_box, self.sound_box, self.compare_button):
+            arow.addWidget(w)
+        arow.addStretch(1)
+        arow.addWidget(self.cue_label)
+        layout.addLayout(arow)
+        self._show_cue(False, None)
+
         # Live readouts get their own row: the status bar stays free for messages.
         info_row = QHBoxLayout()
         self.readout_label = QLabel("", central)
@@ -220,6 +265,10 @@ class MainWindow(QMainWindow):
         action(o, "Opacity up", ["]"], lambda: self.opacity_slider.setValue(self.opacity_slider.value() + 10))
         action(o, "Opacity down", ["["], lambda: self.opacity_slider.setValue(self.opacity_slider.value() - 10))
         action(o, "Contour on/off", ["C"], lambda: self.contour_box.toggle())
+        o.addSeparator()
+        action(o, "Temporal smoothing on/off", ["T"], lambda: self.smooth_box.toggle())
+        action(o, "Polyp cue border on/off", ["P"], lambda: self.cue_box.toggle())
+        action(o, "Compare with a second model\u2026", ["B"], lambda: self.compare_button.click())
         v = m.addMenu("&View")
         action(v, "Full screen", ["F11"], self._toggle_fullscreen)
         h = m.addMenu("&Help")
@@ -227,7 +276,8 @@ class MainWindow(QMainWindow):
         action(h, "About", [], self._about)
         # Buttons must not steal Space/arrows from the window-wide shortcuts.
         for w in (self.open_button, self.camera_button, self.play_button, self.record_button, self.snapshot_button,
-                  self.contour_box, self.threshold_slider, self.opacity_slider, self.seek_slider):
+                  self.contour_box, self.threshold_slider, self.opacity_slider, self.seek_slider,
+                  self.smooth_box, self.cue_box, self.sound_box, self.compare_button):
             w.setFocusPolicy(Qt.FocusPolicy.NoFocus)
 
     # ------------------------------------------------------------------ sources
@@ -320,6 +370,52 @@ class MainWindow(QMainWindow):
         self.settings.update(contour=bool(on))
         self._rerender()
 
+    def _on_smooth(self, on: bool) -> None:
+        self.analysis.set_smooth(bool(on))
+        state = f"on ({self.analysis.smooth_spec.describe()})" if on else "off"
+        self.statusBar().showMessage(f"Temporal smoothing {state}", 4000)
+
+    def _on_cue_border(self, on: bool) -> None:
+        self.analysis.set_cue_border(bool(on))
+        self._rerender()
+
+    def _on_compare_clicked(self, checked: bool) -> None:
+        if not checked:
+            self.set_compare(None)
+            return
+        path, _ = QFileDialog.getOpenFileName(self, "Compare with a second model", "",
+                                              "Models (*.safetensors *.onnx *.engine *.plan);;All files (*)")
+        if not path:
+            self.compare_button.setChecked(False)
+            return
+        self.set_compare(path)
+
+    def set_compare(self, path: str | None) -> None:
+        """Compare with the model at `path` from the next frame on (None: stop comparing)."""
+        self.compare_button.setChecked(bool(path))
+        self.compare_button.setText("Stop compare" if path else "Compare\u2026")
+        if path:
+            self.statusBar().showMessage(f"Loading {os.path.basename(path)} to compare\u2026", 5000)
+        self.pipeline.compare.set_model(path)
+
+    def _on_compare_ready(self, info: ModelInfo | None) -> None:
+        self.compare_info = info
+        self.compare_button.setChecked(info is not None)
+        self.compare_button.setText("Stop compare" if info is not None else "Compare\u2026")
+        if info is not None:
+            self.statusBar().showMessage(f"Comparing with {info.label} (magenta outline)", 6000)
+        self._update_model_label()
+        self._rerender()
+
+    def _show_cue(self, on: bool, area_pct: float | None) -> None:
+        if on and not self.cue_on and self.sound_box.isChecked():
+            QApplication.beep()
+        self.cue_on = on
+        area = f" \u00b7 {area_pct:.1f} %" if area_pct else ""
+        self.cue_label.setText(("\u25cf POLYP" if on else "no polyp") + area)
+        self.cue_label.setStyleSheet("QLabel#cue { background: #ffb000; color: black; font-weight: bold; padding: 2px; }"
+                                     if on else "QLabel#cue { color: #777; padding: 2px; }")
+
     def _rerender(self) -> None:
         # While playing the next frame shows the change; paused or at the end, redraw now.
         if self.paused or self.ended:
@@ -385,6 +481,8 @@ class MainWindow(QMainWindow):
         if meta.epoch != self.pipeline.epoch.value:
             return  # painted after a seek/source change: stale
         self.video.set_image(image)
+        if meta.analysis is not None:
+            self._show_cue(meta.analysis.cue_on, meta.analysis.area_pct)
         if not meta.refresh:
             self.pipeline.stats.frame_out(meta.t_capture)
             if meta.pts is not None:
@@ -416,6 +514,8 @@ class MainWindow(QMainWindow):
     def _update_model_label(self) -> None:
         fallbacks = [n for n in self.notices if "falling back" in n]
         text = f"model: {self.info.label}" if self.info else "model: loading\u2026"
+        if self.compare_info is not None:
+            text += f"  vs  {self.compare_info.label}"
         if fallbacks:  # stays visible after the status message times out
             text += "  \u26a0 fallback"
             self.model_label.setStyleSheet("color: #b35c00; font-weight: bold;")
@@ -476,6 +576,9 @@ class MainWindow(QMainWindow):
         if live["latency_ms_p50"] is not None:
             parts.append(f"latency p50 {live['latency_ms_p50']:.0f} / p95 {live['latency_ms_p95']:.0f} ms")
         parts.append(f"dropped {live['dropped']} ({live['dropped_pct']:.1f}%)")
+        if self.compare_info is not None and live["inference_b_ms"] is not None:
+            agree = self.pipeline.analyzer.recent_agreement()
+            parts.append(f"B {live['inference_b_ms']:.1f} ms" + (f" \u00b7 agree {agree:.2f}" if agree is not None else ""))
         if self.recording.active:
             parts.append("\u25cf REC")
         self.readout_label.setText("  \u00b7  ".join(parts))
@@ -497,6 +600,10 @@ class MainWindow(QMainWindow):
             "source_fps": self.reader.fps if self.reader else None,
             "notices": self.notices,
         })
+        if "compare" in stats:
+            stats["compare"] = {**self.pipeline.compare_summary(), **stats["compare"]}
+        if self.frames_csv is not None:
+            stats["frames_csv"] = {"path": self.frames_csv.path, "rows": self.frames_csv.rows}
         return stats
 
     # ------------------------------------------------------------------ shutdown
@@ -515,6 +622,8 @@ class MainWindow(QMainWindow):
         self.pipeline.stats.stop()
         self._final_stats = self.stats_summary()
         self.pipeline.close()
+        if self.frames_csv is not None:
+            self.frames_csv.close()
         if self.stats_path:
             from ..headless import _write_json
 
