@@ -162,6 +162,9 @@ def upsample(stored, size: int):
 
 def build_parser() -> argparse.ArgumentParser:
     from .engine.config import defaults
+    from .models.factory import Preset
+
+    PRESET_SIZE = Preset.input_size  # the presets' size, used when training keeps the preset's
 
     p = argparse.ArgumentParser(prog="python -m kdas_core.teacher_targets", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -169,8 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="teacher checkpoint; repeat to average several teachers")
     p.add_argument("--data", required=True, metavar="DIR", help="the training data the student will use (as --data of distill)")
     p.add_argument("--out", required=True, metavar="DIR", help=f"folder for {FILE}")
-    p.add_argument("--image-size", type=int, default=defaults()["image_size"], metavar="S",
-                   help="the student's training size (default: %(default)s, the training default)")
+    p.add_argument("--image-size", type=int, default=defaults()["image_size"] or PRESET_SIZE, metavar="S",
+                   help="the student's training size, as its --image-size (default: %(default)s, the training default)")
     p.add_argument("--tta", choices=["none", "flip"], default="none", help="average with the flipped image (default: none)")
     p.add_argument("--batch-size", type=int, default=8, metavar="B", help="teacher batch size (default: 8)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")

@@ -5,8 +5,9 @@ command-line parser is generated from these fields, so a default is written exac
 
 A *recipe* (`--recipe`) is a named set of changes to those defaults:
 
-- `fast` (the default, i.e. the field defaults themselves): made for short CPU budgets;
-- `v1`: the recipe of the first releases (for comparisons with runs made by them);
+- `v1` (the default, i.e. the field defaults themselves): the recipe of the first releases;
+- `fast`: made for short CPU budgets; it becomes the default once its time-to-accuracy
+  measurement (RESULTS.md) shows that it wins;
 - `published`: as close as this code gets to the published Polyp-PVT/KDAS training script.
 
 Precedence, lowest first: field defaults < `--config RUN/config.json` (a finished or paused run's
@@ -85,19 +86,20 @@ class TrainConfig:
         "or PATH to a timm-format .safetensors/.pth", metavar="SRC")
     subset: str | None = _opt(None, WHAT, "train on the k-th of K disjoint parts of the training data (k = 1..K)",
                               metavar="k/K")
-    recipe: str = _opt("fast", SCHEDULE, "named set of defaults: fast | v1 | published (see 'recipes' below)",
-                       choices=["fast", "v1", "published"])
-    epochs: int = _opt(12, SCHEDULE, "epochs (one epoch = one pass over the training images)", type=positive_int)
-    image_size: int | None = _opt(256, SCHEDULE, "training side in pixels", type=positive_int, metavar="S")
-    batch_size: int = _opt(8, SCHEDULE, "per-process batch size", type=positive_int, metavar="B")
-    lr: float = _opt(2e-4, SCHEDULE, "AdamW learning rate of the (pretrained) encoder", type=positive_float)
-    decoder_lr_mult: float = _opt(5.0, SCHEDULE, "the randomly initialised decoder and heads learn at lr x this",
+    recipe: str = _opt("v1", SCHEDULE, "named set of defaults: v1 | fast | published (see 'recipes' below)",
+                       choices=["v1", "fast", "published"])
+    epochs: int = _opt(100, SCHEDULE, "epochs (one epoch = one pass over the training images)", type=positive_int)
+    image_size: int | None = _opt(None, SCHEDULE, "training side in pixels (none: the preset's, 352)",
+                                  type=positive_int, metavar="S")
+    batch_size: int = _opt(16, SCHEDULE, "per-process batch size", type=positive_int, metavar="B")
+    lr: float = _opt(1e-4, SCHEDULE, "AdamW learning rate of the (pretrained) encoder", type=positive_float)
+    decoder_lr_mult: float = _opt(1.0, SCHEDULE, "the randomly initialised decoder and heads learn at lr x this",
                                   type=positive_float, metavar="M")
     weight_decay: float = _opt(1e-4, SCHEDULE, "AdamW weight decay", type=float)
     clip_grad: float = _opt(0.5, SCHEDULE, "gradient clip, 0 = off", type=float)
     clip_mode: str = _opt("norm", SCHEDULE, "'norm': scale the global gradient norm to <= clip; 'value': clamp "
                           "each gradient value to +-clip (the published code)", choices=["norm", "value"])
-    warmup_epochs: float = _opt(0.3, SCHEDULE, "linear warm-up before the schedule, in epochs", type=float)
+    warmup_epochs: float = _opt(1.0, SCHEDULE, "linear warm-up before the schedule, in epochs", type=float)
     schedule: str = _opt("cosine", SCHEDULE, "learning-rate schedule after the warm-up", choices=["cosine", "constant"])
     multiscale: tuple[float, ...] = _opt((0.75, 1.0, 1.25), SCHEDULE,
                                          "rescale factors, rounded to multiples of 32 ('1' disables)",
@@ -108,7 +110,7 @@ class TrainConfig:
     augment: bool = _opt(True, SCHEDULE, "flips, rotation, random resized crop, colour jitter "
                          "(the published code has none: a string comparison disables it)")
     progressive: tuple[float, float] | None = _opt(
-        (0.75, 0.35), SCHEDULE, "progressive resizing RATE:FRACTION: the first FRACTION of the epochs trains at "
+        None, SCHEDULE, "progressive resizing RATE:FRACTION: the first FRACTION of the epochs trains at "
         "RATE x the image size (cheaper steps while the model is coarse); 'off' disables",
         type=progressive_spec, metavar="R:F")
     steps_per_epoch: int | None = _opt(None, SCHEDULE, "cap optimiser steps per epoch (quick runs)",
@@ -121,7 +123,7 @@ class TrainConfig:
     val_every: int = _opt(1, RUN, "validate every N epochs", type=positive_int, metavar="N")
     threshold: float = _opt(0.5, RUN, "mask threshold stored in the checkpoint", type=float)
     seed: int = _opt(0, RUN, "seed of the initialisation, batch order and augmentation", type=int)
-    workers: int = _opt(1, RUN, "data-loader worker processes (0: load in the training process)", type=int)
+    workers: int = _opt(2, RUN, "data-loader worker processes (0: load in the training process)", type=int)
     threads: int | None = _opt(None, RUN, "CPU threads for PyTorch (default: PyTorch's choice)", type=positive_int,
                                metavar="N")
     cache_images: bool = _opt(True, RUN, "decode and resize the training images once, into memory "
@@ -146,12 +148,11 @@ class TrainConfig:
 
 # Differences from the field defaults; each entry is a reason to exist, see README "Training recipes".
 RECIPES: dict[str, dict[str, Any]] = {
-    "fast": {},
-    "v1": {"epochs": 100, "image_size": None, "batch_size": 16, "lr": 1e-4, "decoder_lr_mult": 1.0,
-           "warmup_epochs": 1.0, "progressive": None, "cache_images": False, "workers": 2},
-    "published": {"epochs": 100, "image_size": None, "batch_size": 16, "lr": 1e-4, "decoder_lr_mult": 1.0,
-                  "warmup_epochs": 0.0, "schedule": "constant", "clip_mode": "value", "multiscale_mode": "all",
-                  "augment": False, "progressive": None, "cache_images": False, "workers": 2},
+    "v1": {},
+    "fast": {"epochs": 12, "image_size": 256, "batch_size": 8, "lr": 2e-4, "decoder_lr_mult": 5.0,
+             "warmup_epochs": 0.3, "progressive": (0.75, 0.35)},
+    "published": {"warmup_epochs": 0.0, "schedule": "constant", "clip_mode": "value", "multiscale_mode": "all",
+                  "augment": False},
 }
 
 REQUIRED = ("model", "data", "out")
@@ -171,7 +172,7 @@ def model_help() -> str:
 def recipes_help() -> str:
     base = defaults()
     lines = ["recipes (--recipe; flags given on the command line override them):",
-             "  fast       the defaults shown above (made for short CPU budgets; README 'Training recipes')"]
+             "  v1         the defaults shown above (README 'Training recipes')"]
     for name, diff in RECIPES.items():
         if diff:
             lines.append(f"  {name:<10} " + ", ".join(f"{k}={_show(v)}" for k, v in diff.items() if base[k] != v))
