@@ -3,6 +3,11 @@
 fp32: max |prob difference| <= 1e-3.
 fp16: mask Dice agreement >= 0.99 at the model threshold, and no all-empty mask where the
 reference has foreground (all-black FP16 masks are a known TensorRT failure).
+int8: mask Dice agreement >= 0.85 on real frames, and no all-empty mask where the reference has
+foreground. A guard against broken graphs (int16 saturation gave 0.68 on the 64x64 test model,
+a sound one 0.88; the bundled student at 256 on real frames: 0.96); INT8 accuracy itself is
+measured with kdas_core.evaluate on the test sets. The max prob diff is only reported: int8
+moves probabilities near the threshold.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import numpy as np
 
 FP32_MAX_DIFF = 1e-3
 FP16_MIN_DICE = 0.99
+INT8_MIN_DICE = 0.85  # a gross-failure guard (saturated or mis-calibrated graphs); accuracy: kdas_core.evaluate
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
@@ -57,10 +63,11 @@ def compare(reference: np.ndarray, candidate: np.ndarray, precision: str, thresh
         if diff > FP32_MAX_DIFF:
             problems.append(f"max prob diff {diff:.2e} > {FP32_MAX_DIFF:.0e}")
     else:
-        if dice < FP16_MIN_DICE:
-            problems.append(f"mask Dice {dice:.4f} < {FP16_MIN_DICE}")
+        min_dice = INT8_MIN_DICE if precision == "int8" else FP16_MIN_DICE
+        if dice < min_dice:
+            problems.append(f"mask Dice {dice:.4f} < {min_dice}")
         if empty:
-            problems.append(f"{empty} all-empty mask(s) where the FP32 reference has foreground (known FP16 failure)")
+            problems.append(f"{empty} all-empty mask(s) where the FP32 reference has foreground (known {precision.upper()} failure)")
     notes = []
     if not ref_mask.any():
         notes.append("the reference masks are empty on these frames, so the mask check says little; use --verify-frames with real images")
