@@ -25,6 +25,10 @@ works on TensorRT 10 and 11), batch 1-4, a timing cache, and names the engine by
 revision, GPU, compute capability, SM count, TensorRT version, precision, input size and max
 batch, with a JSON sidecar. Builds take minutes; progress is printed. The engine enters the
 cache index (where load_backend(checkpoint) finds it) only after --verify passed.
+
+INT8 (--precision int8 --calibration DIR, ONNX only): static QDQ quantisation of the fp32 export
+with ONNX Runtime's tooling (engines/quantize.py): per-channel int8 weights, uint8 activations
+calibrated on --calibration-images real frames from DIR; same uint8 input and float32 output.
 """
 
 EPILOG = f"""\
@@ -32,13 +36,16 @@ examples:
   python -m engines.build --weights runs/student/best.safetensors --out deploy/ --verify
   python -m engines.build --weights best.safetensors --out deploy/ --format tensorrt --precision fp16 --verify
   python -m engines.build --weights best.safetensors --out deploy/ --image-size 256
+  python -m engines.build --weights best.safetensors --out deploy/ --precision int8 \
+      --calibration DATA/TrainDataset --verify
 
 --verify runs the artefact and the PyTorch checkpoint on the same frames (--verify-frames DIR,
 or by default the bundled demo clip's frames on which the checkpoint finds a polyp) and fails
 unless: fp32 max prob diff <= 1e-3; fp16 mask Dice >= 0.99, no all-empty masks where the
-reference has foreground, mean prob diff <= 5e-3 and 99th-percentile prob diff <= 0.05. A TensorRT engine
-that fails (or is built without --verify) stays out of the cache index; its sidecar says
-"verified": false.
+reference has foreground, mean prob diff <= 5e-3 and 99th-percentile prob diff <= 0.05; int8
+mask Dice >= 0.85 and no all-empty masks (int8 verifies on real frames: --verify-frames, else
+images of --calibration). A TensorRT engine that fails (or is built without --verify) stays out
+of the cache index; its sidecar says "verified": false.
 
 {EXIT_CODES_HELP}
 """
@@ -51,7 +58,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--weights", required=True, metavar="CKPT", help="KDAS checkpoint (.safetensors from kdas_core.train/distill)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created if needed)")
     p.add_argument("--format", choices=("onnx", "tensorrt"), default="onnx", help="artefact to build (default: onnx; tensorrt also writes the ONNX it builds from)")
-    p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32", help="fp32 (default) or fp16 (network in half precision; for TensorRT/GPU)")
+    p.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32",
+                   help="fp32 (default), fp16 (network in half precision; for TensorRT/GPU) or int8 (static QDQ, for CPUs; needs --calibration)")
+    p.add_argument("--calibration", metavar="DIR", help="int8: folder of real frames (or with images/, e.g. DATA/TrainDataset) to calibrate on")
+    p.add_argument("--calibration-images", type=int, default=300, metavar="N", help="int8: images used from --calibration, spread over the folder (default 300)")
     p.add_argument("--image-size", type=int, metavar="S", help="square input side (default: the checkpoint's input_size; multiples of 32 recommended)")
     p.add_argument("--verify", action="store_true", help="compare the artefact with the PyTorch checkpoint and fail on disagreement")
     p.add_argument("--verify-frames", metavar="DIR", help="images to verify on (default: demo-clip frames where the checkpoint finds a polyp)")
@@ -60,6 +70,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.image_size is not None and not 32 <= args.image_size <= 2048:
         p.error(f"--image-size must be between 32 and 2048, got {args.image_size}")
+    if args.precision == "int8" and (args.format != "onnx" or not args.calibration):
+        p.error("--precision int8 builds an ONNX model (--format onnx) and needs --calibration DIR (real frames)")
+    if args.calibration and args.precision != "int8":
+        p.error("--calibration is for --precision int8")
+    if args.calibration_images < 1:
+        p.error("--calibration-images must be >= 1")
     if args.max_batch < 1:
         p.error("--max-batch must be >= 1")
     return args
@@ -84,14 +100,24 @@ def main(argv: list[str] | None = None) -> int:
         if reason:
             raise UnavailableError(f"--format tensorrt: {reason}")
 
+    if args.precision == "int8":
+        from .quantize import calibration_images
+
+        calibration_images(args.calibration, args.calibration_images)  # a wrong folder fails before the export
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.splitext(os.path.basename(args.weights))[0]
     onnx_path = os.path.join(args.out, f"{stem}-{size}-{args.precision}.onnx")
-    # The same exports load_backend(checkpoint) uses: made once in the cache, copied here.
     notes: list[str] = []
-    cached = cached_onnx_for_checkpoint(args.weights, size, notes, precision=args.precision)
-    _copy(cached, onnx_path)
-    _say(f"{notes[-1]}; copied to {onnx_path}")
+    if args.precision == "int8":
+        from .quantize import quantize_int8
+
+        quantize_int8(cached_onnx_for_checkpoint(args.weights, size, notes), onnx_path, args.calibration,
+                      count=args.calibration_images, log=_say)
+    else:
+        # The same exports load_backend(checkpoint) uses: made once in the cache, copied here.
+        cached = cached_onnx_for_checkpoint(args.weights, size, notes, precision=args.precision)
+        _copy(cached, onnx_path)
+        _say(f"{notes[-1]}; copied to {onnx_path}")
     artefact = onnx_path
     if args.format == "tensorrt":
         from .trt_build import build_engine
@@ -114,7 +140,13 @@ def _verify(args: argparse.Namespace, artefact: str, size: int):
 
     reference = load_backend(args.weights, backend="torch", device="cpu", image_size=size)
     try:
-        frames, ref_probs, what = verification_frames(reference, size, args.verify_frames)
+        if args.precision == "int8" and not args.verify_frames:
+            from .quantize import verify_frames  # INT8 is judged on real frames: the calibration folder's
+
+            frames = verify_frames(args.calibration, size)
+            ref_probs, what = reference.predict(frames), f"{len(frames)} images from {args.calibration}"
+        else:
+            frames, ref_probs, what = verification_frames(reference, size, args.verify_frames)
     finally:
         reference.close()
     if artefact.endswith(".onnx"):

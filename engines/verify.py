@@ -5,9 +5,15 @@ fp16: mask Dice agreement >= 0.99 at the model threshold, no all-empty mask wher
 has foreground (all-black FP16 masks are a known TensorRT failure), and the probabilities
 themselves close: mean |diff| <= 5e-3 and 99th-percentile |diff| <= 0.05. (The shipped student's
 fp16 graph on ONNX Runtime CPU, 352², 8 demo frames: mean 8.8e-4, p99 0.023, max 0.087; the max
-is a handful of boundary pixels, so it is reported, not bounded.) The reference must have foreground
-on some frame, or the Dice says nothing: by default the frames come from the bundled demo clip,
-keeping those where the reference segments a polyp (`verification_frames`).
+is a handful of boundary pixels, so it is reported, not bounded.)
+int8: mask Dice agreement >= 0.85 on real frames, and no all-empty mask where the reference has
+foreground. A guard against broken graphs (int16 saturation gave 0.68 on the 64x64 test model,
+a sound one 0.88; the bundled student at 256 on real frames: 0.96); INT8 accuracy itself is
+measured with kdas_core.evaluate on the test sets. Its prob differences are only reported: int8
+moves probabilities near the threshold.
+For both, the reference must have foreground on some frame, or the Dice says nothing: by default
+the frames come from the bundled demo clip, keeping those where the reference segments a polyp
+(`verification_frames`).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ FP16_MIN_DICE = 0.99
 FP16_MEAN_DIFF = 5e-3  # mean |prob diff|: a uniform drift Dice alone would not see
 FP16_P99_DIFF = 0.05  # 99th percentile of |prob diff|: fp16 rounding moves a few boundary pixels, not many
 MIN_FOREGROUND = 0.002  # a frame "has foreground" when >= 0.2 % of its reference mask is set
+INT8_MIN_DICE = 0.85  # a gross-failure guard (saturated or mis-calibrated graphs); accuracy: kdas_core.evaluate
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
@@ -76,13 +83,14 @@ def compare(reference: np.ndarray, candidate: np.ndarray, precision: str, thresh
         if diff > FP32_MAX_DIFF:
             problems.append(f"max prob diff {diff:.2e} > {FP32_MAX_DIFF:.0e}")
     else:
-        if dice < FP16_MIN_DICE:
-            problems.append(f"mask Dice {dice:.4f} < {FP16_MIN_DICE}")
+        min_dice = INT8_MIN_DICE if precision == "int8" else FP16_MIN_DICE
+        if dice < min_dice:
+            problems.append(f"mask Dice {dice:.4f} < {min_dice}")
         if empty:
-            problems.append(f"{empty} all-empty mask(s) where the FP32 reference has foreground (known FP16 failure)")
-        if mean_diff > FP16_MEAN_DIFF:
+            problems.append(f"{empty} all-empty mask(s) where the FP32 reference has foreground (known {precision.upper()} failure)")
+        if precision == "fp16" and mean_diff > FP16_MEAN_DIFF:
             problems.append(f"mean prob diff {mean_diff:.2e} > {FP16_MEAN_DIFF:.0e}")
-        if p99 > FP16_P99_DIFF:
+        if precision == "fp16" and p99 > FP16_P99_DIFF:
             problems.append(f"99th-percentile prob diff {p99:.2e} > {FP16_P99_DIFF}")
         if not ref_mask.any():
             problems.append("the reference masks are empty on every frame, so the Dice check would be vacuous; "

@@ -1,9 +1,12 @@
-"""Evaluate a checkpoint on polyp test sets: `python -m kdas_core.evaluate --weights CKPT --data DIR`.
+"""Evaluate a model on polyp test sets: `python -m kdas_core.evaluate --weights MODEL --data DIR`.
 
 `evaluate_pairs(...)` is the reusable core (the trainer calls it for validation each epoch):
 images are resized to the model's input size, the probability map sigmoid(P1 + P2) is resized
 bilinearly back to each mask's ORIGINAL size, and metrics are computed there (see
-kdas_core.metrics for the definitions and their sources).
+kdas_core.metrics for the definitions and their sources). `evaluate_backend(...)` does the same
+for an exported model (ONNX, TensorRT engine) through the engines backend interface: the same
+uint8 frames (resized as above), the same resize back and the same metrics, so fp32, INT8 and
+the checkpoint are scored by one code path.
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from .checkpoint import CheckpointError, load_checkpoint, read_metadata
-from .data.dataset import DatasetError, EvalDataset, Pair, eval_collate, resolve_layout
-from .metrics import SUMMARY_KEYS, SegMetrics
+from .data.dataset import DatasetError, EvalDataset, Pair, eval_collate, read_pair, resolve_layout
+from .data.transforms import to_tensor
+from .metrics import SUMMARY_KEYS, SegMetrics, default_workers
 
 # ---------------------------------------------------------------- overlays
 
@@ -119,50 +123,96 @@ class OverlayWriter:
 
 # ---------------------------------------------------------------- evaluation core
 
+class FrameDataset(EvalDataset):
+    """EvalDataset for exported models: "image" is the uint8 HWC frame at the model size (the
+    graph normalises inside), resized exactly as EvalDataset resizes before normalising."""
+
+    def __init__(self, pairs: list[Pair], size: int):
+        super().__init__(pairs, size, mean=None, std=None)
+
+    def __getitem__(self, i: int) -> dict:
+        image, mask = read_pair(*self.pairs[i])
+        image_t, _ = to_tensor(image, None, self.size)
+        return {"image": image_t.permute(1, 2, 0).contiguous(), "mask": torch.from_numpy(mask),
+                "name": Path(self.pairs[i][0]).stem, "raw": torch.from_numpy(image)}
+
+
+def _score(predict, dataset: EvalDataset, threshold: float, batch_size: int, desc: str | None,
+           overlays_dir, progress: bool, minmax: bool, num_workers: int, workers: int) -> tuple[dict, list[dict]]:
+    """The loop shared by checkpoints and exported models: `predict(batch images)` gives (N,1,S,S)
+    probabilities; each is resized to its mask's original size and scored (in `workers` processes)."""
+    from tqdm import tqdm  # only evaluation needs it
+
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=eval_collate)
+    writer = OverlayWriter(overlays_dir, threshold) if overlays_dir is not None else None
+    bar = tqdm(total=len(dataset), desc=desc or "evaluate", unit="img", disable=not progress, leave=False,
+               dynamic_ncols=True)
+
+    def scored(row: dict, raw=None, mask=None, prob=None) -> None:
+        if writer is not None:
+            writer.add(raw, mask, prob, row)
+        bar.update(1)
+        if progress and bar.n % batch_size == 0:
+            bar.set_postfix(mDice=f"{acc.summary()['mDice']:.3f}")
+
+    try:
+        with SegMetrics(threshold, minmax=minmax, workers=workers) as acc:
+            for batch in loader:
+                probs = predict(batch["image"])
+                for i, mask in enumerate(batch["mask"]):
+                    h, w = mask.shape
+                    prob = F.interpolate(probs[i:i + 1], size=(h, w), mode="bilinear", align_corners=False)
+                    prob = prob[0, 0].clamp_(0, 1).cpu().numpy()
+                    mask_np = mask.numpy()
+                    # the overlay writer needs the pixels only when it draws them
+                    extra = (batch["raw"][i].numpy(), mask_np, prob) if writer is not None else ()
+                    acc.submit(prob, mask_np, batch["name"][i], lambda row, e=extra: scored(row, *e))
+        if writer is not None:
+            writer.close()
+    finally:
+        bar.close()
+    return acc.summary(), acc.rows
+
+
 @torch.no_grad()
 def evaluate_pairs(model: torch.nn.Module, pairs: list[Pair], size: int, mean, std, threshold: float,
                    device: str | torch.device, batch_size: int = 8, desc: str | None = None,
                    overlays_dir: str | os.PathLike | None = None, progress: bool = True,
-                   minmax: bool = False, num_workers: int = 0) -> tuple[dict, list[dict]]:
+                   minmax: bool = False, num_workers: int = 0, workers: int = 1) -> tuple[dict, list[dict]]:
     """Score `model` on (image, mask) pairs; returns (summary, per-image rows).
 
     summary: {"mDice", "mIoU", "mDice_mean256", "mIoU_mean256", "Sm", "Em", "wFm", "MAE", "n"}.
     The model runs in eval mode under no_grad (its previous train/eval mode is restored on return);
     `device` is where the batches go (the model must already be there). `minmax`: the toolbox's
-    per-map min-max normalisation (see kdas_core.metrics).
+    per-map min-max normalisation (see kdas_core.metrics). `num_workers`: data-loading processes;
+    `workers`: metric processes (identical numbers, faster on large masks).
     """
-    from tqdm import tqdm  # only evaluation needs it
-
     net = getattr(model, "module", model)  # DDP: run the bare module on this rank only
     was_training = net.training
     net.eval()
     device = torch.device(device)
-    loader = DataLoader(EvalDataset(pairs, size, mean, std), batch_size=batch_size, shuffle=False,
-                        num_workers=num_workers, collate_fn=eval_collate)
-    acc = SegMetrics(threshold, minmax=minmax)
-    writer = OverlayWriter(overlays_dir, threshold) if overlays_dir is not None else None
-    bar = tqdm(total=len(pairs), desc=desc or "evaluate", unit="img", disable=not progress, leave=False,
-               dynamic_ncols=True)
     try:
-        for batch in loader:
-            probs = torch.sigmoid(net.predict_logits(batch["image"].to(device)).float())
-            for i, mask in enumerate(batch["mask"]):
-                h, w = mask.shape
-                prob = F.interpolate(probs[i:i + 1], size=(h, w), mode="bilinear", align_corners=False)
-                prob = prob[0, 0].clamp_(0, 1).cpu().numpy()
-                mask_np = mask.numpy()
-                row = acc.update(prob, mask_np, batch["name"][i])
-                if writer is not None:
-                    writer.add(batch["raw"][i].numpy(), mask_np, prob, row)
-            bar.update(len(batch["mask"]))
-            if progress and acc.rows:
-                bar.set_postfix(mDice=f"{acc.summary()['mDice']:.3f}")
-        if writer is not None:
-            writer.close()
+        return _score(lambda images: torch.sigmoid(net.predict_logits(images.to(device)).float()),
+                      EvalDataset(pairs, size, mean, std), threshold, batch_size, desc, overlays_dir,
+                      progress, minmax, num_workers, workers)
     finally:
-        bar.close()
         net.train(was_training)
-    return acc.summary(), acc.rows
+
+
+def evaluate_backend(backend, pairs: list[Pair], threshold: float | None = None, batch_size: int = 8,
+                     desc: str | None = None, overlays_dir: str | os.PathLike | None = None,
+                     progress: bool = True, minmax: bool = False, num_workers: int = 0,
+                     workers: int = 1) -> tuple[dict, list[dict]]:
+    """`evaluate_pairs` for an `engines` backend (e.g. `engines.load_backend("model.onnx")`): the
+    input size comes from the backend, the threshold from its metadata unless given."""
+    size = backend.input_size[0]
+    threshold = backend.threshold if threshold is None else threshold
+
+    def predict(frames: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(backend.predict(frames.numpy()))[:, None]
+
+    return _score(predict, FrameDataset(pairs, size), threshold, batch_size, desc, overlays_dir,
+                  progress, minmax, num_workers, workers)
 
 
 # ---------------------------------------------------------------- CLI
@@ -194,13 +244,16 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m kdas_core.evaluate",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=(
-            "Evaluate a KDAS checkpoint on polyp test sets, with the protocol of PraNet/Polyp-PVT:\n"
+            "Evaluate a KDAS model on polyp test sets, with the protocol of PraNet/Polyp-PVT:\n"
             "each image is resized to the model's input size, sigmoid(P1+P2) is resized back to the\n"
             "mask's original size, and the metrics are computed there, per image, then averaged.\n\n"
             "--data takes either a PraNet root (every TestDataset/<name>/{images,masks} is one test\n"
             "set, reported separately) or one folder with images/ and masks/ (one set, named after\n"
             "the folder). Images and masks are matched by file stem.\n\n"
-            "Input size, mean/std and threshold come from the checkpoint's metadata.\n\n"
+            "--weights takes a checkpoint (.safetensors, run in PyTorch) or an exported model (.onnx\n"
+            "from engines.build, fp32 or int8; a TensorRT .engine), run through the engines backend\n"
+            "interface with the same frames and the same scoring, so exports are compared fairly.\n"
+            "Input size, mean/std and threshold come from the model's metadata.\n\n"
             "metrics (per image, then the mean over images):\n"
             "  mDice, mIoU      Dice / IoU of  prob >= threshold\n"
             "  mDice_mean256,   the papers' 'meanDic'/'meanIoU': Dice / IoU averaged over 256\n"
@@ -220,12 +273,23 @@ def build_parser() -> argparse.ArgumentParser:
             "examples:\n"
             "  python -m kdas_core.evaluate --weights runs/student/best.safetensors \\\n"
             "      --data ../shared/data/polyp --json results/student.json\n"
-            "  python -m kdas_core.evaluate --weights best.safetensors --data my_frames/ --save-overlays /tmp/ov\n\n"
-            "exit codes: 0 success; 2 missing/corrupt checkpoint, bad data folder or bad option;\n"
+            "  python -m kdas_core.evaluate --weights best.safetensors --data my_frames/ --save-overlays /tmp/ov\n"
+            "  python -m kdas_core.evaluate --weights deploy/best-256-int8.onnx --data ../shared/data/polyp \\\n"
+            "      --threads 2 --json results/int8.json\n\n"
+            "exit codes: 0 success; 2 missing/corrupt model file, bad data folder or bad option\n"
+            "(also: a backend that cannot run the file here);\n"
             "1 unexpected error (a bug: please report the traceback)."
         ),
     )
-    p.add_argument("--weights", required=True, metavar="CKPT", help="checkpoint (.safetensors) written by kdas_core.train/distill")
+    p.add_argument("--weights", required=True, metavar="MODEL",
+                   help="checkpoint (.safetensors) from kdas_core.train/distill, or an export (.onnx, .engine) from engines.build")
+    p.add_argument("--backend", choices=("auto", "tensorrt", "onnxruntime", "torch"),
+                   help="run through this engines backend (default: PyTorch in-process for a checkpoint, onnxruntime for "
+                        ".onnx, tensorrt for an engine: the file itself is scored, never a fallback)")
+    p.add_argument("--threads", type=int, metavar="N", help="CPU threads for the onnxruntime/torch backend (default: the runtime's)")
+    p.add_argument("--workers", type=int, default=default_workers(), metavar="N",
+                   help="processes computing the full-resolution metrics (default: the usable cores, at most 8; "
+                        "same numbers with any N)")
     p.add_argument("--data", required=True, metavar="DIR", help="PraNet root (TestDataset/<name>/...) or a folder with images/ and masks/")
     p.add_argument("--json", metavar="OUT", help="write the summary JSON here")
     p.add_argument("--csv", metavar="PATH", help="per-image CSV (default: beside --json as <json stem>_per_image.csv)")
@@ -267,29 +331,47 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--threshold must be in [0, 1], got {args.threshold}")
     if args.image_size is not None and (args.image_size < 32 or args.image_size % 32):
         raise UsageError(f"--image-size must be a multiple of 32 (the encoder's stride), at least 32; got {args.image_size}")
-    device = _pick_device(args.device)
-
-    # Cheap checks first (checkpoint metadata, data folders), then the model load.
-    read_metadata(args.weights)
+    for flag in ("threads", "workers"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise UsageError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    exported = not args.weights.lower().endswith(".safetensors")
+    if args.backend is None and not exported:
+        device = _pick_device(args.device)
+        read_metadata(args.weights)  # cheap checks first (checkpoint metadata, data folders), then the model load
     layout = resolve_layout(args.data)
     sets = layout.evaluation_sets()
     if not sets:
         raise UsageError(f"{args.data}: no test sets; expected TestDataset/<name>/{{images,masks}} folders "
                          "(a PraNet root) or images/ and masks/ directly in the folder")
-    model, meta = load_checkpoint(args.weights, device)
-    size = int(args.image_size or meta["input_size"])
-    threshold = float(meta["threshold"] if args.threshold is None else args.threshold)
-    print(f"checkpoint {args.weights}: preset {meta['preset']}, input {size}x{size}, threshold {threshold:g}, "
-          f"device {device}" + (", min-max normalised maps" if args.minmax else ""), file=sys.stderr)
+    common = dict(batch_size=args.batch_size, progress=not args.no_progress, minmax=args.minmax, workers=args.workers)
+    if args.backend is None and not exported:
+        model, meta = load_checkpoint(args.weights, device)
+        size = int(args.image_size or meta["input_size"])
+        threshold = float(meta["threshold"] if args.threshold is None else args.threshold)
+        print(f"checkpoint {args.weights}: preset {meta['preset']}, input {size}x{size}, threshold {threshold:g}, "
+              f"device {device}" + (", min-max normalised maps" if args.minmax else ""), file=sys.stderr)
+
+        def score(pairs, **kw):
+            return evaluate_pairs(model, pairs, size, meta["mean"], meta["std"], threshold, device, **kw, **common)
+    else:
+        backend = _open_backend(args)
+        threshold = float(backend.threshold if args.threshold is None else args.threshold)
+        size = backend.input_size[0]
+        print(f"model {args.weights}: {backend.name} backend, precision {backend.meta.get('precision', 'fp32')}, "
+              f"input {size}x{size}, threshold {threshold:g}" + (", min-max normalised maps" if args.minmax else ""),
+              file=sys.stderr)
+        for note in backend.notes:
+            print(f"  note: {note}", file=sys.stderr)
+
+        def score(pairs, **kw):
+            return evaluate_backend(backend, pairs, threshold, **kw, **common)
 
     results: dict[str, dict] = {}
     all_rows: list[dict] = []
     start = time.perf_counter()
     for name, pairs in sets.items():
         overlays = Path(args.save_overlays) / name if args.save_overlays else None
-        summary, rows = evaluate_pairs(model, pairs, size, meta["mean"], meta["std"], threshold, device,
-                                       batch_size=args.batch_size, desc=name, overlays_dir=overlays,
-                                       progress=not args.no_progress, minmax=args.minmax)
+        summary, rows = score(pairs, desc=name, overlays_dir=overlays)
         results[name] = {k: summary[k] for k in ("mDice", "mIoU", "Sm", "Em", "wFm", "MAE", "n")}
         results[name].update({k: summary[k] for k in SUMMARY_KEYS if k not in results[name]})
         all_rows += [{"set": name, **r} for r in rows]
@@ -313,6 +395,20 @@ def run(args: argparse.Namespace) -> int:
     if args.save_overlays:
         print(f"wrote overlays under {args.save_overlays}", file=sys.stderr)
     return 0
+
+
+def _open_backend(args: argparse.Namespace):
+    """An engines backend for --weights (import deferred: plain checkpoint runs do not need it).
+    Without --backend an export runs on its own runtime: `auto` could fall back to the source
+    checkpoint, and the numbers would then not be those of the file asked for."""
+    from engines import BackendError, load_backend
+
+    try:
+        default = "onnxruntime" if args.weights.lower().endswith(".onnx") else "tensorrt"
+        return load_backend(args.weights, backend=args.backend or default, device=args.device,
+                            image_size=args.image_size, threads=args.threads)
+    except BackendError as exc:
+        raise UsageError(str(exc)) from exc
 
 
 def main(argv: list[str] | None = None) -> int:

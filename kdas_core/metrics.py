@@ -32,11 +32,21 @@ because a deployed model thresholds calibrated probabilities; `minmax=True` repr
 toolbox (and pysodmetrics fed with uint8 PNGs) for comparison with papers. On frames with a
 polyp and a confident model the two agree closely; on an empty frame min-max stretches noise
 into a full-frame "detection".
+
+Speed: on a 1920x1080 mask one image takes about 1.4 s on one core, 60 % of it in wFm (a
+distance transform and a 7x7 convolution, by scipy), the rest in Em, Sm and the 256-threshold
+curves. `SegMetrics(workers=N)` scores images in N processes (one image per task, the same code,
+so the numbers are identical to workers=1), which is what makes large HD test sets bearable.
 """
 
 from __future__ import annotations
 
 import math
+import multiprocessing
+import os
+from collections import deque
+from concurrent.futures import Future, ProcessPoolExecutor
+from typing import Callable
 
 import numpy as np
 from py_sod_metrics import MAE, Emeasure, Smeasure, WeightedFmeasure
@@ -146,6 +156,22 @@ def _image_metrics(prob, mask, threshold):
     return out
 
 
+def score_image(prob: np.ndarray, mask: np.ndarray, name: str, threshold: float, minmax: bool) -> dict:
+    """One per-image row: name, size, pixel counts and every metric (what SegMetrics keeps)."""
+    prob, mask = _check(prob, mask)
+    scored = minmax_normalise(prob) if minmax else prob
+    metrics = _image_metrics(scored, mask, threshold)
+    return {"name": name, "height": mask.shape[0], "width": mask.shape[1],
+            "gt_pixels": int(np.count_nonzero(mask)),
+            "pred_pixels": int(np.count_nonzero(scored >= threshold)), **metrics}
+
+
+def default_workers() -> int:
+    """Metric processes for a command line: the usable cores, at most 8."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, cores))
+
+
 class SegMetrics:
     """Accumulates per-image metrics over a test set.
 
@@ -155,24 +181,86 @@ class SegMetrics:
 
     Every summary value is the plain mean over images of the per-image value (as the toolbox);
     `rows` keeps one dict per image (name, size, pixel counts and the metrics) for CSVs.
+
+    Several cores: `SegMetrics(..., workers=N)` and `submit(prob, mask, name, on_row)` instead of
+    `update`: images are scored in N worker processes, `on_row(row)` is called in submission order
+    as results come back, and at most 2N images wait at a time (bounded memory on HD frames).
+    `close()` (or `with SegMetrics(...) as acc:`) waits for the rest and stops the workers;
+    `summary()` and `rows` count only finished images.
     """
 
-    def __init__(self, threshold: float = 0.5, minmax: bool = False):
+    def __init__(self, threshold: float = 0.5, minmax: bool = False, workers: int = 1):
         if not 0.0 <= threshold <= 1.0:
             raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
         self.threshold = float(threshold)
         self.minmax = minmax
+        self.workers = int(workers)
         self.rows: list[dict] = []
+        self._pool: ProcessPoolExecutor | None = None
+        self._pending: deque[tuple[Future, Callable[[dict], None] | None]] = deque()
+        self._submitted = 0
+
+    def _name(self, name: str) -> str:
+        return name or f"image_{self._submitted:05d}"
 
     def update(self, prob: np.ndarray, mask: np.ndarray, name: str = "") -> dict:
-        prob, mask = _check(prob, mask)
-        scored = minmax_normalise(prob) if self.minmax else prob
-        metrics = _image_metrics(scored, mask, self.threshold)
-        row = {"name": name or f"image_{len(self.rows):05d}", "height": mask.shape[0], "width": mask.shape[1],
-               "gt_pixels": int(np.count_nonzero(mask)),
-               "pred_pixels": int(np.count_nonzero(scored >= self.threshold)), **metrics}
+        """Score one image now (in this process) and return its row."""
+        self.wait()  # keep rows in submission order
+        row = score_image(prob, mask, self._name(name), self.threshold, self.minmax)
+        self._submitted += 1
         self.rows.append(row)
         return row
+
+    def submit(self, prob: np.ndarray, mask: np.ndarray, name: str = "", on_row: Callable[[dict], None] | None = None) -> None:
+        """Score one image in a worker process (in this one when workers == 1)."""
+        if self.workers == 1:
+            row = self.update(prob, mask, name)
+            if on_row is not None:
+                on_row(row)
+            return
+        _check(prob, mask)  # bad input fails here, at the caller, not later in a worker
+        if self._pool is None:
+            # fork: workers start in milliseconds and need nothing but numpy/scipy (no torch, no
+            # threads of the parent are used in them); spawn where fork does not exist.
+            methods = multiprocessing.get_all_start_methods()
+            ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=ctx)
+        future = self._pool.submit(score_image, prob, mask, self._name(name), self.threshold, self.minmax)
+        self._submitted += 1
+        self._pending.append((future, on_row))
+        while len(self._pending) > 2 * self.workers:
+            self._collect_one()
+
+    def _collect_one(self) -> None:
+        future, on_row = self._pending.popleft()
+        row = future.result()
+        self.rows.append(row)
+        if on_row is not None:
+            on_row(row)
+
+    def wait(self) -> None:
+        """Block until every submitted image is scored."""
+        while self._pending:
+            self._collect_one()
+
+    def close(self) -> None:
+        """Wait for submitted images, then stop the worker processes. Safe to call twice."""
+        try:
+            self.wait()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(cancel_futures=True)
+                self._pool = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if exc[0] is not None:
+            self._pending.clear()  # an error upstream: do not wait for work nobody will read
+        self.close()
 
     def __len__(self) -> int:
         return len(self.rows)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -48,3 +49,36 @@ def write_pair_folder(root: Path, n: int, size: int = 48, seed: int = 0) -> Path
 @pytest.fixture
 def pair_folder(tmp_path: Path) -> Path:
     return write_pair_folder(tmp_path / "set", 6)
+
+
+@contextlib.contextmanager
+def kdas_cache(path: str):
+    """KDAS_CACHE_DIR=path for the duration (for session/module fixtures, where monkeypatch is not available)."""
+    old = os.environ.get("KDAS_CACHE_DIR")
+    os.environ["KDAS_CACHE_DIR"] = path
+    try:
+        yield path
+    finally:
+        if old is None:
+            os.environ.pop("KDAS_CACHE_DIR", None)
+        else:
+            os.environ["KDAS_CACHE_DIR"] = old
+
+
+STUDENT = REPO / "assets" / "weights" / "polyppvt-lite0.safetensors"
+STUDENT_TEST_SIZE = 64
+
+
+@pytest.fixture(scope="session")
+def student_onnx(tmp_path_factory) -> tuple[str, str, str]:
+    """(checkpoint, fp32 ONNX at 64x64, cache dir): the bundled student exported once per session
+    (a dynamo export is the slow part) for the tests that compare exports with the checkpoint."""
+    from engines.build import main
+    from engines.cli_common import run
+
+    cache = str(tmp_path_factory.mktemp("student-cache"))
+    out = str(tmp_path_factory.mktemp("student-onnx"))
+    with kdas_cache(cache):
+        rc = run(main, ["--weights", str(STUDENT), "--out", out, "--image-size", str(STUDENT_TEST_SIZE)])
+    assert rc == 0
+    return str(STUDENT), os.path.join(out, f"{STUDENT.stem}-{STUDENT_TEST_SIZE}-fp32.onnx"), cache

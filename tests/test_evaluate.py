@@ -183,3 +183,60 @@ def test_real_kvasir_images_of_varied_sizes(tmp_path, capsys, checkpoint):
         assert int(rows[image.stem]["gt_pixels"]) > 0
         sizes.add((h, w))
     assert len(sizes) >= 3
+
+
+# ---------------------------------------------------------------- exported models (engines backends)
+
+SCORE_KEYS = ("mDice", "mIoU", "mDice_mean256", "mIoU_mean256", "Sm", "Em", "wFm", "MAE")
+
+
+def test_onnx_file_scores_as_its_checkpoint(tmp_path, capsys, student_onnx, synth_root):
+    """fp32: the same frames through ONNX Runtime give the checkpoint's numbers (probabilities
+    agree to ~1e-5, so every metric to well within 1e-3), per image and per set."""
+    ckpt, onnx_path, _ = student_onnx
+    results = {}
+    for label, weights, extra in (("ckpt", ckpt, ["--image-size", "64"]), ("onnx", onnx_path, ["--threads", "1"])):
+        out_json = tmp_path / f"{label}.json"
+        code, out, err = _run(capsys, "--weights", weights, "--data", synth_root, "--json", out_json, "--device", "cpu", *extra)
+        assert code == 0, err
+        results[label] = (json.loads(out_json.read_text())["Synthetic"], err)
+        with open(tmp_path / f"{label}_per_image.csv") as f:
+            results[label] += (list(csv.DictReader(f)),)
+    (ref, ref_err, ref_rows), (got, got_err, got_rows) = results["ckpt"], results["onnx"]
+    assert "checkpoint" in ref_err and "onnxruntime backend, precision fp32, input 64x64" in got_err
+    assert got["n"] == ref["n"] == 7
+    for key in SCORE_KEYS:
+        assert got[key] == pytest.approx(ref[key], abs=1e-3), key
+    assert [r["name"] for r in got_rows] == [r["name"] for r in ref_rows]
+    for a, b in zip(got_rows, ref_rows):
+        assert float(a["Dice_mean256"]) == pytest.approx(float(b["Dice_mean256"]), abs=2e-3)
+
+
+def test_evaluate_backend_matches_evaluate_pairs_and_any_worker_count(student_onnx, synth_root):
+    from engines import load_backend
+    from kdas_core.checkpoint import load_checkpoint
+    from kdas_core.evaluate import evaluate_backend
+
+    ckpt, onnx_path, _ = student_onnx
+    pairs = resolve_layout(synth_root).tests["Synthetic"]
+    model, meta = load_checkpoint(ckpt, "cpu")
+    ref, ref_rows = evaluate_pairs(model, pairs, 64, meta["mean"], meta["std"], meta["threshold"], "cpu", progress=False)
+    backend = load_backend(onnx_path, backend="onnxruntime", device="cpu", threads=1)
+    one, rows1 = evaluate_backend(backend, pairs, batch_size=3, progress=False)
+    two, rows2 = evaluate_backend(backend, pairs, batch_size=3, progress=False, workers=2)
+    assert rows2 == rows1 and two == one  # metric processes change nothing
+    for key in SCORE_KEYS:
+        assert one[key] == pytest.approx(ref[key], abs=1e-3), key
+    assert [r["name"] for r in rows1] == [r["name"] for r in ref_rows]
+
+
+def test_cli_exported_model_errors_exit_2(tmp_path, capsys, student_onnx, synth_root):
+    _, onnx_path, _ = student_onnx
+    code, _, err = _run(capsys, "--weights", onnx_path, "--data", synth_root, "--image-size", "96")
+    assert code == 2 and "exported for 64x64" in err and "Traceback" not in err
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not onnx")
+    code, _, err = _run(capsys, "--weights", bad, "--data", synth_root)
+    assert code == 2 and "bad.onnx" in err
+    code, _, err = _run(capsys, "--weights", onnx_path, "--data", synth_root, "--workers", "0")
+    assert code == 2 and "--workers" in err

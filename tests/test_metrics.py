@@ -194,3 +194,49 @@ def test_realish_case_on_a_real_kvasir_mask():
         assert ours[key] == pytest.approx(ref[key], abs=1e-9), key
     assert 0.7 < ours["Dice"] < 1.0  # an eroded mask: good but not perfect
     assert ours["Dice_mean256"] == pytest.approx(_toolbox_mean_dice(u8 / 255.0, mask)[0], abs=1e-12)
+
+
+def _hd_case(seed, h=540, w=960):
+    """A deterministic large frame: a disc mask and a shifted, soft, noisy prediction (float32)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    cx, cy, r = w * (0.3 + 0.4 * rng.random()), h * (0.3 + 0.4 * rng.random()), h * (0.15 + 0.1 * rng.random())
+    mask = (np.hypot(xx - cx, yy - cy) < r).astype(np.uint8)
+    prob = 1 / (1 + np.exp(6 * (np.hypot(xx - cx - 0.1 * r, yy - cy) / r - 1)))
+    return np.clip(prob + rng.normal(0, 0.02, prob.shape), 0, 1).astype(np.float32), mask
+
+
+# The values the single-process SegMetrics gave on these frames before metric workers existed
+# (commit cd5ad70); parallel scoring must reproduce them.
+HD_SUMMARY_BEFORE_WORKERS = {
+    "mDice": 0.9361324207393127, "mIoU": 0.8799332552719333, "mDice_mean256": 0.7563660643524963,
+    "mIoU_mean256": 0.6421615420530065, "Sm": 0.922820523731064, "Em": 0.8521575363220236,
+    "wFm": 0.6429672726650634, "MAE": 0.03930957599688506,
+}
+HD_WFM_BEFORE_WORKERS = [0.6159536122232963, 0.6267742945026334, 0.6646252840538731, 0.6645158998804506]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_workers_reproduce_the_single_process_numbers(workers):
+    seen = []
+    with SegMetrics(threshold=0.5, workers=workers) as acc:
+        for s in range(4):
+            acc.submit(*_hd_case(s), name=f"hd{s}", on_row=lambda row: seen.append(row["name"]))
+    assert seen == [f"hd{s}" for s in range(4)]  # callbacks in submission order
+    assert [r["name"] for r in acc.rows] == seen and acc.rows[0]["gt_pixels"] == 21746
+    summary = acc.summary()
+    assert summary["n"] == 4
+    for key, value in HD_SUMMARY_BEFORE_WORKERS.items():
+        assert summary[key] == pytest.approx(value, rel=1e-12, abs=1e-15), key
+    assert [r["wFm"] for r in acc.rows] == pytest.approx(HD_WFM_BEFORE_WORKERS, rel=1e-12)
+
+
+def test_workers_report_bad_input_at_submit():
+    mask = _blob_mask()
+    acc = SegMetrics(workers=2)
+    with pytest.raises(ValueError, match="same size"):
+        acc.submit(np.zeros((10, 10)), mask)
+    acc.close()
+    acc.close()  # twice is fine
+    with pytest.raises(ValueError, match="workers"):
+        SegMetrics(workers=0)
