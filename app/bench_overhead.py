@@ -133,14 +133,14 @@ def stage_breakdown(source: str, mode: str, frames: int, view: tuple[int, int] =
     widget at `view` (W, H) pixels, offscreen, as the GUI thread would do it."""
     import time
 
-    from .pipeline.items import Frame
-    from .pipeline.recorder import Recorder
     from .pipeline.runner import Pipeline
-    from .pipeline.source import VideoFileReader
+    from .pipeline.source import VideoFileReader, new_frame
 
     reader = VideoFileReader(source)
     pipeline = Pipeline("stand-in", settings=None, realtime=mode == "window",
                         backend_factory=lambda *a, **k: StandInBackend(model_size))
+    if mode == "window":
+        pipeline.view_box = view  # as the video widget reports it
     pipeline.inference.start()
     if pipeline.wait_ready(60) is None:
         raise AppError("the stand-in model did not start")
@@ -151,10 +151,10 @@ def stage_breakdown(source: str, mode: str, frames: int, view: tuple[int, int] =
         try:
             while n < frames:
                 t0 = time.perf_counter()
-                item = reader.read()
+                item = reader.read_decoded()
                 if item is None:
                     break
-                frame = Frame(index=n, pts=item[1], image=item[0], t_capture=t0)
+                frame = new_frame(item[0], n, item[1])
                 t1 = time.perf_counter()
                 frame = pipeline._preprocess(frame)
                 t2 = time.perf_counter()
@@ -163,6 +163,8 @@ def stage_breakdown(source: str, mode: str, frames: int, view: tuple[int, int] =
                 frame = pipeline._postprocess(frame)
                 t4 = time.perf_counter()
                 frame = pipeline._overlay(frame)
+                if mode == "headless":
+                    frame.full_output()  # the overlay at source size, which the headless sink asks for
                 t5 = time.perf_counter()
                 sink(frame)
                 t6 = time.perf_counter()
@@ -194,9 +196,9 @@ def _stage_sink(mode, pipeline, reader, out_path, view):
 
         def encode(frame):
             if not rec:
-                h, w = frame.overlay.shape[:2]
+                h, w = frame.size
                 rec.append(Recorder(out_path, reader.fps, w, h))
-            rec[0].write(frame.overlay)
+            rec[0].write(frame.full_output())  # as the headless sink does
             while not rec[0].idle:  # synchronous: the encode thread has taken and encoded it
                 time.sleep(0.0002)
 

@@ -20,8 +20,8 @@ from .channels import BoundedQueue, Closed, LatestSlot
 from .inference import InferenceStage, ModelInfo
 from .items import EndOfStream, Frame
 from .overlay import OverlaySettings, draw_overlay
-from .postprocess import probs_to_mask
-from .preprocess import resize_for_model
+from .postprocess import probs_to_mask, probs_to_mask_roi
+from .preprocess import prepare
 from .source import Epoch, SourceStage
 from .stats import RunStats
 
@@ -93,6 +93,7 @@ class Pipeline:
         self.source: SourceStage | None = None
         self._last_inferred: Frame | None = None
         self._closed = False
+        self.view_box: tuple[int, int] | None = None  # (W, H) of the window's video area; None: no display
 
         if realtime:  # latest frame wins in front of the model; short queues after it
             self.q_source = LatestSlot(on_drop=self._dropped)
@@ -196,7 +197,7 @@ class Pipeline:
         if info is None:
             return None  # no backend: nothing can run; the fatal event has been sent
         self.stats.start()  # throughput is timed from the first frame the model can take
-        frame.model_input = resize_for_model(frame.image, info.input_size)
+        prepare(frame, info.input_size, self.view_box)  # model-size and display-size frames
         return frame
 
     def _postprocess(self, frame: Frame) -> Frame:
@@ -205,12 +206,19 @@ class Pipeline:
         threshold = self.settings.threshold
         if threshold is None:
             threshold = self.inference.info.threshold
-        frame.mask = probs_to_mask(frame.probs, frame.image.shape[:2], threshold)
+        frame.threshold = threshold
+        if frame.view is not None:  # the window: display size (frame resolution when a recording asks)
+            frame.view_mask = probs_to_mask(frame.probs, frame.view.shape[:2], threshold)
+            frame.mask_roi = None  # made from probs and threshold if asked (a refresh copies the old one)
+        else:  # frame resolution, only inside the mask's box (frame.mask makes the whole on demand)
+            frame.mask_roi = probs_to_mask_roi(frame.probs, frame.size, threshold)
         return frame
 
     def _overlay(self, frame: Frame) -> Frame:
         s = self.settings
-        frame.overlay = draw_overlay(frame.image, frame.mask, s.opacity, s.contour, s.color)
+        frame.style = (s.opacity, s.contour, s.color)
+        if frame.view is not None:  # the window draws at display size; a recording asks for full_output()
+            frame.view_overlay = draw_overlay(frame.view, frame.view_mask, *frame.style)
         return frame
 
     def _deliver(self, item) -> None:
