@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import cv2
@@ -50,14 +51,24 @@ class MaskROI:
         return out
 
 
+def _tile_span(lo: int, hi: int, src_len: int, out_len: int) -> tuple[int, int, int, int]:
+    """Source span [c0, c1) covering [lo, hi) and its exact image [x0, x1) in the output:
+    cut at whole tiles of the scaling (src_len / out_len = s / g in lowest terms), where a
+    crop resized on its own samples exactly where the whole map resized does."""
+    k = math.gcd(src_len, out_len)
+    s, g = src_len // k, out_len // k
+    c0 = max(0, lo // s * s)
+    c1 = min(src_len, -(-hi // s) * s)
+    return c0, c1, c0 // s * g, c1 // s * g
+
+
 def probs_to_mask_roi(probs: np.ndarray, frame_hw: tuple[int, int], threshold: float) -> MaskROI:
     """The mask `probs_to_mask` gives, computed only where it can be non-zero.
 
-    A bilinear sample is >= the threshold only if one of its four source pixels is, so the
-    output box is the model-size box of pixels >= threshold grown by one source pixel and
-    mapped through the same half-pixel-centred scaling cv2.resize uses; inside it the same
-    interpolation (warpAffine, 1/32-pixel weights instead of resize's 1/2048) gives the same
-    mask but for boundary pixels whose value sits on the threshold."""
+    A bilinear sample is >= the threshold only if one of its source pixels is, so only the
+    model-size box of pixels >= threshold, grown by one pixel, is resized: a crop cut at whole
+    tiles of the scaling, which cv2.resize maps exactly as it maps the whole map. Outside, every
+    source pixel is below the threshold, and so is every sample."""
     H, W = frame_hw
     p8 = _to_p8(probs)
     ph, pw = p8.shape
@@ -67,13 +78,7 @@ def probs_to_mask_roi(probs: np.ndarray, frame_hw: tuple[int, int], threshold: f
     bx, by, bw, bh = cv2.boundingRect((p8 >= level).view(np.uint8))
     if bw == 0 or bh == 0:
         return MaskROI(frame_hw, 0, 0, np.zeros((0, 0), np.uint8))
-    sx, sy = pw / W, ph / H  # source pixels per output pixel
-    # output pixel u samples source (u + 0.5) * s - 0.5; keep those within [b0 - 1, b1 + 1]
-    x0 = max(0, int(np.floor((bx - 1 + 0.5) / sx - 0.5)))
-    x1 = min(W, int(np.ceil((bx + bw + 0.5) / sx - 0.5)) + 1)
-    y0 = max(0, int(np.floor((by - 1 + 0.5) / sy - 0.5)))
-    y1 = min(H, int(np.ceil((by + bh + 0.5) / sy - 0.5)) + 1)
-    m = np.float32([[sx, 0, (x0 + 0.5) * sx - 0.5], [0, sy, (y0 + 0.5) * sy - 0.5]])
-    roi = cv2.warpAffine(p8, m, (x1 - x0, y1 - y0), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-                         borderMode=cv2.BORDER_REPLICATE)
+    cx0, cx1, x0, x1 = _tile_span(bx - 1, bx + bw + 1, pw, W)
+    cy0, cy1, y0, y1 = _tile_span(by - 1, by + bh + 1, ph, H)
+    roi = cv2.resize(p8[cy0:cy1, cx0:cx1], (x1 - x0, y1 - y0), interpolation=cv2.INTER_LINEAR)
     return MaskROI(frame_hw, x0, y0, _threshold(roi, threshold))

@@ -51,32 +51,41 @@ def i420_planes(frame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return out[0], out[1], out[2]
 
 
+# BT.601 limited range, the constants of OpenCV's YUV420 -> RGB converter (x / 2**20), so this
+# path and `frame_to_rgb` agree: R = 1.164 (Y - 16) + 1.596 (V - 128), and so on.
+_CY, _CVR, _CVG, _CUG, _CUB = (c / 2 ** 20 for c in (1220542, 1673527, -852492, -409993, 2116026))
+_YUV_TO_RGB = np.float32([
+    [_CY, 0.0, _CVR, -16 * _CY - 128 * _CVR],
+    [_CY, _CUG, _CVG, -16 * _CY - 128 * (_CUG + _CVG)],
+    [_CY, _CUB, 0.0, -16 * _CY - 128 * _CUB],
+])
+
+
 def reduced_rgb(frame, factor: int) -> np.ndarray:
-    """RGB of a yuv420p frame at 1/`factor` of its size (factor 2 or 4): each plane is
-    box-filtered first (2x2 or 4x4 averages, one read of the full-resolution luma), then
-    converted with the same BT.601 maths as the full-size path, at a quarter of the pixels or
-    fewer. Against converting at full size and then shrinking: mean difference about 0.3 grey
-    levels (chroma is averaged before instead of after the conversion)."""
+    """RGB of a yuv420p frame at 1/`factor` of its size (1, 2 or 4). Luma is box-filtered
+    (factor x factor averages: the one pass over the full-resolution pixels), chroma by
+    factor / 2 (at 2 it is used as it is), and the 4:4:4 result is converted with the BT.601
+    maths of the full-size converter at a quarter of the pixels or fewer. Against converting
+    at full size and then box-shrinking: mean difference about 0.1 grey levels."""
     from .source import frame_to_rgb
 
     if factor == 1:
         return frame_to_rgb(frame)
     y, u, v = i420_planes(frame)
     h, w = frame.height // factor, frame.width // factor
-    i420 = np.empty((h * 3 // 2, w), np.uint8)
-    i420[:h] = cv2.resize(y, (w, h), interpolation=cv2.INTER_AREA)
-    chroma = i420[h:].reshape(2, h // 2, w // 2)  # U then V, each a quarter of the luma
-    chroma[0] = cv2.resize(u, (w // 2, h // 2), interpolation=cv2.INTER_AREA)
-    chroma[1] = cv2.resize(v, (w // 2, h // 2), interpolation=cv2.INTER_AREA)
-    return cv2.cvtColor(i420, cv2.COLOR_YUV2RGB_I420)
+    y = cv2.resize(y, (w, h), interpolation=cv2.INTER_AREA)
+    if factor > 2:
+        u = cv2.resize(u, (w, h), interpolation=cv2.INTER_AREA)
+        v = cv2.resize(v, (w, h), interpolation=cv2.INTER_AREA)
+    return cv2.transform(cv2.merge([y, np.ascontiguousarray(u), np.ascontiguousarray(v)]), _YUV_TO_RGB)
 
 
-def reduction_factor(frame_hw: tuple[int, int], *needs_hw: tuple[int, int]) -> int:
+def reduction_factor(frame_hw: tuple[int, int], need_hw: tuple[float, float]) -> int:
     """The largest of 1, 2, 4 that divides the frame into an even 4:2:0 picture still at least
-    as big as every size in `needs_hw` (the model input, the display)."""
+    `need_hw`."""
     H, W = frame_hw
     for f in (4, 2):
-        if H % (2 * f) == 0 and W % (2 * f) == 0 and all(H // f >= h and W // f >= w for h, w in needs_hw):
+        if H % (2 * f) == 0 and W % (2 * f) == 0 and H // f >= need_hw[0] and W // f >= need_hw[1]:
             return f
     return 1
 
@@ -84,18 +93,25 @@ def reduction_factor(frame_hw: tuple[int, int], *needs_hw: tuple[int, int]) -> i
 def prepare(frame, model_hw: tuple[int, int], view_box: tuple[int, int] | None) -> None:
     """Fill `frame.model_input` and, when a display box (W, H) is given, `frame.view`.
 
-    A decoded yuv420p frame is converted to RGB once, at the smallest power-of-two reduction
-    that is still at least the model size and the display size (1080p in a 948x533 widget:
-    960x540, a quarter of the pixels); both outputs are shrunk from that. Other frames
-    (cameras, RGB formats) are shrunk from their RGB image."""
+    A decoded yuv420p frame is converted to RGB once, at the largest power-of-two reduction
+    still at least 1.5 times the model size, so the model's input is shrunk with a proper
+    filter and does not depend on the window's size (1080p for a 256 or 352 model: 960x540, a
+    quarter of the pixels). The display-size frame comes from the same conversion when that
+    is big enough for it (a 948x533 widget), else from its own (a full-screen window). Other
+    frames (cameras, RGB formats) are shrunk from their RGB image."""
     H, W = frame.size
     view_hw = fit_size((H, W), view_box) if view_box else None
-    needs = [model_hw] + ([view_hw] if view_hw else [])
-    if frame.decoded is not None:
-        f = reduction_factor((H, W), *needs)
-        base = reduced_rgb(frame.decoded, f) if f > 1 else frame.image
-    else:
+    if frame.decoded is None:
         base = frame.image
+        frame.model_input = resize_for_model(base, model_hw)
+        if view_hw is not None:
+            frame.view = resize(base, view_hw)
+        return
+    f = reduction_factor((H, W), (1.5 * model_hw[0], 1.5 * model_hw[1]))
+    base = reduced_rgb(frame.decoded, f)
+    if f == 1:
+        frame.image = base  # the full conversion was made anyway: keep it
     frame.model_input = resize_for_model(base, model_hw)
     if view_hw is not None:
-        frame.view = resize(base, view_hw)
+        fv = reduction_factor((H, W), view_hw)
+        frame.view = resize(base if fv >= f else reduced_rgb(frame.decoded, fv), view_hw)
