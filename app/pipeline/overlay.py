@@ -63,22 +63,14 @@ def color_yuv(color: tuple[int, int, int]) -> tuple[int, int, int]:
     return int(yuv[0]), int(yuv[4]), int(yuv[5])
 
 
-def overlay_alpha(mask: np.ndarray, opacity: float, contour: bool, thickness: int, offset=(0, 0)) -> np.ndarray:
-    """What `draw_overlay` does, as a per-pixel weight of the colour (uint8, 255 = colour only):
-    `opacity` inside the mask, 1 on its outline."""
-    alpha = np.zeros(mask.shape, np.uint8)
-    if opacity > 0:
-        alpha[mask > 0] = int(round(float(opacity) * 255))
-    if contour:
-        contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-        cv2.drawContours(alpha, contours, -1, 255, thickness, lineType=cv2.LINE_8)
-    return alpha
-
-
-def _blend(plane: np.ndarray, value: int, alpha: np.ndarray) -> None:
-    """plane += (value - plane) * alpha / 255, in place."""
-    w = alpha.astype(np.float32) * (1.0 / 255.0)
-    plane[:] = cv2.blendLinear(plane, np.full_like(plane, value), 1.0 - w, w)
+def _tint(plane: np.ndarray, value: int, fill: np.ndarray | None, outline: np.ndarray | None, opacity: float) -> None:
+    """In place, as `draw_overlay` does on RGB: `value` blended at `opacity` where `fill`,
+    then `value` itself where `outline`."""
+    const = np.full_like(plane, value)
+    if fill is not None:
+        cv2.copyTo(cv2.addWeighted(plane, 1.0 - float(opacity), const, float(opacity), 0.0), fill, plane)
+    if outline is not None:
+        cv2.copyTo(const, outline, plane)
 
 
 def draw_overlay_i420(frame, roi, opacity: float, contour: bool, color: tuple[int, int, int] = MASK_RGB):
@@ -112,10 +104,17 @@ def draw_overlay_i420(frame, roi, opacity: float, contour: bool, color: tuple[in
     sx0, sy0 = max(x0, roi.x), max(y0, roi.y)
     sx1, sy1 = min(x1, roi.x + mw), min(y1, roi.y + mh)
     mask[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = roi.mask[sy0 - roi.y:sy1 - roi.y, sx0 - roi.x:sx1 - roi.x]
-    alpha = overlay_alpha(mask, opacity, contour, t)
+    fill = mask if opacity > 0 else None
+    outline = None
+    if contour:
+        outline = np.zeros_like(mask)
+        contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(outline, contours, -1, 255, t, lineType=cv2.LINE_8)
     cy, cu, cv = color_yuv(color)
-    _blend(dst[0][y0:y1, x0:x1], cy, alpha)
-    chroma_alpha = np.ascontiguousarray(alpha[::2, ::2])
-    _blend(dst[1][y0 // 2:y1 // 2, x0 // 2:x1 // 2], cu, chroma_alpha)
-    _blend(dst[2][y0 // 2:y1 // 2, x0 // 2:x1 // 2], cv, chroma_alpha)
+    _tint(dst[0][y0:y1, x0:x1], cy, fill, outline, opacity)
+    # chroma: each 2x2 block takes its top-left pixel's weight, as RGB -> 4:2:0 does
+    fill2 = None if fill is None else np.ascontiguousarray(fill[::2, ::2])
+    outline2 = None if outline is None else np.ascontiguousarray(outline[::2, ::2])
+    _tint(dst[1][y0 // 2:y1 // 2, x0 // 2:x1 // 2], cu, fill2, outline2, opacity)
+    _tint(dst[2][y0 // 2:y1 // 2, x0 // 2:x1 // 2], cv, fill2, outline2, opacity)
     return out
