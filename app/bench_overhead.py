@@ -3,6 +3,7 @@ display or H.264 encode: everything but inference.)
 
     python -m app.bench_overhead [--size 1920x1080] [--frames 300] [--source FILE | --images DIR]
                                  [--stages 100] [--view 948x533] [--keep-clip MP4] [--json OUT]
+    xvfb-run -a python -m app.bench_overhead --window --source FILE
 
 1. Per-stage breakdown: ms per frame of decode, preprocess, postprocess, overlay and, headless,
    encode (H.264 at source size) or, window, display (hand-over + paint of the video widget at
@@ -11,7 +12,10 @@ display or H.264 encode: everything but inference.)
 2. Ceiling: headless mode, all stages on their threads, with a zero-cost stand-in model (fixed
    blob mask, --model-size input). If this is well above the model's own throughput, the
    stages hide behind inference; on a GPU, a 1080p target of 120 fps needs it comfortably
-   above 120 on that machine's CPU.
+   above 120 on that machine's CPU. Also the process's CPU time per frame (cpu_ms_per_frame),
+   which a shared machine disturbs far less than wall time.
+3. --window instead: the real viewer window plays the clip (paced, latest frame wins) with the
+   stand-in model and reports dropped frames and latency of the stages alone.
 
 The clip is synthetic at --size, or made at run time from the largest real images of --images
 (e.g. Kvasir-SEG's HD frames in ../shared/data/polyp/TrainDataset: patient data, never commit
@@ -286,6 +290,9 @@ def main(argv: list[str] | None = None) -> int:
         size = _size(args.size, "--size")
     except ValueError as exc:
         p.error(str(exc))
+    if args.source is not None and not os.path.isfile(args.source):
+        print(f"error: --source {args.source}: no such video file", file=sys.stderr)
+        return 2
     with tempfile.TemporaryDirectory(prefix="kdas-overhead-") as tmp:
         source = args.source
         if source is None:
@@ -314,15 +321,23 @@ def main(argv: list[str] | None = None) -> int:
         stages = {}
         if args.stages > 0:
             for mode in ("headless", "window"):
-                stages[mode] = stage_breakdown(source, mode, args.stages, view, args.model_size)
+                try:
+                    stages[mode] = stage_breakdown(source, mode, args.stages, view, args.model_size)
+                except AppError as exc:
+                    print(f"error: {exc}", file=sys.stderr)
+                    return 1
                 s = stages[mode]
                 for key, label in (("stages_ms", "wall"), ("stages_cpu_ms", "cpu ")):
                     total = s["total_ms"] if label == "wall" else s["total_cpu_ms"]
                     print(f"{mode:8s} {label} ms/frame: " + "  ".join(f"{k} {v:.2f}" for k, v in s[key].items())
                           + f"  = {total:.2f}", file=sys.stderr)
         cpu0 = time.process_time()
-        res = run_headless(source, os.path.join(tmp, "out.mp4"), model_path="stand-in", progress=None,
-                           backend_factory=lambda *a, **k: StandInBackend(args.model_size))
+        try:
+            res = run_headless(source, os.path.join(tmp, "out.mp4"), model_path="stand-in", progress=None,
+                               backend_factory=lambda *a, **k: StandInBackend(args.model_size))
+        except AppError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
         cpu_s = time.process_time() - cpu0
     keys = ("frames_out", "fps", "latency_ms_p50", "latency_ms_p95", "wall_s")
     n_out = res.stats.get("frames_out") or 0
