@@ -106,7 +106,7 @@ def run_headless(source: str, out: str, *, model_path: str, backend: str = "auto
         if frame.refresh:
             return
         if not recorder:
-            h, w = frame.overlay.shape[:2]
+            h, w = frame.size
             recorder.append(Recorder(out, reader.fps, w, h))
             first_capture.append(frame.t_capture)
             if bar is not None:
@@ -114,7 +114,7 @@ def run_headless(source: str, out: str, *, model_path: str, backend: str = "auto
         # Files: every frame at the file's own rate. Cameras: wall-clock timestamps, so the
         # recording plays at real speed whatever rate the device really delivered.
         t = frame.t_capture - first_capture[0] if reader.live else None
-        recorder[0].write(frame.overlay, t)
+        recorder[0].write(frame.full_output(), t)  # overlay drawn into the decoded 4:2:0 picture
         pipeline.stats.frame_out(frame.t_capture)
         if rows is not None:
             rows(frame)

@@ -16,6 +16,7 @@ from fractions import Fraction
 import av
 import cv2
 import numpy as np
+from av.video.frame import PictureType
 
 from ..errors import AppError
 from .channels import BoundedQueue, Closed
@@ -65,15 +66,18 @@ class Recorder:
         self._thread = threading.Thread(target=self._encode_loop, name="recorder", daemon=True)
         self._thread.start()
 
-    def write(self, image: np.ndarray, t: float | None = None) -> None:
-        """Queue one RGB frame. `t`: its time in seconds from the recording's start (None: the
-        nominal frame rate). Raises AppError if the encoder failed (e.g. disk full)."""
+    def write(self, image, t: float | None = None) -> None:
+        """Queue one frame: an RGB array, or a yuv420p av.VideoFrame of the recording's size
+        (encoded as it is: no colour conversion). `t`: its time in seconds from the
+        recording's start (None: the nominal frame rate). Raises AppError if the encoder
+        failed (e.g. disk full)."""
         if self._error is not None:
             raise AppError(f"{self.path}: recording failed: {self._error}")
         if self._closed:
             raise AppError(f"{self.path}: recording already closed")
-        if image.shape[:2] != (self.height, self.width):
-            raise AppError(f"{self.path}: frame size changed from {self.width}x{self.height} to {image.shape[1]}x{image.shape[0]}")
+        hw = image.shape[:2] if isinstance(image, np.ndarray) else (image.height, image.width)
+        if hw != (self.height, self.width):
+            raise AppError(f"{self.path}: frame size changed from {self.width}x{self.height} to {hw[1]}x{hw[0]}")
         try:
             self._queue.put((image, t))
         except Closed:
@@ -99,13 +103,19 @@ class Recorder:
             finally:
                 self._busy = False
 
-    def _encode(self, image: np.ndarray, t: float | None) -> None:
-        if self._pad != (0, 0):
-            image = np.pad(image, ((0, self._pad[0]), (0, self._pad[1]), (0, 0)), mode="edge")
-        # OpenCV's SIMD RGB->I420 (BT.601, limited range: what swscale does too) costs 1 ms
-        # at 1080p where PyAV's reformat takes ~28 ms.
-        yuv = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2YUV_I420)
-        frame = av.VideoFrame.from_ndarray(yuv, format="yuv420p")
+    def _encode(self, image, t: float | None) -> None:
+        if not isinstance(image, np.ndarray) and (self._pad != (0, 0) or image.format.name != "yuv420p"):
+            image = image.to_ndarray(format="rgb24")
+        if isinstance(image, np.ndarray):
+            if self._pad != (0, 0):
+                image = np.pad(image, ((0, self._pad[0]), (0, self._pad[1]), (0, 0)), mode="edge")
+            # OpenCV's SIMD RGB->I420 (BT.601, limited range: what swscale does too) costs 1 ms
+            # at 1080p where PyAV's reformat takes ~28 ms.
+            yuv = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2YUV_I420)
+            frame = av.VideoFrame.from_ndarray(yuv, format="yuv420p")
+        else:
+            frame = image
+            frame.pict_type = PictureType.NONE  # a decoder's I/P/B tag would force x264's frame types
         if t is None:
             pts = round(self.frames_written / self.fps / TIME_BASE)
         else:

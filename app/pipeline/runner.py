@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-import time
 from typing import Callable
+
+import cv2
 
 from .analysis import Analyzer, AnalysisSettings
 from .channels import BoundedQueue, Closed, LatestSlot
@@ -27,8 +28,8 @@ from .cue import draw_cue_border
 from .inference import InferenceStage, ModelInfo
 from .items import EndOfStream, Frame
 from .overlay import OverlaySettings, contour_thickness, draw_overlay
-from .postprocess import probs_to_mask
-from .preprocess import resize_for_model
+from .postprocess import probs_to_mask, probs_to_mask_roi
+from .preprocess import prepare
 from .source import Epoch, SourceStage
 from .stats import RunStats
 
@@ -106,6 +107,7 @@ class Pipeline:
         self.source: SourceStage | None = None
         self._last_inferred: Frame | None = None
         self._closed = False
+        self.view_box: tuple[int, int] | None = None  # (W, H) of the window's video area; None: no display
 
         if realtime:  # latest frame wins in front of the model; short queues after it
             self.q_source = LatestSlot(on_drop=self._dropped)
@@ -226,7 +228,7 @@ class Pipeline:
         if info is None:
             return None  # no backend: nothing can run; the fatal event has been sent
         self.stats.start()  # throughput is timed from the first frame the model can take
-        frame.model_input = resize_for_model(frame.image, info.input_size)
+        prepare(frame, info.input_size, self.view_box)  # model-size and display-size frames
         return frame
 
     def _postprocess(self, frame: Frame) -> Frame:
@@ -237,12 +239,21 @@ class Pipeline:
             threshold = self.inference.info.threshold
         analyzer = self.analyzer
         stale = frame.epoch != self.epoch.value  # from before a seek / source change: dropped at delivery
+        if frame.probs_raw is None:
+            frame.probs_raw = frame.probs  # the model's own output; a refresh re-filters from it
+        frame.probs = frame.probs_raw
         probs = frame.probs if stale else analyzer.filter(frame, threshold)
-        frame.mask = probs_to_mask(probs, frame.image.shape[:2], threshold)
+        frame.probs = probs  # what is thresholded, shown and recorded (the lazy masks read it)
+        frame.threshold = threshold
+        if frame.view is not None:  # the window: display size (frame resolution when a recording asks)
+            frame.view_mask = probs_to_mask(probs, frame.view.shape[:2], threshold)
+            frame.mask_roi = None  # made from probs and threshold if asked (a refresh copies the old one)
+        else:  # frame resolution, only inside the mask's box (frame.mask makes the whole on demand)
+            frame.mask_roi = probs_to_mask_roi(probs, frame.size, threshold)
         info_b = self.compare.info
         if frame.probs_b is not None and info_b is not None:
             threshold_b = self.settings.threshold if self.settings.threshold is not None else info_b.threshold
-            frame.mask_b = probs_to_mask(frame.probs_b, frame.image.shape[:2], threshold_b)
+            frame.mask_b = probs_to_mask(frame.probs_b, frame.size, threshold_b)
         else:
             frame.mask_b = None
         frame.analysis = None if stale else analyzer.observe(frame)
@@ -250,11 +261,22 @@ class Pipeline:
 
     def _overlay(self, frame: Frame) -> Frame:
         s = self.settings
-        frame.overlay = draw_overlay(frame.image, frame.mask, s.opacity, s.contour, s.color)
-        if frame.mask_b is not None:
-            draw_contour_b(frame.overlay, frame.mask_b, contour_thickness(*frame.image.shape[:2]))
-        if frame.analysis is not None and frame.analysis.cue_on and self.analysis_settings.cue_border:
-            draw_cue_border(frame.overlay)
+        frame.style = (s.opacity, s.contour, s.color)
+        cue = frame.analysis is not None and frame.analysis.cue_on and self.analysis_settings.cue_border
+        canvas = None
+        if frame.view is not None:  # the window draws at display size; a recording asks for full_output()
+            frame.view_overlay = canvas = draw_overlay(frame.view, frame.view_mask, *frame.style)
+        elif frame.mask_b is not None or cue:
+            # More than the mask to draw: the RGB overlay at frame resolution (full_output() then
+            # records it instead of drawing into the decoded picture).
+            frame.overlay = canvas = draw_overlay(frame.image, frame.mask, *frame.style)
+        if canvas is not None and frame.mask_b is not None:
+            h, w = canvas.shape[:2]
+            mask_b = frame.mask_b if frame.mask_b.shape[:2] == (h, w) else cv2.resize(
+                frame.mask_b, (w, h), interpolation=cv2.INTER_NEAREST)
+            draw_contour_b(canvas, mask_b, contour_thickness(h, w))
+        if canvas is not None and cue:
+            draw_cue_border(canvas)
         return frame
 
     def _deliver(self, item) -> None:

@@ -96,6 +96,15 @@ class VideoFileReader:
 
     def read(self) -> tuple[np.ndarray, float] | None:
         """(RGB frame, pts seconds from the start) or None at the end of the file."""
+        item = self.read_decoded()
+        if item is None or isinstance(item[0], np.ndarray):
+            return item
+        return self._rgb(item[0]), item[1]
+
+    def read_decoded(self) -> tuple[object, float] | None:
+        """Like `read`, but a plain 8-bit 4:2:0 frame (nearly every H.264/HEVC file) comes as
+        the decoder's own av.VideoFrame, unconverted: the stages take from it only the sizes
+        they need. Other formats come as RGB arrays."""
         while True:
             try:
                 frame = next(self._frames)
@@ -113,10 +122,13 @@ class VideoFileReader:
                     continue  # decoding forward from the keyframe before the seek target
                 self._skip_until = None
             self._decoded += 1
-            try:
-                return _to_rgb(frame), t
-            except av.FFmpegError as exc:
-                raise AppError(f"{self.path}: cannot convert frame {self._decoded} to RGB ({_why(exc)})") from exc
+            return (frame if is_plain_i420(frame) else self._rgb(frame)), t
+
+    def _rgb(self, frame) -> np.ndarray:
+        try:
+            return frame_to_rgb(frame)
+        except av.FFmpegError as exc:
+            raise AppError(f"{self.path}: cannot convert frame {self._decoded} to RGB ({_why(exc)})") from exc
 
     def _check_complete(self) -> None:
         # Some truncations end the demuxer quietly: compare with the frame count in the header.
@@ -149,15 +161,31 @@ class VideoFileReader:
             pass
 
 
-def _to_rgb(frame) -> np.ndarray:
-    """RGB uint8. Plain 8-bit limited-range 4:2:0 (nearly every H.264 file) goes through
-    OpenCV's SIMD converter: 1.8 ms instead of 5 ms at 1080p, same BT.601 maths as swscale
-    (within rounding). Everything else: PyAV/swscale."""
-    if frame.format.name == "yuv420p" and frame.width % 2 == 0 and frame.height % 2 == 0 and frame.color_range != 2:
+def is_plain_i420(frame) -> bool:
+    """8-bit limited-range 4:2:0 with even sizes: what the fast paths (and OpenCV's SIMD
+    converters) take as it is."""
+    return (frame.format.name == "yuv420p" and frame.width % 2 == 0 and frame.height % 2 == 0
+            and frame.color_range != 2)
+
+
+def frame_to_rgb(frame) -> np.ndarray:
+    """RGB uint8 at full size. Plain 8-bit limited-range 4:2:0 (nearly every H.264 file) goes
+    through OpenCV's SIMD converter: 1.8 ms instead of 5 ms at 1080p, same BT.601 maths as
+    swscale (within rounding). Everything else: PyAV/swscale."""
+    if is_plain_i420(frame):
         import cv2
 
         return cv2.cvtColor(frame.to_ndarray(), cv2.COLOR_YUV2RGB_I420)
     return frame.to_ndarray(format="rgb24")
+
+
+def new_frame(image, index: int, pts: float | None, epoch: int = 0) -> Frame:
+    """A pipeline Frame for what a reader gave: an RGB array, or a decoded yuv420p
+    av.VideoFrame (kept unconverted; `Frame.image` converts it if anything asks)."""
+    now = time.perf_counter()
+    if isinstance(image, np.ndarray):
+        return Frame(index=index, pts=pts, image=image, t_capture=now, epoch=epoch)
+    return Frame(index=index, pts=pts, image=None, t_capture=now, epoch=epoch, decoded=image)
 
 
 def _open_v4l2(device):
@@ -363,7 +391,7 @@ class SourceStage(threading.Thread):
                     continue  # keep the driver buffer fresh; paused shows the last frame
                 self._emit(image, None)
                 continue
-            item = self.reader.read() if not self._limit_reached() else None
+            item = self.reader.read_decoded() if not self._limit_reached() else None
             if item is None:
                 if self.loops_left > 0 and not self._limit_reached():
                     self.loops_left -= 1
@@ -398,8 +426,8 @@ class SourceStage(threading.Thread):
                 self._cond.wait(left)
             return self._seek_to is None and not self._stopped and not self._paused
 
-    def _emit(self, image: np.ndarray, pts: float | None) -> None:
-        frame = Frame(index=self._index, pts=pts, image=image, t_capture=time.perf_counter(), epoch=self.epoch.value)
+    def _emit(self, image, pts: float | None) -> None:
+        frame = new_frame(image, self._index, pts, self.epoch.value)
         self._index += 1
         if pts is not None:
             self.position = pts

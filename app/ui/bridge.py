@@ -61,19 +61,28 @@ class DisplaySink(QObject):
         self._stats_ref = stats_ref
         self._lock = threading.Lock()
         self._pending: tuple[QImage, Frame] | None = None
+        self._last: Frame | None = None
 
     def __call__(self, frame: Frame) -> None:
-        image = to_qimage(frame.overlay)
+        image = to_qimage(frame.view_overlay if frame.view_overlay is not None else frame.overlay)
         meta = Frame(index=frame.index, pts=frame.pts, image=_EMPTY, t_capture=frame.t_capture,
                      epoch=frame.epoch, infer_ms=frame.infer_ms, refresh=frame.refresh,
                      infer_ms_b=frame.infer_ms_b, analysis=frame.analysis)
         with self._lock:
             replaced = self._pending
             self._pending = (image, meta)
+            self._last = frame
         if replaced is None:
             self.frameReady.emit()
         elif not replaced[1].refresh:
             self._stats_ref().frame_dropped()
+
+    def full_image(self) -> QImage | None:
+        """The last frame handed to the screen, overlaid at source resolution (for snapshots:
+        the screen shows it at display size)."""
+        with self._lock:
+            frame = self._last
+        return None if frame is None else to_qimage(frame.overlay)
 
     def take(self) -> tuple[QImage, Frame] | None:
         with self._lock:
@@ -118,7 +127,7 @@ class RecordingSink:
             try:
                 if self._pending is not None and self._recorder is None:
                     path, fps = self._pending
-                    h, w = frame.overlay.shape[:2]
+                    h, w = frame.size
                     self._recorder = Recorder(path, fps, w, h)
                     self._pending = None
                     self._fps = fps or 25.0
@@ -131,7 +140,7 @@ class RecordingSink:
                     dt = frame.t_capture - self._last_capture
                     self._t += dt if 0 < dt <= 0.5 else 1.0 / self._fps
                 self._last_capture = frame.t_capture
-                self._recorder.write(frame.overlay, self._t)
+                self._recorder.write(frame.full_output(), self._t)  # source size, whatever is shown
             except AppError as exc:
                 failed, self._recorder, self._pending = self._recorder, None, None
                 if failed is not None:

@@ -104,6 +104,7 @@ class MainWindow(QMainWindow):
 
         self._build_ui()
         self._build_actions()
+        self.video.viewSizeChanged.connect(lambda w, h: setattr(self.pipeline, "view_box", (w, h)))  # display-size frames
         self.events.modelReady.connect(self._on_model_ready)
         self.events.noticed.connect(self._on_notice)
         self.events.signalChanged.connect(self._on_signal)
@@ -456,7 +457,7 @@ class MainWindow(QMainWindow):
                 self.last_recording = path
 
     def snapshot(self) -> str | None:
-        image = self.video.image()
+        image = self.display.full_image() or self.video.image()  # source resolution, not the screen's
         if image is None or image.isNull():
             self.statusBar().showMessage("Nothing to save yet", 4000)
             return None
