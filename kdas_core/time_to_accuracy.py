@@ -95,7 +95,7 @@ def plot(result: dict, labels: tuple[str, str], path: str, w: int = 900, h: int 
     reached = result["candidate_min_to_reach"]
     note = (f"baseline at {result['at_min']:g} min: {target:.3f}; candidate reaches it at "
             + (f"{reached:.1f} min ({result['speedup']}x)" if reached is not None else "- (never)"))
-    cv2.putText(img, note, (left + 15, top + 62), font, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
+    cv2.putText(img, note, (left + 15, h - bottom - 12), font, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
     if not cv2.imwrite(path, img):
         raise OSError(f"{path}: could not write the plot")
 
