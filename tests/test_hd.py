@@ -304,15 +304,22 @@ def test_headless_hd_output_matches_todays_overlay(tmp_path):
     clip = make_sized_clip(str(tmp_path / "in.mp4"), 640, 360, frames=12, fps=25)
     out = tmp_path / "out.mp4"
     backend = StandInBackend(352)
-    res = run_headless(clip, str(out), model_path="stand-in", progress=False, log=lambda s: None,
-                       backend_factory=lambda *a, **k: backend)
-    assert res.exit_code == 0 and res.stats["frames_out"] == 12
-    got = _decoded(out, limit=100)
-    assert len(got) == 12 and (got[0].width, got[0].height) == (640, 360)
-    for a, b in zip(got, _decoded(clip, limit=100)):
-        rgb = frame_to_rgb(b)
-        want = draw_overlay(rgb, probs_to_mask(backend._probs, rgb.shape[:2], 0.5), 0.4, True)
-        assert np.abs(frame_to_rgb(a).astype(int) - want.astype(int)).mean() < 3
+    from app.pipeline.analysis import AnalysisSettings
+    from app.pipeline.cue import draw_cue_border
+
+    for border in (False, True):  # the polyp cue's border: off = today's overlay; on = drawn on top
+        res = run_headless(clip, str(out), model_path="stand-in", progress=False, log=lambda s: None,
+                           backend_factory=lambda *a, **k: backend, analysis=AnalysisSettings(cue_border=border))
+        assert res.exit_code == 0 and res.stats["frames_out"] == 12
+        got = _decoded(out, limit=100)
+        assert len(got) == 12 and (got[0].width, got[0].height) == (640, 360)
+        cue_on = [False] * 2 + [True] * 10  # the stand-in always segments: the cue is on from the 3rd frame (on after 3)
+        for a, b, on in zip(got, _decoded(clip, limit=100), cue_on):
+            rgb = frame_to_rgb(b)
+            want = draw_overlay(rgb, probs_to_mask(backend._probs, rgb.shape[:2], 0.5), 0.4, True)
+            if border and on:
+                draw_cue_border(want)
+            assert np.abs(frame_to_rgb(a).astype(int) - want.astype(int)).mean() < 3
 
 
 def test_stage_breakdown_reports_every_stage(tmp_path):
