@@ -16,6 +16,7 @@ import threading
 import numpy as np
 import pytest
 
+import engines
 from engines import BackendError, load_backend
 from engines.cli_common import EXIT_UNAVAILABLE, EXIT_USAGE, EXIT_VERIFY, VerifyError, run
 from engines.export import REVISION
@@ -167,6 +168,7 @@ def test_auto_order_falls_through_to_torch(ckpt, monkeypatch):
     from engines.backends import onnxruntime_backend, tensorrt_backend
 
     monkeypatch.setattr(tensorrt_backend, "why_unavailable", lambda device=None: "no GPU here (test)")
+    monkeypatch.setattr(engines, "has_nvidia_gpu", lambda: True)  # a GPU is there: its reason is shown as is
 
     def broken(*a, **k):
         raise BackendError("onnxruntime broken (test)")
@@ -272,6 +274,24 @@ def test_checkpoint_with_wrong_weights(tmp_path, ckpt):
     save_file(tensors, str(bad), metadata=meta)
     with pytest.raises(BackendError, match="do not fit preset"):
         load_backend(str(bad), backend="torch")
+
+
+def test_corrupt_checkpoint_under_auto_names_the_file_problem_not_the_backends(tmp_path):
+    from engines import ModelFileError
+
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(os.urandom(4096))
+    with pytest.raises(ModelFileError) as info:
+        load_backend(str(bad))
+    text = str(info.value)
+    assert text.startswith(f"{bad}: not a readable safetensors file") and "skipped" not in text and "TensorRT" not in text
+
+
+def test_auto_without_nvidia_gpu_skips_tensorrt_without_install_hint(onnx_path, monkeypatch):
+    monkeypatch.setattr(engines, "has_nvidia_gpu", lambda: False)
+    b = load_backend(onnx_path)
+    assert "tensorrt skipped: no NVIDIA GPU on this machine (TensorRT needs one)" in b.notes
+    assert not any("pip install" in n for n in b.notes)
 
 
 # ---------------------------------------------------------------- verify rules

@@ -78,6 +78,8 @@ def open_backend(path: str, requested: str, *, factory: Callable = _default_fact
             backend.predict(np.zeros((1, h, w, 3), np.uint8))
             return backend
         except Exception as exc:  # BackendError, or whatever a broken runtime raises
+            if _is_file_error(exc):  # the file itself is unusable: no fallback can help, say why first
+                raise AppError(str(exc)) from exc
             actual = getattr(backend, "name", None) or name
             if backend is not None:
                 try:
@@ -85,7 +87,7 @@ def open_backend(path: str, requested: str, *, factory: Callable = _default_fact
                 except Exception:
                     pass
             tried.update({name, actual})
-            errors.append(f"{actual}: {_oneline(exc)}")
+            errors.append(f"{actual}: {_whole(exc)}")
             if device != "cpu" and _sticky(exc):  # this process's CUDA context is gone: CPU only from here
                 device = "cpu"
                 tried.add("tensorrt")
@@ -95,7 +97,20 @@ def open_backend(path: str, requested: str, *, factory: Callable = _default_fact
             chain = [b for b in chain if b not in tried]
             if chain:
                 notice(f"{actual} backend failed ({_oneline(exc)}); falling back to {chain[0]}")
+    if len(errors) == 1 and errors[0].startswith(f"auto: {path}: "):  # engines already listed each backend
+        raise AppError(errors[0][len("auto: "):])
     raise AppError(f"{path}: no backend could run the model:\n  " + "\n  ".join(errors))
+
+
+def _is_file_error(exc: BaseException) -> bool:
+    from engines import ModelFileError
+
+    return isinstance(exc, ModelFileError)
+
+
+def _whole(exc: BaseException) -> str:
+    """The full message, continuation lines indented under the backend's name (never cut)."""
+    return "\n    ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
 
 
 def _sticky(exc: BaseException) -> bool:
