@@ -6,10 +6,8 @@ import sys
 import argparse
 from typing import Callable
 
-from .checkpoint import CheckpointError
-from .data.dataset import DatasetError
-
-USER_ERRORS = (CheckpointError, DatasetError, FileNotFoundError, FileExistsError, ValueError, RuntimeError)
+# Imported lazily (they pull in torch): `--help` and argument errors must answer without it.
+USER_ERRORS = (FileNotFoundError, FileExistsError, ValueError, RuntimeError)  # CheckpointError, DatasetError are RuntimeErrors
 
 
 def run_cli(fn: Callable[[], int | None], prog: str) -> int:
