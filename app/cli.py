@@ -6,6 +6,9 @@ import argparse
 import os
 import sys
 
+from kdas_core.cli_conventions import (EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE,
+                                      exit_codes_help)
+
 from . import DEFAULT_WEIGHTS, DEMO_CLIP, DISCLAIMER
 from .errors import AppError
 from .pipeline.analysis import AnalysisSettings
@@ -54,7 +57,7 @@ window keys
   R record           S snapshot            Ctrl+O open file    Ctrl+K camera   F1 keys
   T smoothing        P polyp cue border    B compare model
 
-exit status: 0 ok, 1 failure (message on stderr), 2 bad arguments, 130/143 interrupted."""
+{exit_codes_help(EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_INTERRUPTED)}"""
 
 
 def _number_in(name: str, lo: float, hi: float):
@@ -169,16 +172,44 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_output(path: str, flag: str) -> None:
+    """AppError now, before the model loads, when `path` cannot be created: its folder is missing
+    or not writable (a real probe file, so /proc or a read-only mount are caught too)."""
+    import tempfile
+
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise AppError(f"{flag} {path}: the folder {folder} does not exist; create it first")
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".kdas-probe-")
+    except OSError as exc:
+        raise AppError(f"{flag} {path}: cannot create files in {folder} ({exc.strerror or exc}); "
+                       "choose a writable folder") from None
+    os.close(fd)
+    os.remove(probe)
+
+
+def check_model(path: str) -> str:
+    """AppError (bad input) now, before any backend loads, when the file cannot be a KDAS model."""
+    from engines import BackendError, check_model_file
+
+    try:
+        check_model_file(path)
+    except BackendError as exc:
+        raise AppError(str(exc)) from exc
+    return path
+
+
 def resolve_model(args) -> str:
     if args.engine:
         path = args.engine
         if not os.path.isfile(path):
             raise AppError(f"--engine {path}: no such file; build one with `python -m engines.build`")
-        return path
+        return check_model(path)
     if args.weights:
         if not os.path.isfile(args.weights):
             raise AppError(f"--weights {args.weights}: no such checkpoint file")
-        return args.weights
+        return check_model(args.weights)
     if not DEFAULT_WEIGHTS.is_file():
         raise AppError(
             f"the default weights {DEFAULT_WEIGHTS} are missing; pass --weights CKPT (a .safetensors checkpoint) "
@@ -206,6 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     if (args.loop != 1 or args.max_frames) and not args.headless:
         parser.error("--loop and --max-frames are for --headless")
     try:
+        for path, flag in ((args.out, "--out"), (args.stats, "--stats")):
+            if path:
+                check_output(path, flag)
         if args.headless:
             from .headless import run_headless
 
@@ -222,6 +256,6 @@ def main(argv: list[str] | None = None) -> int:
                           analysis=analysis_settings(args), compare_path=resolve_compare(args))
     except AppError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return exc.exit_code
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED

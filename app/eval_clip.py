@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
                        per_frame=args.per_frame, max_frames=args.max_frames, log=log)
     except AppError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return exc.exit_code
     print(_table(res))
     if args.json:
         from .headless import _write_json

@@ -180,7 +180,8 @@ def run_headless(source: str, out: str, *, model_path: str, backend: str = "auto
     if error is None and stats["frames_in"] != stats["frames_out"]:
         error = f"internal error: {stats['frames_in']} frames in, {stats['frames_out']} out"
     if error:
-        where = f"; the {stats['frames_recorded']} frames before it are in {out}" if stats["frames_recorded"] else ""
+        written = stats["frames_recorded"] and record_error is None and os.path.isfile(out)
+        where = f"; the {stats['frames_recorded']} frames before it are in {out}" if written else ""
         log(f"error: {error}{where}")
         code = 128 + interrupted.signum if interrupted is not None else 1
         return HeadlessResult(code, stats)

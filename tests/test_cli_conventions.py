@@ -38,3 +38,41 @@ def test_training_help_and_argument_errors_do_not_import_torch(module):
     assert heavy == "", f"{module} --help imported {heavy}"
     heavy, code, out = probe(module, "--epochs", "0")
     assert code == 2 and "--epochs" in out and heavy == ""
+
+
+def _raiser(exc):
+    def fn(*_):
+        raise exc
+    return fn
+
+
+def test_one_exit_code_table_for_kdas_core_engines_and_app():
+    from app.errors import AppError
+    from engines.cli_common import run as engines_run
+    from kdas_core.cli_common import run_cli
+    from kdas_core.cli_conventions import (EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_UNAVAILABLE, EXIT_USAGE,
+                                          UnavailableError)
+
+    cases = [(FileNotFoundError("x: no such file"), EXIT_USAGE), (UnavailableError("no GPU"), EXIT_UNAVAILABLE),
+             (KeyboardInterrupt(), EXIT_INTERRUPTED)]
+    for exc, code in cases:
+        assert run_cli(_raiser(exc), "t") == code, exc
+        assert engines_run(_raiser(exc), []) == code, exc
+    assert run_cli(_raiser(ValueError("bad option")), "t") == EXIT_USAGE
+    assert run_cli(_raiser(RuntimeError("failed while running")), "t") == EXIT_FAILURE  # not dressed up as bad input
+    assert AppError("bad file").exit_code == EXIT_USAGE and AppError("x", EXIT_FAILURE).exit_code == EXIT_FAILURE
+
+
+def test_deprecated_alias_stores_into_the_new_flag_and_warns(capsys):
+    import argparse
+
+    from kdas_core.cli_conventions import add_deprecated_alias
+
+    p = argparse.ArgumentParser(prog="prog")
+    p.add_argument("--image-size", dest="size", type=int, default=1)
+    add_deprecated_alias(p, "--size", "--image-size", "size", type=int)
+    assert p.parse_args(["--size", "64"]).size == 64
+    assert capsys.readouterr().err.strip() == ("prog: warning: --size is deprecated and goes in the next release; "
+                                               "use --image-size")
+    assert p.parse_args(["--image-size", "32"]).size == 32 and capsys.readouterr().err == ""
+    assert "--size" not in p.format_help()  # hidden: --help teaches the new spelling only

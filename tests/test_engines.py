@@ -778,7 +778,7 @@ def test_bench_json(onnx_path, tmp_path):
     from engines.bench import main
 
     out = tmp_path / "bench.json"
-    assert run(main, ["--model", onnx_path, "--backend", "onnxruntime", "--runs", "3", "--warmup", "1", "--json", str(out)]) == 0
+    assert run(main, ["--weights", onnx_path, "--backend", "onnxruntime", "--runs", "3", "--warmup", "1", "--json", str(out)]) == 0
     doc = json.loads(out.read_text())
     assert doc["backend"] == "onnxruntime"
     assert 0 < doc["latency_ms_p50"] <= doc["latency_ms_p95"]
@@ -789,12 +789,30 @@ def test_bench_compare_json(onnx_path, tmp_path):
     from engines.bench import main
 
     out = tmp_path / "compare.json"
-    argv = ["--compare", "--model", onnx_path, "--backend", "onnxruntime,torch", "--device", "cpu", "--runs", "2", "--warmup", "0", "--batch", "2", "--json", str(out)]
+    argv = ["--compare", "--weights", onnx_path, "--backend", "onnxruntime,torch", "--device", "cpu", "--runs", "2", "--warmup", "0", "--batch-size", "2", "--json", str(out)]
     assert run(main, argv) == 0
     results = json.loads(out.read_text())["results"]
     assert [r["backend"] for r in results] == ["onnxruntime", "torch"]
     assert results[0]["ratio_p50_to_first"] == 1.0
     assert all(r["batch"] == 2 and r["runs"] == 2 and r["latency_ms_p50"] > 0 for r in results)
+
+
+def test_bench_old_spellings_still_work_and_warn(onnx_path, capsys):
+    from engines.bench import parse_args
+
+    args = parse_args(["--compare", "--model", onnx_path, "--model", "preset:polyppvt-lite0", "--model", "polyppvt-b0", "--batch", "2"])
+    assert args.model == [onnx_path, "preset:polyppvt-lite0", "preset:polyppvt-b0"] and args.batch == 2
+    err = capsys.readouterr().err
+    assert f"--model {onnx_path} is deprecated" in err and f"use --weights {onnx_path}" in err
+    assert "use --model polyppvt-lite0" in err and "--batch is deprecated" in err and "use --batch-size" in err
+    assert "--model polyppvt-b0 is deprecated" not in err  # the new spelling says nothing
+
+
+def test_bench_help_lists_only_exit_codes_it_can_return():
+    from engines.bench import EPILOG
+
+    codes = [line.split()[0] for line in EPILOG.split("exit status")[1].splitlines()[1:] if line.strip()]
+    assert codes == ["0", "1", "2", "4", "130"]
 
 
 # ---------------------------------------------------------------- CLI exit codes
@@ -814,7 +832,7 @@ def test_build_cli_user_errors(tmp_path, ckpt):
         assert not os.path.exists(tmp_path / "trt")
         from engines.bench import main as bench_main
 
-        assert run(bench_main, ["--model", ckpt, "--backend", "tensorrt"]) == EXIT_UNAVAILABLE
+        assert run(bench_main, ["--weights", ckpt, "--backend", "tensorrt"]) == EXIT_UNAVAILABLE
 
 
 def test_verify_failure_exit_code():
@@ -845,7 +863,7 @@ def test_cache_dir_override(tmp_path, monkeypatch):
 def test_bench_argument_errors_exit_2(onnx_path):
     from engines.bench import main
 
-    for argv in ([], ["--model", onnx_path, "--backend", "tflite"], ["--model", onnx_path, "--model", onnx_path], ["--model", onnx_path, "--runs", "0"]):
+    for argv in ([], ["--weights", onnx_path, "--backend", "tflite"], ["--weights", onnx_path, "--weights", onnx_path], ["--weights", onnx_path, "--runs", "0"]):
         with pytest.raises(SystemExit) as exc:
             run(main, argv)
         assert exc.value.code == 2, argv

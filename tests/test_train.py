@@ -24,7 +24,7 @@ def synthetic(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("syn") / "data"
     from kdas_core.data import synthetic
 
-    assert synthetic.main(["--out", str(out), "--train", "24", "--test", "6", "--size", "64", "--seed", "3"]) in (0, None)
+    assert synthetic.main(["--out", str(out), "--train", "24", "--test", "6", "--image-size", "64", "--seed", "3"]) in (0, None)
     return out
 
 

@@ -20,6 +20,8 @@ from typing import Callable
 
 import numpy as np
 
+from kdas_core.cli_conventions import EXIT_FAILURE, EXIT_UNAVAILABLE
+
 from ..errors import AppError
 from .channels import Closed
 from .items import EndOfStream, Frame
@@ -98,8 +100,8 @@ def open_backend(path: str, requested: str, *, factory: Callable = _default_fact
             if chain:
                 notice(f"{actual} backend failed ({_oneline(exc)}); falling back to {chain[0]}")
     if len(errors) == 1 and errors[0].startswith(f"auto: {path}: "):  # engines already listed each backend
-        raise AppError(errors[0][len("auto: "):])
-    raise AppError(f"{path}: no backend could run the model:\n  " + "\n  ".join(errors))
+        raise AppError(errors[0][len("auto: "):], EXIT_UNAVAILABLE)
+    raise AppError(f"{path}: no backend could run the model:\n  " + "\n  ".join(errors), EXIT_UNAVAILABLE)
 
 
 def _is_file_error(exc: BaseException) -> bool:
@@ -219,7 +221,8 @@ class InferenceStage(threading.Thread):
                 self.device = "cpu"
                 nxt = [b for b in nxt if b != "tensorrt"]
             if not nxt:
-                raise AppError(f"{self.model_path}: the {failed} backend failed while running: {_oneline(exc)}") from exc
+                raise AppError(f"{self.model_path}: the {failed} backend failed while running: {_oneline(exc)}",
+                               EXIT_FAILURE) from exc
             self._load(nxt[0], skip=tuple(ORDER[: ORDER.index(failed) + 1]))
             return self._infer(frame)
         ms = (time.perf_counter() - t0) * 1000.0
