@@ -41,6 +41,13 @@ def exit_codes_help(*codes: int) -> str:
         f"  {c:<4} {_MEANING[c]}" for c in codes)
 
 
+def bars_wanted(enabled: bool = True, stream=None) -> bool:
+    """Progress bars only on a terminal: under nohup, SLURM or `> log` a bar's redraws become
+    hundreds of lines, so the callers print one line per epoch (or per block of images) instead."""
+    stream = stream if stream is not None else sys.stderr
+    return bool(enabled) and hasattr(stream, "isatty") and stream.isatty()
+
+
 class UnavailableError(RuntimeError):
     """The requested backend or device cannot run on this machine (exit code 4)."""
 

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from .checkpoint import CheckpointError, load_checkpoint, read_metadata
+from .cli_conventions import bars_wanted
 from .data.dataset import DatasetError, EvalDataset, Pair, eval_collate, resolve_layout
 from .metrics import SUMMARY_KEYS, SegMetrics
 
@@ -289,10 +290,12 @@ def run(args: argparse.Namespace) -> int:
         overlays = Path(args.save_overlays) / name if args.save_overlays else None
         summary, rows = evaluate_pairs(model, pairs, size, meta["mean"], meta["std"], threshold, device,
                                        batch_size=args.batch_size, desc=name, overlays_dir=overlays,
-                                       progress=not args.no_progress, minmax=args.minmax)
+                                       progress=bars_wanted(not args.no_progress), minmax=args.minmax)
         results[name] = {k: summary[k] for k in ("mDice", "mIoU", "Sm", "Em", "wFm", "MAE", "n")}
         results[name].update({k: summary[k] for k in SUMMARY_KEYS if k not in results[name]})
         all_rows += [{"set": name, **r} for r in rows]
+        if not bars_wanted(not args.no_progress):  # a log: one line per test set instead of a bar
+            print(f"[kdas] {name}: {results[name]['n']} images, mDice {results[name]['mDice']:.4f}", file=sys.stderr, flush=True)
 
     print(format_table(results))
     print(f"({sum(r['n'] for r in results.values())} images in {time.perf_counter() - start:.1f}s)", file=sys.stderr)

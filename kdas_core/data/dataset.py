@@ -247,7 +247,9 @@ class EvalDataset(Dataset):
 
 
 def _maybe_progress(it, enabled: bool, desc: str):
-    if not enabled:
+    from ..cli_conventions import bars_wanted
+
+    if not bars_wanted(enabled):
         return it
     from tqdm.auto import tqdm
 
