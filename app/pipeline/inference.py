@@ -37,11 +37,26 @@ class ModelInfo:
     input_size: tuple[int, int]  # (H, W)
     threshold: float
     notes: list[str] = field(default_factory=list)
+    preset: str | None = None  # from the model's metadata; the file name when it has none
 
     @property
     def label(self) -> str:
+        """e.g. 'polyppvt-lite0 \u00b7 256\u00b2 \u00b7 onnxruntime' (the export cache's hash names nothing)."""
         h, w = self.input_size
-        return f"{self.backend} \u00b7 {_short(self.path)} \u00b7 {w}x{h}"
+        size = f"{w}\u00b2" if w == h else f"{w}x{h}"
+        return f"{self.preset or _short(self.path)} \u00b7 {size} \u00b7 {self.backend}"
+
+
+def loading_message(model_path: str) -> str:
+    """What the window shows until the model runs: a checkpoint's first start exports it to ONNX."""
+    if str(model_path).lower().endswith(".safetensors"):
+        return ("Loading model\u2026\nThe first start with a checkpoint exports it to ONNX once "
+                "(up to a minute on a CPU); later starts reuse that export.")
+    return "Loading model\u2026"
+
+
+def preset_of(backend) -> str | None:
+    return (getattr(backend, "meta", None) or {}).get("preset")
 
 
 def _short(path: str) -> str:
@@ -197,7 +212,7 @@ class InferenceStage(threading.Thread):
                                      threads=self.threads, notice=self.events.notice, skip=skip)
         b = self._backend
         self.info = ModelInfo(b.name, str(getattr(b, "path", self.model_path)), tuple(b.input_size),
-                              float(b.threshold), list(getattr(b, "notes", []) or []))
+                              float(b.threshold), list(getattr(b, "notes", []) or []), preset_of(b))
         self.ready.set()
         self.events.model_ready(self.info)
 
