@@ -41,6 +41,13 @@ def exit_codes_help(*codes: int) -> str:
         f"  {c:<4} {_MEANING[c]}" for c in codes)
 
 
+def name_some(names, limit: int = 8) -> str:
+    """'a, b, c' or, when cut, 'a, b, ... and 4 more': a shortened list says it is shortened."""
+    names = [str(n) for n in names]
+    shown = ", ".join(names[:limit])
+    return shown if len(names) <= limit else f"{shown} and {len(names) - limit} more"
+
+
 def bars_wanted(enabled: bool = True, stream=None) -> bool:
     """Progress bars only on a terminal: under nohup, SLURM or `> log` a bar's redraws become
     hundreds of lines, so the callers print one line per epoch (or per block of images) instead."""

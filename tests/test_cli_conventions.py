@@ -76,3 +76,17 @@ def test_deprecated_alias_stores_into_the_new_flag_and_warns(capsys):
                                                "use --image-size")
     assert p.parse_args(["--image-size", "32"]).size == 32 and capsys.readouterr().err == ""
     assert "--size" not in p.format_help()  # hidden: --help teaches the new spelling only
+
+
+def test_a_cut_list_says_how_many_more(tmp_path):
+    from kdas_core.cli_conventions import name_some
+    from kdas_core.data.dataset import DatasetError, find_pairs
+
+    assert name_some(["a", "b"], 5) == "a, b"
+    assert name_some([f"{i}.jpg" for i in range(12)], 8) == "0.jpg, 1.jpg, 2.jpg, 3.jpg, 4.jpg, 5.jpg, 6.jpg, 7.jpg and 4 more"
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    for i in range(12):
+        (tmp_path / "images" / f"{100 + i}.jpg").write_bytes(b"x")
+    with pytest.raises(DatasetError, match=r"12 image\(s\) without a mask .*107\.jpg and 4 more"):
+        find_pairs(tmp_path)

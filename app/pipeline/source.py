@@ -163,6 +163,8 @@ def _to_rgb(frame) -> np.ndarray:
 def _open_v4l2(device):
     import cv2
 
+    # OpenCV's own "[ WARN:0@...]" lines would come before our message naming the camera: errors only.
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
     if sys.platform.startswith("linux"):
         return cv2.VideoCapture(device, cv2.CAP_V4L2)
     return cv2.VideoCapture(device)
