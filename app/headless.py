@@ -28,6 +28,7 @@ from .pipeline.overlay import OverlaySettings
 from .pipeline.recorder import Recorder
 from .pipeline.runner import Pipeline, PipelineEvents
 from .pipeline.source import open_reader
+from .pipeline.stats import describe_throughput
 
 
 class Interrupted(Exception):
@@ -185,9 +186,7 @@ def run_headless(source: str, out: str, *, model_path: str, backend: str = "auto
         log(f"error: {error}{where}")
         code = 128 + interrupted.signum if interrupted is not None else 1
         return HeadlessResult(code, stats)
-    ratio = f" ({stats['fps_vs_model_only']:.2f} x model-only {stats['model_only_fps']:.1f} fps)" if "fps_vs_model_only" in stats else ""
-    ratio += f", model busy {stats['inference_busy_pct']}% of the time" if stats.get("inference_busy_pct") else ""
-    log(f"wrote {out}: {stats['frames_out']} frames, {stats['fps']:.1f} fps{ratio}, "
+    log(f"wrote {out}: {stats['frames_out']} frames, {describe_throughput(stats)}, "
         f"inference p50 {stats['inference_ms_p50']} ms, latency p50/p95 {stats['latency_ms_p50']}/{stats['latency_ms_p95']} ms")
     return HeadlessResult(0, stats)
 

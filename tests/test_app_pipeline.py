@@ -375,3 +375,14 @@ def test_an_app_error_in_a_stage_keeps_its_own_words():
     inbox.put(Frame(index=0, pts=0.0, image=np.zeros((4, 4, 3), np.uint8), t_capture=0.0))
     stage.join(5)
     assert errors == ["/x/o.mp4: cannot create the recording (read-only)"]
+
+
+def test_throughput_words_flag_a_busy_machine_instead_of_a_false_speed_up():
+    from app.pipeline.stats import describe_throughput
+
+    quiet = describe_throughput({"fps": 15.0, "model_only_fps": 17.8, "model_only_ms": 56.0, "inference_ms_p50": 60.0})
+    assert quiet == "15.0 fps end to end (the model alone, timed in bursts during the run: 17.8 fps)"
+    busy = describe_throughput({"fps": 26.0, "model_only_fps": 17.8, "model_only_ms": 56.0, "inference_ms_p50": 150.0,
+                                "inference_busy_pct": 99})
+    assert "1.46x" in busy and "too busy for these figures to mean much" in busy and "150 ms per frame" in busy
+    assert "\u00d7 model-only" not in busy and describe_throughput({"fps": 20.0}) == "20.0 fps end to end"
