@@ -214,3 +214,15 @@ def test_real_endoscopy_clip(assets, tmp_path):
         s = c.streams.video[0]
         assert (s.width, s.height) == (256, 256)
         assert sum(1 for _ in c.decode(s)) == 60
+
+
+def test_no_backend_can_run_the_model_exits_4(assets, tmp_path):
+    from engines import BackendError
+
+    def nothing_runs(path, backend="auto", device=None, threads=None):
+        raise BackendError(f"{backend} cannot run here (test)")
+
+    res = run_headless(assets["clip"], str(tmp_path / "o.mp4"), model_path=assets["ckpt"], backend="onnxruntime",
+                       backend_factory=nothing_runs, progress=False, log=lambda s: None)
+    assert res.exit_code == 4 and "no backend could run the model" in res.stats["error"]
+    assert not (tmp_path / "o.mp4").exists()

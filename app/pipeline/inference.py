@@ -167,6 +167,7 @@ class InferenceStage(threading.Thread):
         self._recent_inputs: list[np.ndarray] = []  # a few real inputs for the model-only benchmark
         self._backend = None
         self._halt = threading.Event()
+        self.failed_exit_code: int | None = None
 
     def stop(self) -> None:
         self._halt.set()
@@ -176,6 +177,7 @@ class InferenceStage(threading.Thread):
             self._load(self.requested, skip=())
         except AppError as exc:
             self.failed = str(exc)
+            self.failed_exit_code = exc.exit_code  # e.g. 4: no backend could run the model here
             self.ready.set()
             self.events.fatal(str(exc))
             return
