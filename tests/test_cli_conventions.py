@@ -90,3 +90,12 @@ def test_a_cut_list_says_how_many_more(tmp_path):
         (tmp_path / "images" / f"{100 + i}.jpg").write_bytes(b"x")
     with pytest.raises(DatasetError, match=r"12 image\(s\) without a mask .*107\.jpg and 4 more"):
         find_pairs(tmp_path)
+
+
+def test_app_engine_is_an_old_spelling_of_weights(capsys):
+    from app.cli import build_parser
+
+    args = build_parser().parse_args(["clip.mp4", "--engine", "student.onnx"])
+    assert args.weights == "student.onnx"
+    assert "--engine is deprecated" in capsys.readouterr().err
+    assert "--engine" not in build_parser().format_help().split("examples")[0].split("options:")[1]
