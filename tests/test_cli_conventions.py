@@ -99,3 +99,10 @@ def test_app_engine_is_an_old_spelling_of_weights(capsys):
     assert args.weights == "student.onnx"
     assert "--engine is deprecated" in capsys.readouterr().err
     assert "--engine" not in build_parser().format_help().split("examples")[0].split("options:")[1]
+
+
+@pytest.mark.parametrize("module", ["kdas_core.profile", "kdas_core.data.synthetic", "kdas_core.ablate",
+                                    "kdas_core.bench_train", "kdas_core.teacher_targets"])
+def test_other_kdas_core_help_does_not_import_torch(module):
+    heavy, code, out = probe(module, "--help")
+    assert code == 0 and "usage:" in out and "torch" not in heavy.split(","), f"{module} --help imported {heavy}"
