@@ -1,7 +1,7 @@
 """What every KDAS command line shares (kdas_core, engines and app): exit codes, and how an old
 flag spelling keeps working for one release. Imports nothing heavy: every `--help` uses it.
 
-Exit codes (README "Exit codes" is the one user-facing copy of this table):
+Exit codes (README "Command-line conventions" is the one user-facing copy of this table):
 
   0    success
   1    runtime failure: the work started and then failed (message on stderr; a traceback only for a bug)
@@ -29,7 +29,7 @@ _MEANING = {
     EXIT_FAILURE: "runtime failure (the work started and then failed; message on stderr)",
     EXIT_USAGE: "usage or bad input: bad option; missing, corrupt or foreign file; output cannot be created",
     EXIT_VERIFY: "verification disagreement: the built artefact disagrees with the PyTorch checkpoint",
-    EXIT_UNAVAILABLE: "the requested backend or device is not available here (TensorRT, CUDA, a GPU)",
+    EXIT_UNAVAILABLE: "the requested backend, device or display is not available here (TensorRT, CUDA, a GPU)",
     EXIT_INTERRUPTED: "interrupted (Ctrl+C); 143: terminated (SIGTERM)",
 }
 
@@ -37,7 +37,7 @@ _MEANING = {
 def exit_codes_help(*codes: int) -> str:
     """The `exit status` paragraph of one command's --help: only the codes it can return."""
     codes = codes or tuple(_MEANING)
-    return "exit status (same meaning for every kdas command, see README 'Exit codes'):\n" + "\n".join(
+    return "exit status (same meaning for every kdas command, see README 'Command-line conventions'):\n" + "\n".join(
         f"  {c:<4} {_MEANING[c]}" for c in codes)
 
 
