@@ -6,6 +6,9 @@ import argparse
 import os
 import sys
 
+from kdas_core.cli_conventions import (EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE,
+                                      add_deprecated_alias, exit_codes_help)
+
 from . import DEFAULT_WEIGHTS, DEMO_CLIP, DISCLAIMER
 from .errors import AppError
 from .pipeline.analysis import AnalysisSettings
@@ -32,9 +35,9 @@ SOURCE
   nothing           the demo clip {DEMO_CLIP.name} with the bundled default student
 
 model
-  --weights CKPT    a .safetensors checkpoint (kdas_core.train / distill)
-  --engine PATH     an exported .onnx or a TensorRT .engine (python -m engines.build)
-  (neither)         {DEFAULT_WEIGHTS.relative_to(DEFAULT_WEIGHTS.parents[2])}
+  --weights PATH    a .safetensors checkpoint (kdas_core.train / distill), an exported .onnx
+                    or a TensorRT .engine (python -m engines.build)
+  (none)            {DEFAULT_WEIGHTS.relative_to(DEFAULT_WEIGHTS.parents[2])}
   Input size, normalisation and the default threshold come from the model's own metadata.
   --backend auto tries tensorrt -> onnxruntime -> torch; if the chosen one fails, the next
   one takes over and the window says so.
@@ -42,7 +45,7 @@ model
 examples
   python -m app                                  demo clip in the window
   python -m app colonoscopy.mp4 --record out/    record from the start into out/
-  python -m app /dev/video0 --backend tensorrt --engine student.engine
+  python -m app /dev/video0 --backend tensorrt --weights student.engine
   python -m app clip.mp4 --headless --out clip-overlay.mp4 --stats stats.json
   python -m app clip.mp4 --headless --out o.mp4 --smooth --frames-csv frames.csv
   python -m app clip.mp4 --compare-weights teacher.safetensors   green = model, magenta = OTHER
@@ -54,7 +57,7 @@ window keys
   R record           S snapshot            Ctrl+O open file    Ctrl+K camera   F1 keys
   T smoothing        P polyp cue border    B compare model
 
-exit status: 0 ok, 1 failure (message on stderr), 2 bad arguments, 130/143 interrupted."""
+{exit_codes_help(EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_INTERRUPTED)}"""
 
 
 def _number_in(name: str, lo: float, hi: float):
@@ -114,6 +117,14 @@ def analysis_settings(args) -> AnalysisSettings:
                             cue=cue_spec(args))
 
 
+def add_weights_argument(p, default: str) -> None:
+    """--weights PATH, any model file (as in engines.bench); --engine PATH is its old spelling."""
+    p.add_argument("--weights", metavar="PATH",
+                   help=f"the model: a .safetensors checkpoint, an .onnx export or a TensorRT .engine/.plan "
+                        f"(python -m engines.build); default: {default}")
+    add_deprecated_alias(p, "--engine", "--weights", "weights")
+
+
 def resolve_compare(args) -> str | None:
     path = args.compare_weights
     if path and not os.path.isfile(path):
@@ -124,14 +135,12 @@ def resolve_compare(args) -> str | None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m app",
-        usage="\n  python -m app [SOURCE] [--weights CKPT | --engine PATH] [--backend auto|tensorrt|onnxruntime|torch]\n"
+        usage="\n  python -m app [SOURCE] [--weights PATH] [--backend auto|tensorrt|onnxruntime|torch]\n"
               "                [--threshold T] [--opacity A] [--record DIR] [--smooth [SPEC]] [--compare-weights OTHER]\n"
               "  python -m app SOURCE --headless --out OUT.mp4 [--stats STATS.json] [--frames-csv PATH]",
         description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", nargs="?", metavar="SOURCE", help="video file, camera (0, /dev/video0), or nothing for the demo clip")
-    model = p.add_mutually_exclusive_group()
-    model.add_argument("--weights", metavar="CKPT", help="KDAS .safetensors checkpoint (default: the bundled student)")
-    model.add_argument("--engine", metavar="PATH", help="exported model: .onnx or TensorRT .engine/.plan")
+    add_weights_argument(p, "the bundled student")
     p.add_argument("--backend", choices=BACKENDS, default="auto", help="inference backend (default: auto = fastest that works)")
     p.add_argument("--threads", type=_positive_int, metavar="N",
                    help="CPU threads for the onnxruntime/torch backends (default: theirs); on a busy or small "
@@ -169,20 +178,45 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_output(path: str, flag: str) -> None:
+    """AppError now, before the model loads, when `path` cannot be created: its folder is missing
+    or not writable (a real probe file, so /proc or a read-only mount are caught too)."""
+    import tempfile
+
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise AppError(f"{flag} {path}: the folder {folder} does not exist; create it first")
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".kdas-probe-")
+    except OSError as exc:
+        raise AppError(f"{flag} {path}: cannot create files in {folder} ({exc.strerror or exc}); "
+                       "choose a writable folder") from None
+    os.close(fd)
+    os.remove(probe)
+
+
+def check_model(path: str) -> str:
+    """AppError (bad input) now, before any backend loads, when the file cannot be a KDAS model."""
+    from engines import BackendError, check_model_file
+
+    try:
+        check_model_file(path)
+    except BackendError as exc:
+        raise AppError(str(exc)) from exc
+    return path
+
+
 def resolve_model(args) -> str:
-    if args.engine:
-        path = args.engine
-        if not os.path.isfile(path):
-            raise AppError(f"--engine {path}: no such file; build one with `python -m engines.build`")
-        return path
     if args.weights:
         if not os.path.isfile(args.weights):
-            raise AppError(f"--weights {args.weights}: no such checkpoint file")
-        return args.weights
+            what = "checkpoint" if args.weights.lower().endswith(".safetensors") else "model"
+            raise AppError(f"--weights {args.weights}: no such {what} file"
+                           + ("" if what == "checkpoint" else "; build one with `python -m engines.build`"))
+        return check_model(args.weights)
     if not DEFAULT_WEIGHTS.is_file():
         raise AppError(
-            f"the default weights {DEFAULT_WEIGHTS} are missing; pass --weights CKPT (a .safetensors checkpoint) "
-            "or --engine PATH (.onnx / TensorRT engine)"
+            f"the default weights {DEFAULT_WEIGHTS} are missing; pass --weights PATH (a .safetensors checkpoint, "
+            "an .onnx or a TensorRT .engine)"
         )
     return str(DEFAULT_WEIGHTS)
 
@@ -206,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     if (args.loop != 1 or args.max_frames) and not args.headless:
         parser.error("--loop and --max-frames are for --headless")
     try:
+        for path, flag in ((args.out, "--out"), (args.stats, "--stats")):
+            if path:
+                check_output(path, flag)
         if args.headless:
             from .headless import run_headless
 
@@ -222,6 +259,6 @@ def main(argv: list[str] | None = None) -> int:
                           analysis=analysis_settings(args), compare_path=resolve_compare(args))
     except AppError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return exc.exit_code
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED

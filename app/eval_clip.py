@@ -1,7 +1,7 @@
 """Flicker and per-frame Dice of a model on an annotated clip, with and without the temporal filter.
 
     python -m app.eval_clip ../shared/data/clips/cvc-clinicdb.mp4 --gt ../shared/data/polyp \\
-        [--weights CKPT | --engine PATH] [--smooth [SPEC] ...] [--thresholds 0.45,0.5,0.55] [--json OUT]
+        [--weights PATH] [--smooth [SPEC] ...] [--thresholds 0.45,0.5,0.55] [--json OUT]
 
 The model runs once per frame; every filter setting (off, and each --smooth) and every threshold
 then goes through the viewer's own analysis code (`app.pipeline.analysis.Analyzer`: cut
@@ -177,15 +177,13 @@ def _table(res: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from . import DEFAULT_WEIGHTS
-    from .cli import _positive_int, _smooth_spec, add_cue_arguments, cue_spec, resolve_model
+    from .cli import _positive_int, _smooth_spec, add_cue_arguments, add_weights_argument, cue_spec, resolve_model
 
     p = argparse.ArgumentParser(prog="python -m app.eval_clip", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("clip", metavar="CLIP", help="annotated video file")
     p.add_argument("--gt", required=True, metavar="ROOT", help="masks folder or PraNet root with numeric-stem masks")
-    model = p.add_mutually_exclusive_group()
-    model.add_argument("--weights", metavar="CKPT", help=f"checkpoint (default: {DEFAULT_WEIGHTS.name})")
-    model.add_argument("--engine", metavar="PATH", help=".onnx or TensorRT engine")
+    add_weights_argument(p, DEFAULT_WEIGHTS.name)
     p.add_argument("--backend", default="auto", choices=("auto", "tensorrt", "onnxruntime", "torch"))
     p.add_argument("--threads", type=_positive_int, metavar="N", help="CPU threads of the backend")
     p.add_argument("--smooth", action="append", nargs="?", const="default", type=_smooth_spec, metavar="SPEC",
@@ -211,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
                        per_frame=args.per_frame, max_frames=args.max_frames, log=log)
     except AppError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return exc.exit_code
     print(_table(res))
     if args.json:
         from .headless import _write_json

@@ -28,6 +28,7 @@ from .pipeline.overlay import OverlaySettings
 from .pipeline.recorder import Recorder
 from .pipeline.runner import Pipeline, PipelineEvents
 from .pipeline.source import open_reader
+from .pipeline.stats import describe_throughput
 
 
 class Interrupted(Exception):
@@ -180,13 +181,12 @@ def run_headless(source: str, out: str, *, model_path: str, backend: str = "auto
     if error is None and stats["frames_in"] != stats["frames_out"]:
         error = f"internal error: {stats['frames_in']} frames in, {stats['frames_out']} out"
     if error:
-        where = f"; the {stats['frames_recorded']} frames before it are in {out}" if stats["frames_recorded"] else ""
+        written = stats["frames_recorded"] and record_error is None and os.path.isfile(out)
+        where = f"; the {stats['frames_recorded']} frames before it are in {out}" if written else ""
         log(f"error: {error}{where}")
-        code = 128 + interrupted.signum if interrupted is not None else 1
+        code = 128 + interrupted.signum if interrupted is not None else (pipeline.inference.failed_exit_code or 1)
         return HeadlessResult(code, stats)
-    ratio = f" ({stats['fps_vs_model_only']:.2f} x model-only {stats['model_only_fps']:.1f} fps)" if "fps_vs_model_only" in stats else ""
-    ratio += f", model busy {stats['inference_busy_pct']}% of the time" if stats.get("inference_busy_pct") else ""
-    log(f"wrote {out}: {stats['frames_out']} frames, {stats['fps']:.1f} fps{ratio}, "
+    log(f"wrote {out}: {stats['frames_out']} frames, {describe_throughput(stats)}, "
         f"inference p50 {stats['inference_ms_p50']} ms, latency p50/p95 {stats['latency_ms_p50']}/{stats['latency_ms_p95']} ms")
     return HeadlessResult(0, stats)
 

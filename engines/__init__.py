@@ -13,14 +13,14 @@ from __future__ import annotations
 import os
 
 from .backends.base import Backend
-from .errors import BackendError
-from .trt_common import is_sticky_cuda_error
+from .errors import BackendError, ModelFileError
+from .trt_common import NO_GPU_REASON, has_nvidia_gpu, is_sticky_cuda_error
 
 BACKENDS = ("tensorrt", "onnxruntime", "torch")
 CHOICES = ("auto",) + BACKENDS
 ENGINE_SUFFIXES = (".engine", ".plan")
 
-__all__ = ["Backend", "BackendError", "BACKENDS", "CHOICES", "load_backend", "file_kind", "is_sticky_cuda_error"]
+__all__ = ["Backend", "BackendError", "ModelFileError", "check_model_file", "BACKENDS", "CHOICES", "load_backend", "file_kind", "is_sticky_cuda_error"]
 
 
 def file_kind(path: str) -> str:
@@ -61,6 +61,7 @@ def load_backend(
     if not os.path.isfile(path):
         raise BackendError(f"{path}: no such model file")
     kind = file_kind(path)
+    check_model_file(path, kind)
     opts = dict(device=device, image_size=image_size, threads=threads)
     if backend != "auto":
         local: list[str] = []
@@ -75,13 +76,35 @@ def load_backend(
             continue
         local = []
         try:
-            b = _open(name, path, kind, opts, local)
+            b = _open(name, path, kind, {**opts, "auto": True}, local)
         except BackendError as exc:
             skipped.append(f"{name} skipped: {exc}")
             continue
         b.notes[:0] = [f"auto picked {name}: {_WHY[name]}"] + skipped + local
         return b
     raise BackendError(f"{path}: no backend could run it:\n  " + "\n  ".join(skipped))
+
+
+def check_model_file(path: str, kind: str | None = None) -> None:
+    """ModelFileError when `path` cannot be a KDAS model whichever backend runs it (unreadable
+    safetensors/ONNX, no KDAS metadata). Reads headers only; engines are checked by TensorRT."""
+    kind = kind or file_kind(path)
+    try:
+        if kind == "checkpoint":
+            from kdas_core.checkpoint import CheckpointError, read_metadata
+
+            try:
+                read_metadata(path)
+            except CheckpointError as exc:
+                raise ModelFileError(str(exc)) from exc
+        elif kind == "onnx":
+            from .export import read_onnx_metadata
+
+            read_onnx_metadata(path)
+    except ModelFileError:
+        raise
+    except BackendError as exc:
+        raise ModelFileError(str(exc)) from exc
 
 
 _WHY = {
@@ -98,6 +121,8 @@ def _open(name: str, path: str, kind: str, opts: dict, notes: list[str]) -> Back
         from .backends import tensorrt_backend as trt_b
 
         reason = trt_b.why_unavailable(opts["device"])
+        if reason and opts.get("auto") and not has_nvidia_gpu():
+            reason = NO_GPU_REASON  # nobody asked for TensorRT: no install hint on a machine that cannot use it
         if reason:
             raise BackendError(reason)
         engine = path if kind == "engine" else trt_b.find_cached_engine(path, opts["image_size"], opts["device"], notes)

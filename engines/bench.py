@@ -12,7 +12,9 @@ import time
 import numpy as np
 
 from . import CHOICES, load_backend
-from .cli_common import EXIT_CODES_HELP, EXIT_OK, UnavailableError, run
+from kdas_core.cli_conventions import add_deprecated_alias
+
+from .cli_common import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE, UnavailableError, exit_codes_help, run
 
 DESCRIPTION = """\
 Benchmark KDAS models: warm-up, then timed predict() calls on synthetic uint8 frames, reporting
@@ -24,33 +26,54 @@ rotating order), so ratios between them hold even on a busy, noisy machine.
 """
 
 EPILOG = f"""\
-models: a .safetensors checkpoint, an exported .onnx, a TensorRT .engine/.plan, or
-  preset:NAME (e.g. preset:polyppvt-b0): randomly initialised weights of that preset, for speed
-  measurements only (latency does not depend on the weights).
+models: --weights PATH, a .safetensors checkpoint, an exported .onnx or a TensorRT .engine/.plan;
+  --model NAME, a preset (e.g. polyppvt-b0): randomly initialised weights of that preset, for speed
+  measurements only (latency does not depend on the weights). Both repeat; with --compare the
+  first one given is the reference of every ratio.
 
 examples:
-  python -m engines.bench --model best.safetensors --backend auto
-  python -m engines.bench --model deploy/best-352-fp32.onnx --backend onnxruntime --threads 2 --json bench.json
+  python -m engines.bench --weights best.safetensors --backend auto
+  python -m engines.bench --weights deploy/best-352-fp32.onnx --backend onnxruntime --threads 2 --json bench.json
   python -m engines.bench --compare --backend onnxruntime --threads 2 --image-size 352 \\
-      --model preset:polyppvt-lite0 --model preset:polyppvt-b0 --model preset:polyppvt-b2
-  python -m engines.bench --compare --model best.safetensors --backend onnxruntime,torch
+      --model polyppvt-lite0 --model polyppvt-b0 --model polyppvt-b2
+  python -m engines.bench --compare --weights best.safetensors --backend onnxruntime,torch
 
 JSON (--json OUT): backend, latency_ms_p50, latency_ms_p95, throughput_fps (+ details); with
 --compare: {{"results": [one such object per model/backend], ...}} and each result's
 ratio_p50_to_first (its p50 / the first entry's p50).
 
-{EXIT_CODES_HELP}
+{exit_codes_help(EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_INTERRUPTED)}
 """
+
+
+class _ModelSpec(argparse.Action):
+    """--weights PATH and --model NAME into one ordered list (presets as 'preset:NAME'). The old
+    spellings --model PATH and --model preset:NAME still work for one release, with a notice."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        from kdas_core.presets import PRESETS
+
+        if option_string == "--model" and value not in PRESETS and not value.startswith("polyppvt:"):
+            new = f"--model {value[len('preset:'):]}" if value.startswith("preset:") else f"--weights {value}"
+            print(f"{parser.prog}: warning: --model {value} is deprecated and goes in the next release; use {new}",
+                  file=sys.stderr)
+        elif option_string == "--model":
+            value = f"preset:{value}"
+        namespace.model = (namespace.model or []) + [value]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m engines.bench", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--model", action="append", required=True, metavar="PATH", help="model file or preset:NAME (repeat with --compare)")
+    p.add_argument("--weights", action=_ModelSpec, dest="model", metavar="PATH",
+                   help="model file: .safetensors, .onnx or .engine/.plan (repeat with --compare)")
+    p.add_argument("--model", action=_ModelSpec, dest="model", metavar="NAME",
+                   help="a preset name, randomly initialised (repeat with --compare)")
     p.add_argument("--backend", default="auto", help=f"one of {', '.join(CHOICES)}; with --compare a comma-separated list (default auto)")
     p.add_argument("--image-size", type=int, metavar="S", help="square input side (default: the model's; an .onnx/.engine must match)")
-    p.add_argument("--batch", type=int, default=1, metavar="N", help="frames per predict call (default 1)")
+    p.add_argument("--batch-size", dest="batch", type=int, default=1, metavar="N", help="frames per predict call (default 1)")
+    add_deprecated_alias(p, "--batch", "--batch-size", "batch", type=int)
     p.add_argument("--runs", type=int, default=50, metavar="N", help="timed calls per model/backend (default 50)")
     p.add_argument("--warmup", type=int, default=10, metavar="N", help="untimed calls first (default 10)")
     p.add_argument("--threads", metavar="N", help="CPU threads for onnxruntime/torch (default: the runtime's); with --compare a comma list, e.g. 1,2")
@@ -64,6 +87,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--compare", action="store_true", help="benchmark every model x backend x threads x graph-opt x spin, interleaved in one run")
     p.add_argument("--json", metavar="OUT", help="write results as JSON to OUT")
     args = p.parse_args(argv)
+    if not args.model:
+        p.error("give a model: --weights PATH (a file) or --model NAME (a preset)")
     args.backends = [b.strip() for b in args.backend.split(",") if b.strip()]
     args.graph_opts = [g.strip() for g in args.graph_opt.split(",") if g.strip()]
     try:
@@ -88,9 +113,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     lists = (args.model, args.backends, args.graph_opts, args.thread_list, args.spins)
     if not args.compare and any(len(x) > 1 for x in lists):
         p.error("several models/backends/threads/graph-opts/spins need --compare")
-    for name in ("batch", "runs"):
+    for name, flag in (("batch", "--batch-size"), ("runs", "--runs")):
         if getattr(args, name) < 1:
-            p.error(f"--{name} must be >= 1")
+            p.error(f"{flag} must be >= 1")
     if args.warmup < 0:
         p.error("--warmup must be >= 0")
     return args

@@ -1,4 +1,5 @@
-"""Exit codes and error handling shared by `engines.build` and `engines.bench`.
+"""Error handling shared by `engines.build`, `engines.bench` and `engines.selfcheck` (exit codes:
+kdas_core.cli_conventions, the one table for every CLI).
 
 User errors (missing/corrupt files, wrong weights, impossible options) print one `error:` line
 and exit non-zero; only genuine bugs show a traceback.
@@ -10,22 +11,14 @@ import logging
 import sys
 from typing import Callable
 
-EXIT_OK = 0
-EXIT_BUG = 1
-EXIT_USAGE = 2  # bad arguments, missing/corrupt/foreign model file
-EXIT_VERIFY = 3  # --verify found a disagreement
-EXIT_UNAVAILABLE = 4  # the asked-for backend (TensorRT, a GPU) is not available here
+from kdas_core.cli_conventions import (  # noqa: F401 (re-exported: one table for every CLI)
+    EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE, EXIT_VERIFY, UnavailableError,
+    exit_codes_help,
+)
 
-EXIT_CODES_HELP = """exit codes:
-  0  success
-  1  unexpected internal error (a bug: please report the traceback)
-  2  usage error: missing, corrupt or foreign model file, bad option
-  3  --verify failed: the built artefact disagrees with the PyTorch checkpoint
-  4  the requested backend is not available here (e.g. TensorRT or a GPU missing)"""
-
-
-class UnavailableError(RuntimeError):
-    """The requested backend cannot run on this machine (exit code 4)."""
+EXIT_BUG = EXIT_FAILURE
+# build can return every code; commands that never verify list theirs with exit_codes_help(...).
+EXIT_CODES_HELP = exit_codes_help(EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_VERIFY, EXIT_UNAVAILABLE, EXIT_INTERRUPTED)
 
 
 class VerifyError(RuntimeError):
@@ -56,7 +49,7 @@ def run(main: Callable[[list[str] | None], int], argv: list[str] | None = None) 
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except Exception as exc:
         if _is_checkpoint_error(exc):
             print(f"error: {exc}", file=sys.stderr)

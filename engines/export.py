@@ -26,6 +26,8 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
+from kdas_core.cli_conventions import name_some
+
 from .errors import BackendError
 
 OPSET = 18
@@ -170,7 +172,7 @@ def export_onnx(
         log(f"note: could not check the graph's tensor dtypes ({type(exc).__name__}: {exc})")
         inner = []
     if inner:
-        raise BackendError(f"{out_path}: exported graph has UINT8 tensors inside it ({', '.join(inner[:5])}); TensorRT cannot parse that")
+        raise BackendError(f"{out_path}: exported graph has UINT8 tensors inside it ({name_some(inner, 5)}); TensorRT cannot parse that")
     for key, value in onnx_metadata(meta, size, precision, source_sha256, source_path).items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value

@@ -26,6 +26,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from kdas_core.cli_conventions import name_some
+
 from .cli_common import EXIT_OK, EXIT_VERIFY, run
 from .errors import BackendError
 
@@ -201,7 +203,7 @@ class SelfCheck:
         inner = uint8_tensors(proto, include_inputs=False)
         details = {"onnx": path, "nodes": len(proto.graph.node), "first_op": proto.graph.node[0].op_type, "uint8_tensors": uint8_tensors(proto)}
         if inner:
-            raise CheckFailed(f"UINT8 tensors inside the graph (TensorRT refuses them): {inner[:5]}", details)
+            raise CheckFailed(f"UINT8 tensors inside the graph (TensorRT refuses them): {name_some(inner, 5)}", details)
         if details["uint8_tensors"] != [proto.graph.input[0].name]:
             raise CheckFailed(f"the graph input should be the one UINT8 tensor, got {details['uint8_tensors']}", details)
         self.onnx[precision] = path

@@ -28,6 +28,17 @@ INSTALL_HINT = (
 )
 
 
+NO_GPU_REASON = "no NVIDIA GPU on this machine (TensorRT needs one)"
+
+
+def has_nvidia_gpu() -> bool:
+    """Whether an NVIDIA driver is present (Linux /proc entry, or nvidia-smi on the PATH), without
+    importing CUDA: the TensorRT install hint is only worth saying to users who have such a GPU."""
+    import shutil
+
+    return os.path.exists("/proc/driver/nvidia/version") or shutil.which("nvidia-smi") is not None
+
+
 def recommended_extra(driver_version: int) -> str | None:
     """The extra whose CUDA runtime this driver can run (`cudaDriverGetVersion` number, e.g.
     12040 for CUDA 12.4); the newest one it supports; None when the driver is older than CUDA 12."""

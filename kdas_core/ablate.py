@@ -222,10 +222,10 @@ def _cuda() -> bool:
 
 
 def _methods_epilog() -> str:
-    from .losses import available
+    from .kd_methods import KD_METHODS  # torch-free: --help answers at once
 
     lines = ["methods (--methods a,b,c; 'a+b:0.5' trains one row with both, b weighted 0.5):"]
-    return "\n".join(lines + [f"  {name:<10} {summary}" for name, summary in available().items()])
+    return "\n".join(lines + [f"  {name:<10} {summary}" for name, summary in KD_METHODS.items()])
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -20,10 +20,10 @@ from .engine.config import add_training_args
 
 
 def _methods_epilog() -> str:
-    from .losses import available
+    from .kd_methods import KD_METHODS  # torch-free: --help answers at once
 
     lines = ["--kd methods (combine with commas, weight with a colon: --kd kdas,cwd:0.5):"]
-    lines += [f"  {name:<10} {summary}" for name, summary in available().items()]
+    lines += [f"  {name:<10} {summary}" for name, summary in KD_METHODS.items()]
     return "\n".join(lines)
 
 
@@ -44,14 +44,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .losses import parse_kd_spec
-
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.teacher and not args.teacher_targets:
         parser.error("give --teacher CKPT (repeatable) or --teacher-targets DIR")
     # An unknown --kd method fails before any model or data is loaded.
-    return run_training_cli(args, "kdas_core.distill", check=lambda: parse_kd_spec(args.kd))
+    def check_kd() -> None:
+        from .losses import parse_kd_spec  # torch: only once the arguments are known to be good
+
+        parse_kd_spec(args.kd)
+
+    return run_training_cli(args, "kdas_core.distill", check=check_kd)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from .checkpoint import CheckpointError, load_checkpoint, read_metadata
+from .cli_conventions import bars_wanted
 from .data.dataset import DatasetError, EvalDataset, Pair, eval_collate, read_pair, resolve_layout
 from .data.transforms import to_tensor
 from .metrics import SUMMARY_KEYS, SegMetrics, default_workers
@@ -343,7 +344,8 @@ def run(args: argparse.Namespace) -> int:
     if not sets:
         raise UsageError(f"{args.data}: no test sets; expected TestDataset/<name>/{{images,masks}} folders "
                          "(a PraNet root) or images/ and masks/ directly in the folder")
-    common = dict(batch_size=args.batch_size, progress=not args.no_progress, minmax=args.minmax, workers=args.workers)
+    common = dict(batch_size=args.batch_size, progress=bars_wanted(not args.no_progress), minmax=args.minmax,
+                  workers=args.workers)
     if args.backend is None and not exported:
         model, meta = load_checkpoint(args.weights, device)
         size = int(args.image_size or meta["input_size"])
@@ -375,6 +377,8 @@ def run(args: argparse.Namespace) -> int:
         results[name] = {k: summary[k] for k in ("mDice", "mIoU", "Sm", "Em", "wFm", "MAE", "n")}
         results[name].update({k: summary[k] for k in SUMMARY_KEYS if k not in results[name]})
         all_rows += [{"set": name, **r} for r in rows]
+        if not bars_wanted(not args.no_progress):  # a log: one line per test set instead of a bar
+            print(f"[kdas] {name}: {results[name]['n']} images, mDice {results[name]['mDice']:.4f}", file=sys.stderr, flush=True)
 
     print(format_table(results))
     print(f"({sum(r['n'] for r in results.values())} images in {time.perf_counter() - start:.1f}s)", file=sys.stderr)

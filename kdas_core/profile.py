@@ -7,16 +7,22 @@ why our teacher counts 10.8 GMACs at 352² where the Polyp-PVT/KDAS papers print
 
 from __future__ import annotations
 
-import torch
-from torch.utils.flop_counter import FlopCounterMode
+import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch only once the arguments are parsed: --help answers at once
+    import torch
 
 
-def count_params(model: torch.nn.Module) -> int:
+def count_params(model: "torch.nn.Module") -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def count_macs(model: torch.nn.Module, size: int = 352) -> int:
+def count_macs(model: "torch.nn.Module", size: int = 352) -> int:
     """MACs of one forward pass of the fused prediction (P1 + P2) for a 1x3xSxS input."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
     was_training = model.training
     model.eval()
     try:
@@ -28,26 +34,31 @@ def count_macs(model: torch.nn.Module, size: int = 352) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """python -m kdas_core.profile [--size S] MODEL_OR_CKPT ...: params and GMACs per model."""
+    """python -m kdas_core.profile [--image-size S] MODEL_OR_CKPT ...: params and GMACs per model."""
     import argparse
     import json
 
-    from .checkpoint import load_checkpoint
-    from .models import create_model, list_models
+    from .cli_conventions import EXIT_USAGE, add_deprecated_alias
+    from .presets import list_models
 
     p = argparse.ArgumentParser(prog="python -m kdas_core.profile",
                                 description="Parameters and GMACs (FlopCounterMode, FLOPs/2) of presets or checkpoints.")
     p.add_argument("models", nargs="+", metavar="MODEL", help=f"preset ({', '.join(list_models())}) or a .safetensors checkpoint")
-    p.add_argument("--size", type=int, default=352, help="square input side (default: 352, the papers' size)")
+    p.add_argument("--image-size", dest="size", type=int, default=352, metavar="S",
+                   help="square input side (default: 352, the papers' size)")
+    add_deprecated_alias(p, "--size", "--image-size", "size", type=int)
     p.add_argument("--json", metavar="OUT", help="also write the figures as JSON")
     args = p.parse_args(argv)
+    from .checkpoint import load_checkpoint
+    from .models import create_model
+
     rows = {}
     for name in args.models:
         try:
             model = load_checkpoint(name)[0] if name.endswith(".safetensors") else create_model(name)
         except Exception as exc:  # a user typo must not be a traceback
-            print(f"kdas_core.profile: error: {exc}")
-            return 2
+            print(f"kdas_core.profile: error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
         rows[name] = {"params_M": count_params(model) / 1e6, "gmacs": count_macs(model, args.size) / 1e9, "size": args.size}
         print(f"{name:<40} {rows[name]['params_M']:6.2f} M params  {rows[name]['gmacs']:6.2f} GMACs at {args.size}²")
     if args.json:

@@ -76,7 +76,9 @@ def compute(teachers: list[str], data: str, size: int, tta: str = "none", batch_
     out = torch.empty(len(pairs), 2, size // STRIDE, size // STRIDE, dtype=torch.float16)
     started = time.time()
     bar = None
-    if progress:
+    from .cli_conventions import bars_wanted
+
+    if bars_wanted(progress):  # on a terminal; a log gets the summary line at the end
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(pairs), desc="teacher targets", unit="img", dynamic_ncols=True)

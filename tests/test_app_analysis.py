@@ -212,7 +212,7 @@ def test_cli_flag_errors(assets, tmp_path):
 
     code = cli.main([assets["clip"], "--headless", "--out", str(tmp_path / "o.mp4"), "--weights", assets["ckpt"],
                      "--compare-weights", str(tmp_path / "nope.onnx")])
-    assert code == 1 and not (tmp_path / "o.mp4").exists()
+    assert code == 2 and not (tmp_path / "o.mp4").exists()  # bad input: the same code as engines.build
 
 
 def test_frames_csv_is_complete_after_sigint(assets, tmp_path):
@@ -281,4 +281,4 @@ def test_eval_clip_pairs_frames_with_numeric_masks_and_says_when_they_do_not(ass
     assert res["frames"] == 3 and dice["off"] == pytest.approx(1 / 3, abs=1e-3)  # only 7.png (frame 1) is full
     with pytest.raises(AppError, match="more frames than --gt"):
         evaluate(assets["clip"], str(masks), assets["ckpt"], backend="torch", threads=1)
-    assert main([assets["clip"], "--gt", str(tmp_path / "none"), "--weights", assets["ckpt"]]) == 1
+    assert main([assets["clip"], "--gt", str(tmp_path / "none"), "--weights", assets["ckpt"]]) == 2

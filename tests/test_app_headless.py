@@ -113,7 +113,7 @@ def test_unreadable_input_clear_error_nonzero_no_traceback(assets, tmp_path, cas
     src = garbage(str(tmp_path / "bad.mp4")) if case == "corrupt" else str(tmp_path / "missing.mp4")
     out = tmp_path / "out.mp4"
     r = run_app(src, "--headless", "--out", str(out), "--weights", assets["ckpt"], timeout=60)
-    assert r.returncode == 1
+    assert r.returncode == 2  # bad input
     assert "Traceback" not in r.stderr
     assert src in r.stderr
     assert ("not a readable video" if case == "corrupt" else "no such file") in r.stderr
@@ -124,12 +124,12 @@ def test_missing_weights_clear_error(assets, tmp_path, monkeypatch, capsys):
     from app import cli
 
     code = cli.main([assets["clip"], "--headless", "--out", str(tmp_path / "o.mp4"), "--weights", str(tmp_path / "none.safetensors")])
-    assert code == 1 and "none.safetensors: no such checkpoint file" in capsys.readouterr().err
+    assert code == 2 and "none.safetensors: no such checkpoint file" in capsys.readouterr().err
     # No --weights and no bundled default: the message names the default and the way out.
     monkeypatch.setattr(cli, "DEFAULT_WEIGHTS", tmp_path / "assets" / "weights" / "polyppvt-lite0.safetensors")
     code = cli.main([assets["clip"], "--headless", "--out", str(tmp_path / "o.mp4")])
     err = capsys.readouterr().err
-    assert code == 1 and "polyppvt-lite0.safetensors are missing" in err and "--weights" in err
+    assert code == 2 and "polyppvt-lite0.safetensors are missing" in err and "--weights" in err
 
 
 def test_a_checkpoint_that_is_not_one_fails_cleanly(assets, tmp_path, capsys):
@@ -138,8 +138,30 @@ def test_a_checkpoint_that_is_not_one_fails_cleanly(assets, tmp_path, capsys):
     fake = garbage(str(tmp_path / "fake.safetensors"))
     code = cli.main([assets["clip"], "--headless", "--out", str(tmp_path / "o.mp4"), "--weights", fake, "--backend", "torch"])
     err = capsys.readouterr().err
-    assert code == 1 and "Traceback" not in err
-    assert "fake.safetensors" in err and "no backend could run" in err
+    assert code == 2 and "Traceback" not in err
+    # The file is unusable whichever backend runs it: the reason leads, whole, with no backend list.
+    assert f"\nerror: {fake}: not a readable safetensors file" in "\n" + err and "\u2026" not in err
+    assert "no backend could run" not in err
+
+
+def test_a_corrupt_checkpoint_under_auto_leads_with_the_reason(assets, tmp_path, capsys):
+    from app import cli
+
+    fake = garbage(str(tmp_path / "fake.safetensors"))
+    code = cli.main([assets["clip"], "--headless", "--out", str(tmp_path / "o.mp4"), "--weights", fake])
+    err = capsys.readouterr().err
+    assert code == 2 and f"\nerror: {fake}: not a readable safetensors file" in "\n" + err
+    assert "TensorRT" not in err and "\u2026" not in err and not (tmp_path / "o.mp4").exists()
+
+
+def test_an_output_that_cannot_be_created_fails_before_the_model_loads(assets, tmp_path, capsys):
+    from app import cli
+
+    for out, why in ((tmp_path / "no-such-dir" / "o.mp4", "does not exist"), ("/proc/o.mp4", "cannot create files in /proc")):
+        code = cli.main([assets["clip"], "--headless", "--out", str(out), "--weights", assets["ckpt"]])
+        err = capsys.readouterr().err
+        assert code == 2 and f"--out {out}" in err and why in err
+        assert "source:" not in err and "frames before it" not in err  # stopped before the source and the model
 
 
 def test_usage_errors_exit_2(assets):
@@ -153,7 +175,7 @@ def test_no_display_points_at_headless(assets):
     env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY", "QT_QPA_PLATFORM")}
     r = subprocess.run(app_cmd(assets["clip"], "--weights", assets["ckpt"]), cwd=REPO, capture_output=True, text=True,
                        env={**env, "PYTHONPATH": str(REPO)}, timeout=60)
-    assert r.returncode == 1
+    assert r.returncode == 4  # no display: not available here
     assert "no display" in r.stderr and "--headless" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -192,3 +214,15 @@ def test_real_endoscopy_clip(assets, tmp_path):
         s = c.streams.video[0]
         assert (s.width, s.height) == (256, 256)
         assert sum(1 for _ in c.decode(s)) == 60
+
+
+def test_no_backend_can_run_the_model_exits_4(assets, tmp_path):
+    from engines import BackendError
+
+    def nothing_runs(path, backend="auto", device=None, threads=None):
+        raise BackendError(f"{backend} cannot run here (test)")
+
+    res = run_headless(assets["clip"], str(tmp_path / "o.mp4"), model_path=assets["ckpt"], backend="onnxruntime",
+                       backend_factory=nothing_runs, progress=False, log=lambda s: None)
+    assert res.exit_code == 4 and "no backend could run the model" in res.stats["error"]
+    assert not (tmp_path / "o.mp4").exists()

@@ -349,3 +349,40 @@ def test_no_backend_at_all_lists_every_failure():
         open_backend("m.safetensors", "tensorrt", factory=factory)
     for name in ("tensorrt", "onnxruntime", "torch"):
         assert f"{name} is broken" in str(err.value)
+
+
+def test_model_label_names_the_preset_not_the_export_cache_hash():
+    from app.pipeline.inference import ModelInfo, loading_message
+
+    info = ModelInfo("onnxruntime", "/cache/onnx/d8a61c5915e7c511-256-fp32-r3.onnx", (256, 256), 0.5, [], "polyppvt-lite0")
+    assert info.label == "polyppvt-lite0 \u00b7 256\u00b2 \u00b7 onnxruntime"
+    assert ModelInfo("torch", "/x/other.safetensors", (192, 256), 0.5).label == "other.safetensors \u00b7 256x192 \u00b7 torch"
+    assert "exports it to ONNX once" in loading_message("student.safetensors")  # says why the first start is slow
+    assert loading_message("student.onnx") == "Loading model\u2026"
+
+
+def test_an_app_error_in_a_stage_keeps_its_own_words():
+    from app.pipeline.runner import _Worker
+
+    errors = []
+    inbox, outbox = BoundedQueue(2), BoundedQueue(2)
+
+    def fn(item):
+        raise AppError("/x/o.mp4: cannot create the recording (read-only)")
+
+    stage = _Worker("overlay", fn, inbox, outbox, on_error=errors.append)
+    stage.start()
+    inbox.put(Frame(index=0, pts=0.0, image=np.zeros((4, 4, 3), np.uint8), t_capture=0.0))
+    stage.join(5)
+    assert errors == ["/x/o.mp4: cannot create the recording (read-only)"]
+
+
+def test_throughput_words_flag_a_busy_machine_instead_of_a_false_speed_up():
+    from app.pipeline.stats import describe_throughput
+
+    quiet = describe_throughput({"fps": 15.0, "model_only_fps": 17.8, "model_only_ms": 56.0, "inference_ms_p50": 60.0})
+    assert quiet == "15.0 fps end to end (the model alone, timed in bursts during the run: 17.8 fps)"
+    busy = describe_throughput({"fps": 26.0, "model_only_fps": 17.8, "model_only_ms": 56.0, "inference_ms_p50": 150.0,
+                                "inference_busy_pct": 99})
+    assert "1.46x" in busy and "too busy for these figures to mean much" in busy and "150 ms per frame" in busy
+    assert "\u00d7 model-only" not in busy and describe_throughput({"fps": 20.0}) == "20.0 fps end to end"

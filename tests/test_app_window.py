@@ -75,7 +75,7 @@ def test_window_plays_and_shows_disclaimer_model_and_readouts(qtbot, window, ass
     assert DISCLAIMER in win.windowTitle() and win.disclaimer.text() == DISCLAIMER
     assert win.open_source(assets["clip"])
     qtbot.waitUntil(lambda: win.ended, timeout=WAIT_MS)
-    assert "torch" in win.model_label.text() and "128x128" in win.model_label.text()
+    assert "torch" in win.model_label.text() and "polyppvt-lite0 \u00b7 128\u00b2" in win.model_label.text()  # preset, not a file hash
     stats = win.pipeline.stats.summary()
     assert stats["frames_in"] == 30 and stats["frames_out"] + stats["dropped"] == 30
     win._update_readout()

@@ -16,6 +16,7 @@ import threading
 import numpy as np
 import pytest
 
+import engines
 from engines import BackendError, load_backend
 from engines.cli_common import EXIT_UNAVAILABLE, EXIT_USAGE, EXIT_VERIFY, VerifyError, run
 from engines.export import REVISION
@@ -167,6 +168,7 @@ def test_auto_order_falls_through_to_torch(ckpt, monkeypatch):
     from engines.backends import onnxruntime_backend, tensorrt_backend
 
     monkeypatch.setattr(tensorrt_backend, "why_unavailable", lambda device=None: "no GPU here (test)")
+    monkeypatch.setattr(engines, "has_nvidia_gpu", lambda: True)  # a GPU is there: its reason is shown as is
 
     def broken(*a, **k):
         raise BackendError("onnxruntime broken (test)")
@@ -211,8 +213,8 @@ def test_truncated_onnx_is_a_clear_error(onnx_path, tmp_path):
     bad.write_bytes(open(onnx_path, "rb").read()[:5000])
     with pytest.raises(BackendError, match="truncated.onnx"):
         load_backend(str(bad), backend="onnxruntime")
-    with pytest.raises(BackendError, match="no backend could run"):
-        load_backend(str(bad))
+    with pytest.raises(engines.ModelFileError, match=r"truncated.onnx: not a readable ONNX file"):
+        load_backend(str(bad))  # auto: the file's own problem, not a list of backends
 
 
 def test_garbage_and_foreign_onnx(tmp_path):
@@ -272,6 +274,24 @@ def test_checkpoint_with_wrong_weights(tmp_path, ckpt):
     save_file(tensors, str(bad), metadata=meta)
     with pytest.raises(BackendError, match="do not fit preset"):
         load_backend(str(bad), backend="torch")
+
+
+def test_corrupt_checkpoint_under_auto_names_the_file_problem_not_the_backends(tmp_path):
+    from engines import ModelFileError
+
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(os.urandom(4096))
+    with pytest.raises(ModelFileError) as info:
+        load_backend(str(bad))
+    text = str(info.value)
+    assert text.startswith(f"{bad}: not a readable safetensors file") and "skipped" not in text and "TensorRT" not in text
+
+
+def test_auto_without_nvidia_gpu_skips_tensorrt_without_install_hint(onnx_path, monkeypatch):
+    monkeypatch.setattr(engines, "has_nvidia_gpu", lambda: False)
+    b = load_backend(onnx_path)
+    assert "tensorrt skipped: no NVIDIA GPU on this machine (TensorRT needs one)" in b.notes
+    assert not any("pip install" in n for n in b.notes)
 
 
 # ---------------------------------------------------------------- verify rules
@@ -758,7 +778,7 @@ def test_bench_json(onnx_path, tmp_path):
     from engines.bench import main
 
     out = tmp_path / "bench.json"
-    assert run(main, ["--model", onnx_path, "--backend", "onnxruntime", "--runs", "3", "--warmup", "1", "--json", str(out)]) == 0
+    assert run(main, ["--weights", onnx_path, "--backend", "onnxruntime", "--runs", "3", "--warmup", "1", "--json", str(out)]) == 0
     doc = json.loads(out.read_text())
     assert doc["backend"] == "onnxruntime"
     assert 0 < doc["latency_ms_p50"] <= doc["latency_ms_p95"]
@@ -769,12 +789,30 @@ def test_bench_compare_json(onnx_path, tmp_path):
     from engines.bench import main
 
     out = tmp_path / "compare.json"
-    argv = ["--compare", "--model", onnx_path, "--backend", "onnxruntime,torch", "--device", "cpu", "--runs", "2", "--warmup", "0", "--batch", "2", "--json", str(out)]
+    argv = ["--compare", "--weights", onnx_path, "--backend", "onnxruntime,torch", "--device", "cpu", "--runs", "2", "--warmup", "0", "--batch-size", "2", "--json", str(out)]
     assert run(main, argv) == 0
     results = json.loads(out.read_text())["results"]
     assert [r["backend"] for r in results] == ["onnxruntime", "torch"]
     assert results[0]["ratio_p50_to_first"] == 1.0
     assert all(r["batch"] == 2 and r["runs"] == 2 and r["latency_ms_p50"] > 0 for r in results)
+
+
+def test_bench_old_spellings_still_work_and_warn(onnx_path, capsys):
+    from engines.bench import parse_args
+
+    args = parse_args(["--compare", "--model", onnx_path, "--model", "preset:polyppvt-lite0", "--model", "polyppvt-b0", "--batch", "2"])
+    assert args.model == [onnx_path, "preset:polyppvt-lite0", "preset:polyppvt-b0"] and args.batch == 2
+    err = capsys.readouterr().err
+    assert f"--model {onnx_path} is deprecated" in err and f"use --weights {onnx_path}" in err
+    assert "use --model polyppvt-lite0" in err and "--batch is deprecated" in err and "use --batch-size" in err
+    assert "--model polyppvt-b0 is deprecated" not in err  # the new spelling says nothing
+
+
+def test_bench_help_lists_only_exit_codes_it_can_return():
+    from engines.bench import EPILOG
+
+    codes = [line.split()[0] for line in EPILOG.split("exit status")[1].splitlines()[1:] if line.strip()]
+    assert codes == ["0", "1", "2", "4", "130"]
 
 
 # ---------------------------------------------------------------- CLI exit codes
@@ -794,7 +832,7 @@ def test_build_cli_user_errors(tmp_path, ckpt):
         assert not os.path.exists(tmp_path / "trt")
         from engines.bench import main as bench_main
 
-        assert run(bench_main, ["--model", ckpt, "--backend", "tensorrt"]) == EXIT_UNAVAILABLE
+        assert run(bench_main, ["--weights", ckpt, "--backend", "tensorrt"]) == EXIT_UNAVAILABLE
 
 
 def test_verify_failure_exit_code():
@@ -825,7 +863,7 @@ def test_cache_dir_override(tmp_path, monkeypatch):
 def test_bench_argument_errors_exit_2(onnx_path):
     from engines.bench import main
 
-    for argv in ([], ["--model", onnx_path, "--backend", "tflite"], ["--model", onnx_path, "--model", onnx_path], ["--model", onnx_path, "--runs", "0"]):
+    for argv in ([], ["--weights", onnx_path, "--backend", "tflite"], ["--weights", onnx_path, "--weights", onnx_path], ["--weights", onnx_path, "--runs", "0"]):
         with pytest.raises(SystemExit) as exc:
             run(main, argv)
         assert exc.value.code == 2, argv

@@ -13,8 +13,11 @@ import numpy as np
 import pytest
 
 from engines.backends.tensorrt_backend import why_unavailable
+from engines.trt_common import NO_GPU_REASON, has_nvidia_gpu
 
 REASON = why_unavailable()
+if REASON is not None and not has_nvidia_gpu():
+    REASON = NO_GPU_REASON  # the install hint is for machines that could use it
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(REASON is not None, reason=f"TensorRT path needs TensorRT + cuda-python + a GPU: {REASON}")]
 
 SIZE = 128

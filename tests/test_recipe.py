@@ -32,7 +32,7 @@ def syn(tmp_path_factory) -> Path:
     from kdas_core.data import synthetic
 
     out = tmp_path_factory.mktemp("syn") / "data"
-    synthetic.main(["--out", str(out), "--train", "16", "--test", "4", "--size", "64", "--seed", "5"])
+    synthetic.main(["--out", str(out), "--train", "16", "--test", "4", "--image-size", "64", "--seed", "5"])
     return out
 
 

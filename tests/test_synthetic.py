@@ -16,7 +16,7 @@ def _tree_bytes(root):
 
 def test_cli_writes_pranet_layout(tmp_path, capsys):
     out = tmp_path / "synth"
-    assert main(["--out", str(out), "--train", "5", "--test", "3", "--size", "64", "--seed", "1"]) == 0
+    assert main(["--out", str(out), "--train", "5", "--test", "3", "--image-size", "64", "--seed", "1"]) == 0
     layout = resolve_layout(out)  # the project's own reader accepts it
     assert layout.kind == "pranet"
     assert len(layout.train) == 5
@@ -30,22 +30,23 @@ def test_cli_writes_pranet_layout(tmp_path, capsys):
 
 
 def test_cli_is_deterministic_per_seed_and_prefix_stable(tmp_path):
-    args = ["--train", "4", "--test", "2", "--size", "48"]
+    args = ["--train", "4", "--test", "2", "--image-size", "48"]
     for name, seed in (("a", "7"), ("b", "7"), ("c", "8")):
         assert main(["--out", str(tmp_path / name), "--seed", seed, *args]) == 0
     a, b, c = (_tree_bytes(tmp_path / n) for n in "abc")
     assert a == b
     assert a.keys() == c.keys() and all(a[k] != c[k] for k in a if k.endswith(".jpg"))
     # frame i does not depend on how many frames were asked for
-    assert main(["--out", str(tmp_path / "short"), "--seed", "7", "--train", "2", "--test", "0", "--size", "48"]) == 0
+    assert main(["--out", str(tmp_path / "short"), "--seed", "7", "--train", "2", "--test", "0", "--image-size", "48"]) == 0
     short = _tree_bytes(tmp_path / "short")
     assert short and all(short[k] == a[k] for k in short)
     assert not (tmp_path / "short" / "TestDataset").exists()
 
 
 def test_cli_rejects_tiny_size_and_teaches_in_help(tmp_path, capsys):
-    assert main(["--out", str(tmp_path / "x"), "--size", "8"]) == 2
-    assert "--size" in capsys.readouterr().err
+    assert main(["--out", str(tmp_path / "x"), "--size", "8"]) == 2  # the old spelling still works (with a notice)
+    err = capsys.readouterr().err
+    assert "--image-size must be at least 32" in err and "--size is deprecated" in err
     with pytest.raises(SystemExit) as exc:
         main(["--help"])
     assert exc.value.code == 0

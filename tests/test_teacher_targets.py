@@ -28,7 +28,7 @@ def setup(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("tt")
     data = root / "data"
-    synthetic.main(["--out", str(data), "--train", "6", "--test", "2", "--size", "64", "--seed", "2"])
+    synthetic.main(["--out", str(data), "--train", "6", "--test", "2", "--image-size", "64", "--seed", "2"])
     torch.manual_seed(0)
     teacher = create_model("polyppvt-lite0").eval()
     path = root / "teacher.safetensors"

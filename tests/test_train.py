@@ -24,7 +24,7 @@ def synthetic(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("syn") / "data"
     from kdas_core.data import synthetic
 
-    assert synthetic.main(["--out", str(out), "--train", "24", "--test", "6", "--size", "64", "--seed", "3"]) in (0, None)
+    assert synthetic.main(["--out", str(out), "--train", "24", "--test", "6", "--image-size", "64", "--seed", "3"]) in (0, None)
     return out
 
 
@@ -85,10 +85,36 @@ def test_time_limit_pauses_at_an_epoch_boundary_and_resume_finishes(synthetic, t
     assert "paused at epoch 1" in out and "--resume" in out
     assert read_metadata(str(run / "last.safetensors"))["epoch"] == 1
     assert train.main([*args, "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "resumed at epoch 2: epochs 2..3" in out and "init: resumed from" in out and "after epoch 1" in out
+    assert "starts again from its beginning" in out  # a partly done epoch is redone, and the log says so
     assert read_metadata(str(run / "last.safetensors"))["epoch"] == 3
     assert len((run / "log.csv").read_text().strip().splitlines()) == 1 + 3
+    assert train.main([*args, "--resume"]) == 0  # finished: says so instead of "epochs 4..3"
+    out = capsys.readouterr().out
+    assert "all 3 epochs already done: nothing to train" in out and "4..3" not in out
     with pytest.raises(SystemExit):  # argparse: must be > 0
         train.main([*args, "--time-limit", "0"])
+
+
+def test_a_log_gets_one_line_per_epoch_not_progress_bars(synthetic, tmp_path):
+    """stderr/stdout are pipes here (as under nohup or SLURM): no tqdm redraws, one [kdas] line per epoch."""
+    args = [a for a in FAST if a != "--no-progress"]
+    cmd = [sys.executable, "-m", "kdas_core.train", "--model", "polyppvt-lite0", "--data", str(synthetic),
+           "--out", str(tmp_path / "r"), "--epochs", "2", *args]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 0, r.stderr
+    assert "\r" not in r.stderr and "batch/s" not in r.stderr and "it/s" not in r.stderr
+    assert [line.split()[1] for line in r.stdout.splitlines() if line.startswith("[kdas] epoch=")] == ["epoch=1", "epoch=2"]
+
+
+def test_a_failed_start_leaves_no_empty_out_folder(synthetic, tmp_path, capsys):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"junk")
+    out = tmp_path / "student"
+    assert distill.main(["--teacher", str(bad), "--model", "polyppvt-lite0", "--data", str(synthetic),
+                         "--out", str(out), *FAST]) == 2
+    assert not out.exists()
 
 
 def test_distill_kdas_then_evaluate(synthetic, teacher_run, tmp_path):

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import AppError
 from .channels import Closed
-from .inference import ModelInfo, _default_factory, open_backend
+from .inference import ModelInfo, _default_factory, open_backend, preset_of
 from .items import Frame
 from .preprocess import resize_for_model
 
@@ -85,7 +85,7 @@ class CompareStage(threading.Thread):
                                  threads=self.threads, notice=self.events.notice)
                 self._backend = b
                 self.info = ModelInfo(b.name, str(getattr(b, "path", path)), tuple(b.input_size), float(b.threshold),
-                                      list(getattr(b, "notes", []) or []))
+                                      list(getattr(b, "notes", []) or []), preset_of(b))
             except AppError as exc:
                 self.events.notice(f"compare model not loaded: {exc}")
         self.loaded.set()

@@ -20,6 +20,8 @@ from typing import Callable
 
 import numpy as np
 
+from kdas_core.cli_conventions import EXIT_FAILURE, EXIT_UNAVAILABLE
+
 from ..errors import AppError
 from .channels import Closed
 from .items import EndOfStream, Frame
@@ -35,11 +37,26 @@ class ModelInfo:
     input_size: tuple[int, int]  # (H, W)
     threshold: float
     notes: list[str] = field(default_factory=list)
+    preset: str | None = None  # from the model's metadata; the file name when it has none
 
     @property
     def label(self) -> str:
+        """e.g. 'polyppvt-lite0 \u00b7 256\u00b2 \u00b7 onnxruntime' (the export cache's hash names nothing)."""
         h, w = self.input_size
-        return f"{self.backend} \u00b7 {_short(self.path)} \u00b7 {w}x{h}"
+        size = f"{w}\u00b2" if w == h else f"{w}x{h}"
+        return f"{self.preset or _short(self.path)} \u00b7 {size} \u00b7 {self.backend}"
+
+
+def loading_message(model_path: str) -> str:
+    """What the window shows until the model runs: a checkpoint's first start exports it to ONNX."""
+    if str(model_path).lower().endswith(".safetensors"):
+        return ("Loading model\u2026\nThe first start with a checkpoint exports it to ONNX once "
+                "(up to a minute on a CPU); later starts reuse that export.")
+    return "Loading model\u2026"
+
+
+def preset_of(backend) -> str | None:
+    return (getattr(backend, "meta", None) or {}).get("preset")
 
 
 def _short(path: str) -> str:
@@ -78,6 +95,8 @@ def open_backend(path: str, requested: str, *, factory: Callable = _default_fact
             backend.predict(np.zeros((1, h, w, 3), np.uint8))
             return backend
         except Exception as exc:  # BackendError, or whatever a broken runtime raises
+            if _is_file_error(exc):  # the file itself is unusable: no fallback can help, say why first
+                raise AppError(str(exc)) from exc
             actual = getattr(backend, "name", None) or name
             if backend is not None:
                 try:
@@ -85,7 +104,7 @@ def open_backend(path: str, requested: str, *, factory: Callable = _default_fact
                 except Exception:
                     pass
             tried.update({name, actual})
-            errors.append(f"{actual}: {_oneline(exc)}")
+            errors.append(f"{actual}: {_whole(exc)}")
             if device != "cpu" and _sticky(exc):  # this process's CUDA context is gone: CPU only from here
                 device = "cpu"
                 tried.add("tensorrt")
@@ -95,7 +114,20 @@ def open_backend(path: str, requested: str, *, factory: Callable = _default_fact
             chain = [b for b in chain if b not in tried]
             if chain:
                 notice(f"{actual} backend failed ({_oneline(exc)}); falling back to {chain[0]}")
-    raise AppError(f"{path}: no backend could run the model:\n  " + "\n  ".join(errors))
+    if len(errors) == 1 and errors[0].startswith(f"auto: {path}: "):  # engines already listed each backend
+        raise AppError(errors[0][len("auto: "):], EXIT_UNAVAILABLE)
+    raise AppError(f"{path}: no backend could run the model:\n  " + "\n  ".join(errors), EXIT_UNAVAILABLE)
+
+
+def _is_file_error(exc: BaseException) -> bool:
+    from engines import ModelFileError
+
+    return isinstance(exc, ModelFileError)
+
+
+def _whole(exc: BaseException) -> str:
+    """The full message, continuation lines indented under the backend's name (never cut)."""
+    return "\n    ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
 
 
 def _sticky(exc: BaseException) -> bool:
@@ -135,6 +167,7 @@ class InferenceStage(threading.Thread):
         self._recent_inputs: list[np.ndarray] = []  # a few real inputs for the model-only benchmark
         self._backend = None
         self._halt = threading.Event()
+        self.failed_exit_code: int | None = None
 
     def stop(self) -> None:
         self._halt.set()
@@ -144,6 +177,7 @@ class InferenceStage(threading.Thread):
             self._load(self.requested, skip=())
         except AppError as exc:
             self.failed = str(exc)
+            self.failed_exit_code = exc.exit_code  # e.g. 4: no backend could run the model here
             self.ready.set()
             self.events.fatal(str(exc))
             return
@@ -180,7 +214,7 @@ class InferenceStage(threading.Thread):
                                      threads=self.threads, notice=self.events.notice, skip=skip)
         b = self._backend
         self.info = ModelInfo(b.name, str(getattr(b, "path", self.model_path)), tuple(b.input_size),
-                              float(b.threshold), list(getattr(b, "notes", []) or []))
+                              float(b.threshold), list(getattr(b, "notes", []) or []), preset_of(b))
         self.ready.set()
         self.events.model_ready(self.info)
 
@@ -204,7 +238,8 @@ class InferenceStage(threading.Thread):
                 self.device = "cpu"
                 nxt = [b for b in nxt if b != "tensorrt"]
             if not nxt:
-                raise AppError(f"{self.model_path}: the {failed} backend failed while running: {_oneline(exc)}") from exc
+                raise AppError(f"{self.model_path}: the {failed} backend failed while running: {_oneline(exc)}",
+                               EXIT_FAILURE) from exc
             self._load(nxt[0], skip=tuple(ORDER[: ORDER.index(failed) + 1]))
             return self._infer(frame)
         ms = (time.perf_counter() - t0) * 1000.0

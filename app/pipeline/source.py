@@ -112,9 +112,9 @@ class VideoFileReader:
                 self._check_complete()
                 return None
             except av.FFmpegError as exc:
+                done = f"the {self._decoded} frames before it were processed" if self._decoded else "no frame could be decoded"
                 raise AppError(
-                    f"{self.path}: corrupt or truncated video data after frame {self._decoded} ({_why(exc)}); "
-                    "the frames before it were processed"
+                    f"{self.path}: corrupt or truncated video data after frame {self._decoded} ({_why(exc)}); {done}"
                 ) from exc
             t = (float(frame.time) if frame.time is not None else self._decoded / self.fps) - self._start
             if self._skip_until is not None:
@@ -135,7 +135,7 @@ class VideoFileReader:
         if not self._seeked and self.declared_frames and self._decoded < self.declared_frames - 1:
             raise AppError(
                 f"{self.path}: truncated: only {self._decoded} of the {self.declared_frames} frames its header "
-                "announces could be decoded; the frames before the cut were processed"
+                "announces could be decoded" + ("; the frames before the cut were processed" if self._decoded else "")
             )
 
     def seek(self, seconds: float) -> None:
@@ -191,6 +191,8 @@ def new_frame(image, index: int, pts: float | None, epoch: int = 0) -> Frame:
 def _open_v4l2(device):
     import cv2
 
+    # OpenCV's own "[ WARN:0@...]" lines would come before our message naming the camera: errors only.
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
     if sys.platform.startswith("linux"):
         return cv2.VideoCapture(device, cv2.CAP_V4L2)
     return cv2.VideoCapture(device)

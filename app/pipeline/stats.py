@@ -170,3 +170,25 @@ class RunStats:
 
 def _r(v: float | None) -> float | None:
     return None if v is None else round(v, 3)
+
+
+def describe_throughput(stats: dict) -> str:
+    """The end-of-run figures in words. The pipeline's fps and the bare model's (bursts of
+    predict() calls during the same run) are two measurements; when they disagree in a way that
+    cannot hold on a quiet machine, say so rather than print a ratio that reads as a speed-up."""
+    text = f"{stats['fps']:.1f} fps end to end"
+    mo_fps, mo_ms, inf_ms = stats.get("model_only_fps"), stats.get("model_only_ms"), stats.get("inference_ms_p50")
+    if mo_fps:
+        text += f" (the model alone, timed in bursts during the run: {mo_fps:.1f} fps"
+        if stats.get("inference_busy_pct"):
+            text += f"; model busy {stats['inference_busy_pct']}% of the time"
+        text += ")"
+        busy = []
+        if stats["fps"] > 1.1 * mo_fps:
+            busy.append(f"the pipeline ran {stats['fps'] / mo_fps:.2f}x the model-alone rate, which a quiet "
+                        "machine cannot do: the bursts were slowed by other load")
+        if mo_ms and inf_ms and inf_ms > 2 * mo_ms:
+            busy.append(f"inference took {inf_ms:.0f} ms per frame in the pipeline against {mo_ms:.0f} ms alone")
+        if busy:
+            text += "; the machine was too busy for these figures to mean much (" + "; ".join(busy) + ")"
+    return text

@@ -8,6 +8,8 @@ import socket
 import subprocess
 import sys
 
+from kdas_core.cli_conventions import EXIT_UNAVAILABLE
+
 from ..errors import AppError
 
 NO_DISPLAY_HELP = (
@@ -23,19 +25,19 @@ def check_display() -> None:
     if platform.split(":")[0] in ("offscreen", "minimal", "vnc", "eglfs", "linuxfb"):
         return  # explicitly asked for a platform that needs no desktop session
     if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
-        raise AppError("no display available (neither DISPLAY nor WAYLAND_DISPLAY is set); " + NO_DISPLAY_HELP)
+        raise AppError("no display available (neither DISPLAY nor WAYLAND_DISPLAY is set); " + NO_DISPLAY_HELP, EXIT_UNAVAILABLE)
     if sys.platform.startswith("linux"):
         # Qt aborts when its platform plugin cannot connect or load: probe in a child process.
         probe = "import sys\nfrom PyQt6.QtWidgets import QApplication\nQApplication(sys.argv[:1])\n"
         try:
             r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=30)
         except subprocess.TimeoutExpired:
-            raise AppError("the display does not answer (Qt start-up timed out); " + NO_DISPLAY_HELP) from None
+            raise AppError("the display does not answer (Qt start-up timed out); " + NO_DISPLAY_HELP, EXIT_UNAVAILABLE) from None
         if r.returncode != 0:
             lines = [ln for ln in (r.stderr or "").splitlines() if ln.strip()]
             why = " / ".join(lines[-3:]) if lines else f"exit status {r.returncode}"
             raise AppError(f"Qt cannot open a window on display {os.environ.get('DISPLAY') or os.environ.get('WAYLAND_DISPLAY')!r}: "
-                           f"{why}\n  " + NO_DISPLAY_HELP)
+                           f"{why}\n  " + NO_DISPLAY_HELP, EXIT_UNAVAILABLE)
 
 
 class _SignalBridge:

@@ -29,7 +29,7 @@ from .. import DISCLAIMER
 from ..errors import AppError
 from ..pipeline.analysis import AnalysisSettings
 from ..pipeline.frames_csv import FramesCsv
-from ..pipeline.inference import ModelInfo
+from ..pipeline.inference import ModelInfo, loading_message
 from ..pipeline.items import EndOfStream
 from ..pipeline.overlay import OverlaySettings
 from ..pipeline.runner import Pipeline
@@ -116,7 +116,7 @@ class MainWindow(QMainWindow):
         self._readout_timer = QTimer(self, interval=500, timeout=self._update_readout)
         self._readout_timer.start()
         self._seek_timer = QTimer(self, singleShot=True, interval=60, timeout=self._do_seek)
-        self.video.set_message("Loading model\u2026")
+        self.video.set_message(loading_message(self.model_path))
         self.pipeline.start()
 
     # ------------------------------------------------------------------ UI construction
@@ -303,7 +303,7 @@ class MainWindow(QMainWindow):
         self.play_button.setEnabled(True)
         self.play_button.setText("Pause")
         self.pipeline.open(reader)
-        self.video.set_message("" if self.info else "Loading model\u2026")
+        self.video.set_message("" if self.info else loading_message(self.model_path))
         self.statusBar().showMessage(f"Playing {reader.description}", 5000)
         self.setWindowTitle(f"{reader.description} \u2014 KDAS polyp viewer \u2014 {DISCLAIMER}")
         return True

@@ -70,9 +70,11 @@ class VideoWidget(QWidget):
             font.setPointSizeF(max(11.0, self.height() / 28))
             font.setBold(True)
             p.setFont(font)
-            box = p.fontMetrics().boundingRect(self._message).adjusted(-14, -8, 14, 8)
+            flags = Qt.AlignmentFlag.AlignCenter | Qt.TextFlag.TextWordWrap  # several lines fit too
+            box = p.fontMetrics().boundingRect(self.rect().adjusted(20, 0, -20, 0), int(flags), self._message)
+            box = box.adjusted(-14, -8, 14, 8)
             box.moveCenter(self.rect().center())
             p.fillRect(box, QColor(0, 0, 0, 170))
             p.setPen(QColor(255, 220, 80))
-            p.drawText(box, Qt.AlignmentFlag.AlignCenter, self._message)
+            p.drawText(box, int(flags), self._message)
         p.end()

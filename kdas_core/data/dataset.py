@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..cli_conventions import name_some
 from .transforms import TrainAugment, to_tensor
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"}
@@ -53,9 +54,9 @@ def find_pairs(folder: str | os.PathLike) -> list[Pair]:
     no_image = sorted(set(masks) - set(images))
     problems = []
     if no_mask:
-        problems.append(f"{len(no_mask)} image(s) without a mask in {mask_dir}: " + ", ".join(images[s].name for s in no_mask[:8]))
+        problems.append(f"{len(no_mask)} image(s) without a mask in {mask_dir}: " + name_some(images[s].name for s in no_mask))
     if no_image:
-        problems.append(f"{len(no_image)} mask(s) without an image in {img_dir}: " + ", ".join(masks[s].name for s in no_image[:8]))
+        problems.append(f"{len(no_image)} mask(s) without an image in {img_dir}: " + name_some(masks[s].name for s in no_image))
     if problems:
         raise DatasetError("; ".join(problems))
     return [(str(images[s]), str(masks[s])) for s in sorted(images)]
@@ -247,7 +248,9 @@ class EvalDataset(Dataset):
 
 
 def _maybe_progress(it, enabled: bool, desc: str):
-    if not enabled:
+    from ..cli_conventions import bars_wanted
+
+    if not bars_wanted(enabled):
         return it
     from tqdm.auto import tqdm
 

@@ -338,6 +338,8 @@ def _positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ..cli_conventions import add_deprecated_alias
+
     p = argparse.ArgumentParser(
         prog="python -m kdas_core.data.synthetic",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -353,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         epilog=(
             "examples:\n"
-            "  python -m kdas_core.data.synthetic --out /tmp/synth --train 64 --test 16 --size 128\n"
+            "  python -m kdas_core.data.synthetic --out /tmp/synth --train 64 --test 16 --image-size 128\n"
             "  python -m kdas_core.train --data /tmp/synth ...      # any tool that takes a PraNet root\n"
             "  python -m kdas_core.evaluate --weights ckpt.safetensors --data /tmp/synth\n\n"
             "Python: kdas_core.data.synthetic.render_frame(rng, size) and\n"
@@ -364,16 +366,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train", type=_positive_int, default=64, help="number of training frames (default: %(default)s)")
     p.add_argument("--test", type=_positive_int, default=16,
                    help="number of frames in TestDataset/Synthetic; 0 writes no test set (default: %(default)s)")
-    p.add_argument("--size", type=int, default=256, help="frame side in pixels, square (default: %(default)s)")
+    p.add_argument("--image-size", dest="size", type=int, default=256, metavar="S",
+                   help="frame side in pixels, square (default: %(default)s)")
+    add_deprecated_alias(p, "--size", "--image-size", "size", type=int)
     p.add_argument("--seed", type=int, default=0, help="random seed; same seed -> identical files (default: %(default)s)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ..cli_conventions import EXIT_USAGE
+
     args = build_parser().parse_args(argv)
     if args.size < 32:
-        print(f"error: --size must be at least 32 pixels, got {args.size}", file=sys.stderr)
-        return 2
+        print(f"error: --image-size must be at least 32 pixels, got {args.size}", file=sys.stderr)
+        return EXIT_USAGE
     start = time.perf_counter()
     out = Path(args.out)
     n_pos = write_split(out / "TrainDataset", args.train, args.size, args.seed, _STREAM_TRAIN, "train")

@@ -22,7 +22,7 @@ import os
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
-from ..models import PRESETS, list_models
+from ..presets import PRESETS, list_models
 
 
 def positive_int(s: str) -> int:

@@ -7,6 +7,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from ..cli_conventions import UnavailableError
+
 
 def setup(device_choice: str | None) -> tuple[torch.device, int, int]:
     """(device, rank, world_size). Initialises the process group when launched by torchrun."""
@@ -14,7 +16,7 @@ def setup(device_choice: str | None) -> tuple[torch.device, int, int]:
     rank = int(os.environ.get("RANK", "0"))
     want_cuda = device_choice == "cuda" or (device_choice is None and torch.cuda.is_available())
     if want_cuda and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda asked for, but PyTorch sees no CUDA GPU here; use --device cpu")
+        raise UnavailableError("--device cuda asked for, but PyTorch sees no CUDA GPU here; use --device cpu")
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if want_cuda else "gloo")
     if want_cuda:

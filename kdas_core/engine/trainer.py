@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
+from ..cli_conventions import bars_wanted
 from ..checkpoint import build_metadata, file_sha256, load_checkpoint, read_tensors, save_checkpoint
 from ..data.dataset import TrainDataset, resolve_layout, split_by_groups, subset_pairs
 from ..losses import build_distillers, structure_loss
@@ -173,6 +174,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     started = time.time()
     device, rank, world = distributed.setup(cfg.device)
     is_main = rank == 0
+    created_out = None
     try:
         preset = resolve(cfg.model)
         size = cfg.image_size or preset.input_size
@@ -188,6 +190,8 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         if cfg.subset:
             train_pairs = subset_pairs(train_pairs, cfg.subset)
 
+        if not os.path.isdir(cfg.out):
+            created_out = cfg.out  # removed again if the run fails before writing anything into it
         os.makedirs(cfg.out, exist_ok=True)
         last_path = os.path.join(cfg.out, "last.safetensors")
         best_path = os.path.join(cfg.out, "best.safetensors")
@@ -242,13 +246,17 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
             student.load_state_dict(weights)
             progress = {"wall_seconds": 0.0, **load_train_state(state_path, optimizer, distillers, scaler)}
             pretrained_desc = meta.get("pretrained", pretrained_desc)
+            init_desc = (f"resumed from {last_path} after epoch {progress['epoch']}; "
+                         f"first init {pretrained_desc}")
+        else:
+            init_desc = pretrained_desc
 
         wrapped: nn.Module = step_module
         if world > 1:
             wrapped = DistributedDataParallel(step_module, find_unused_parameters=bool(list(distillers.parameters())))
 
         dataset = TrainDataset(train_pairs, size, mean, std, augment=cfg.augment, cache=cfg.cache_images,
-                               progress=cfg.progress and is_main, targets=stored if cached is not None else None)
+                               progress=bars_wanted(cfg.progress and is_main), targets=stored if cached is not None else None)
         drop_last = len(dataset) >= cfg.batch_size * world * 2
         per_rank = math.ceil(len(dataset) / world)
         batches_per_epoch = per_rank // cfg.batch_size if drop_last else math.ceil(per_rank / cfg.batch_size)
@@ -278,10 +286,10 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
                            "teachers": teacher_info, "data": data_info}}, f, indent=2)
             log = RunLog(cfg.out, cfg.resume)
             print(f"[kdas] {cfg.model} ({n_params / 1e6:.2f} M params, init: "
-                  f"{pretrained_desc}) on {device}, {split.describe()}"
+                  f"{init_desc}) on {device}, {split.describe()}"
                   f"{f' (then --subset {cfg.subset}: {len(train_pairs)} train)' if cfg.subset else ''}; "
                   f"{layout.describe_tests()}; {size}px, recipe {cfg.recipe}, kd={cfg.kd}, "
-                  f"epochs {progress['epoch'] + 1}..{cfg.epochs}", flush=True)
+                  f"{_epochs_plan(progress['epoch'], cfg.epochs, cfg.resume)}", flush=True)
 
         longest_epoch = 0.0
         setup_seconds = time.time() - started  # model, data split and image cache: part of the wall time
@@ -366,7 +374,8 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
                 is_last = epoch + 1 == cfg.epochs
                 if val_pairs and ((epoch + 1) % cfg.val_every == 0 or is_last):
                     summary, _ = evaluate_pairs(student, val_pairs, size, mean, std, cfg.threshold, str(device),
-                                                batch_size=max(1, cfg.batch_size // 2), desc="validate", progress=cfg.progress)
+                                                batch_size=max(1, cfg.batch_size // 2), desc="validate",
+                                                progress=bars_wanted(cfg.progress))
                     val_metrics = {k: float(summary[k]) for k in ("mDice", "mIoU", "mDice_mean256", "MAE") if k in summary}
                     row.update({f"val_{k}": v for k, v in val_metrics.items()})
                     improved = val_metrics["mDice"] > progress["best_score"]
@@ -402,12 +411,32 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         return {"is_main": is_main, "out": cfg.out, "best": best_path, "last": last_path, "best_val_mDice": progress["best_score"],
                 "best_epoch": progress["best_epoch"], "train_seconds": progress["train_seconds"],
                 "params": n_params, "epoch": progress["epoch"], "finished": progress["epoch"] >= cfg.epochs}
+    except BaseException:
+        if created_out and os.path.isdir(created_out) and not os.listdir(created_out):
+            try:
+                os.rmdir(created_out)  # a failed start leaves no empty --out folder behind
+            except OSError:
+                pass  # another rank was first
+        raise
     finally:
         distributed.cleanup()
 
 
+def _epochs_plan(done: int, epochs: int, resumed: bool) -> str:
+    """What this run will do, in words ("epochs 1..8", "resumed: epochs 4..8", "nothing to do")."""
+    if done >= epochs:
+        return (f"all {epochs} epochs already done: nothing to train (give a larger --epochs with --resume "
+                "to train on)")
+    if resumed:
+        return (f"resumed at epoch {done + 1}: epochs {done + 1}..{epochs} (state is saved at each epoch's end, "
+                f"so an epoch interrupted midway starts again from its beginning)")
+    return f"epochs 1..{epochs}"
+
+
 def _progress(loader, total: int, desc: str, enabled: bool):
-    if not enabled:
+    from ..cli_conventions import bars_wanted
+
+    if not bars_wanted(enabled):  # a log file gets the one "[kdas] epoch ..." line per epoch instead
         return loader
     from tqdm.auto import tqdm
 

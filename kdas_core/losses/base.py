@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ..kd_methods import KD_METHODS
+
 
 class Distiller(nn.Module):
     """Base class. Subclasses set `name`, a one-line `summary`, and implement `forward`."""
@@ -37,6 +39,7 @@ _REGISTRY: dict[str, type[Distiller]] = {}
 
 
 def register(cls: type[Distiller]) -> type[Distiller]:
+    cls.summary = KD_METHODS[cls.name]  # one home for the summaries: the torch-free catalog
     _REGISTRY[cls.name] = cls
     return cls
 
@@ -44,7 +47,7 @@ def register(cls: type[Distiller]) -> type[Distiller]:
 def available() -> dict[str, str]:
     """name -> one-line summary, for --help."""
     _import_all()
-    return {"none": "no distillation: the student learns from the masks alone", **{k: v.summary for k, v in sorted(_REGISTRY.items())}}
+    return {"none": KD_METHODS["none"], **{k: v.summary for k, v in sorted(_REGISTRY.items())}}
 
 
 def parse_kd_spec(spec: str) -> list[tuple[str, float]]:

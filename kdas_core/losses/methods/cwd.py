@@ -24,7 +24,6 @@ LOGITS = ("p1_low", "p2_low")
 @register
 class CWD(Distiller):
     name = "cwd"
-    summary = "channel-wise KD: KL of per-channel spatial softmax (tau=4) on P1/P2 logits and CFM/SAM features (1x1 adapters)"
 
     def __init__(self, student, teachers, weight: float = 1.0, tau: float = 4.0, feature_weight: float = 1.0):
         super().__init__(student, teachers, weight)

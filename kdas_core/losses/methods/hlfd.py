@@ -40,8 +40,6 @@ TEACHER_DECODER = ("cim", "cfm", "sam")
 @register
 class HLFD(Distiller):
     name = "hlfd"
-    summary = ("HLFD: stage 1 <- combined middle stages, stages 2-3 <- deepest (attention p=4); decoder maps <- "
-               "combined decoder maps / output (KL tau=4)")
 
     def __init__(self, student, teachers, weight: float = 1.0, p: float = 4.0, tau: float = 4.0,
                  pixel_weight: float = 0.1, feature_weight: float = 0.9):

@@ -108,13 +108,10 @@ class _KDASBase(Distiller):
 @register
 class KDAS(_KDASBase):
     name = "kdas"
-    summary = ("KDAS, scale-free: SGM on probabilities (P1+P2) + attention KL on standardised logits; "
-               "(1-a)*seg + a*KD, a=0.3, tau=2")
     attn_space, sgm_space = "std", "prob"
 
 
 @register
 class KDASPaper(_KDASBase):
     name = "kdas-paper"
-    summary = "KDAS as published: raw-logit SGM on P1 only + attention KL on P1/P2; (1-a)*seg + a*KD, a=0.3, tau=2"
     sgm_heads = ("p1",)

@@ -92,8 +92,6 @@ def teacher_weights(t_logits: list[torch.Tensor], mask: torch.Tensor, rule: str,
 @register
 class MTKD(Distiller):
     name = "mtkd"
-    summary = ("multi-teacher KD (repeat --teacher, train --subset k/K): Dice+Lovasz replace seg loss, KL to "
-               "Dice-weighted ensemble (tau=4), standardised feature MSE")
 
     seg_weight = 0.0  # Dice + Lovasz below are the supervised loss
 

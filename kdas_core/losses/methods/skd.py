@@ -27,7 +27,6 @@ def pairwise_similarity(x, grid):
 @register
 class SKD(Distiller):
     name = "skd"
-    summary = "structured KD, pair-wise: MSE of cosine-similarity matrices of pooled nodes (<=16x16), last stage and SAM"
 
     def __init__(self, student, teachers, weight: float = 1.0, max_grid: int = 16):
         super().__init__(student, teachers, weight)

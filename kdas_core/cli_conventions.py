@@ -1,0 +1,79 @@
+"""What every KDAS command line shares (kdas_core, engines and app): exit codes, and how an old
+flag spelling keeps working for one release. Imports nothing heavy: every `--help` uses it.
+
+Exit codes (README "Command-line conventions" is the one user-facing copy of this table):
+
+  0    success
+  1    runtime failure: the work started and then failed (message on stderr; a traceback only for a bug)
+  2    usage or bad input: a bad option, a missing, corrupt or foreign file, an output that cannot be created
+  3    verification disagreement: a built artefact disagrees with its checkpoint (where a command verifies)
+  4    the requested backend or device is not available here (TensorRT, CUDA, a GPU)
+  130  interrupted (Ctrl+C); 143 terminated (SIGTERM)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_VERIFY = 3
+EXIT_UNAVAILABLE = 4
+EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
+
+_MEANING = {
+    EXIT_OK: "success",
+    EXIT_FAILURE: "runtime failure (the work started and then failed; message on stderr)",
+    EXIT_USAGE: "usage or bad input: bad option; missing, corrupt or foreign file; output cannot be created",
+    EXIT_VERIFY: "verification disagreement: the built artefact disagrees with the PyTorch checkpoint",
+    EXIT_UNAVAILABLE: "the requested backend, device or display is not available here (TensorRT, CUDA, a GPU)",
+    EXIT_INTERRUPTED: "interrupted (Ctrl+C); 143: terminated (SIGTERM)",
+}
+
+
+def exit_codes_help(*codes: int) -> str:
+    """The `exit status` paragraph of one command's --help: only the codes it can return."""
+    codes = codes or tuple(_MEANING)
+    return "exit status (same meaning for every kdas command, see README 'Command-line conventions'):\n" + "\n".join(
+        f"  {c:<4} {_MEANING[c]}" for c in codes)
+
+
+def name_some(names, limit: int = 8) -> str:
+    """'a, b, c' or, when cut, 'a, b, ... and 4 more': a shortened list says it is shortened."""
+    names = [str(n) for n in names]
+    shown = ", ".join(names[:limit])
+    return shown if len(names) <= limit else f"{shown} and {len(names) - limit} more"
+
+
+def bars_wanted(enabled: bool = True, stream=None) -> bool:
+    """Progress bars only on a terminal: under nohup, SLURM or `> log` a bar's redraws become
+    hundreds of lines, so the callers print one line per epoch (or per block of images) instead."""
+    stream = stream if stream is not None else sys.stderr
+    return bool(enabled) and hasattr(stream, "isatty") and stream.isatty()
+
+
+class UnavailableError(RuntimeError):
+    """The requested backend or device cannot run on this machine (exit code 4)."""
+
+
+class _DeprecatedAlias(argparse.Action):
+    def __init__(self, option_strings, dest, new: str, append: bool = False, **kw):
+        self.new, self.append = new, append
+        super().__init__(option_strings, dest, **kw)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"{parser.prog}: warning: {option_string} is deprecated and goes in the next release; "
+              f"use {self.new}", file=sys.stderr)
+        if self.append:
+            values = (getattr(namespace, self.dest, None) or []) + [values]
+        setattr(namespace, self.dest, values)
+
+
+def add_deprecated_alias(parser, old: str, new: str, dest: str, *, append: bool = False, **kw) -> None:
+    """`old` keeps working for one release, hidden from --help, with a one-line notice on stderr;
+    it stores into the same `dest` as `new` (pass `type=`, `nargs=` as for `new`)."""
+    parser.add_argument(old, dest=dest, action=_DeprecatedAlias, new=new, append=append,
+                        help=argparse.SUPPRESS, **kw)
