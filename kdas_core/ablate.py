@@ -73,7 +73,7 @@ def test_sets(data: str, test_data: list[str] | None) -> dict[str, list]:
 def evaluate_checkpoint(path: str, sets: dict[str, list], device: str, batch_size: int, progress: bool) -> dict:
     """mDice/mIoU (and whatever else the evaluator reports) per test set for one checkpoint."""
     from .checkpoint import load_checkpoint
-    from .evaluate import evaluate_pairs
+    from .evaluation import evaluate_pairs
 
     model, meta = load_checkpoint(path, device=device)
     out = {}

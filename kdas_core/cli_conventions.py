@@ -14,6 +14,7 @@ Exit codes (README "Command-line conventions" is the one user-facing copy of thi
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 EXIT_OK = 0
@@ -77,3 +78,9 @@ def add_deprecated_alias(parser, old: str, new: str, dest: str, *, append: bool 
     it stores into the same `dest` as `new` (pass `type=`, `nargs=` as for `new`)."""
     parser.add_argument(old, dest=dest, action=_DeprecatedAlias, new=new, append=append,
                         help=argparse.SUPPRESS, **kw)
+
+
+def default_workers() -> int:
+    """Metric processes for a command line: the usable cores, at most 8."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, cores))

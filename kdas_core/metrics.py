@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import math
 import multiprocessing
-import os
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from typing import Callable
@@ -166,10 +165,6 @@ def score_image(prob: np.ndarray, mask: np.ndarray, name: str, threshold: float,
             "pred_pixels": int(np.count_nonzero(scored >= threshold)), **metrics}
 
 
-def default_workers() -> int:
-    """Metric processes for a command line: the usable cores, at most 8."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(8, cores))
 
 
 class SegMetrics:

@@ -102,7 +102,8 @@ def test_app_engine_is_an_old_spelling_of_weights(capsys):
 
 
 @pytest.mark.parametrize("module", ["kdas_core.profile", "kdas_core.data.synthetic", "kdas_core.ablate",
-                                    "kdas_core.bench_train", "kdas_core.teacher_targets"])
+                                    "kdas_core.bench_train", "kdas_core.teacher_targets", "kdas_core.evaluate",
+                                    "kdas_core.time_to_accuracy"])
 def test_other_kdas_core_help_does_not_import_torch(module):
     heavy, code, out = probe(module, "--help")
     assert code == 0 and "usage:" in out and "torch" not in heavy.split(","), f"{module} --help imported {heavy}"

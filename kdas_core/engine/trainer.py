@@ -169,7 +169,7 @@ class RunLog:
 
 def run_training(cfg: TrainConfig) -> dict[str, Any]:
     """Train (or distil) as configured; returns a summary with paths and the best validation score."""
-    from ..evaluate import evaluate_pairs  # late import: evaluate imports heavy optional bits
+    from ..evaluation import evaluate_pairs  # late import: evaluation imports heavy optional bits
 
     started = time.time()
     device, rank, world = distributed.setup(cfg.device)
