@@ -73,6 +73,7 @@ def compute(teachers: list[str], data: str, size: int, tta: str = "none", batch_
     if not pairs:
         raise ValueError(f"{data}: no training data (TrainDataset/ or images/+masks/)")
     models = [load_checkpoint(p, device) for p in teachers]
+    shas = [file_sha256(p) for p in teachers]  # the key and the record: each file hashed once
     out = torch.empty(len(pairs), 2, size // STRIDE, size // STRIDE, dtype=torch.float16)
     started = time.time()
     bar = None
@@ -101,11 +102,11 @@ def compute(teachers: list[str], data: str, size: int, tta: str = "none", batch_
         bar.close()
     meta = {
         "format": FORMAT,
-        "key": {"teachers": sorted(file_sha256(p) for p in teachers), "image_size": size, "tta": tta,
+        "key": {"teachers": sorted(shas), "image_size": size, "tta": tta,
                 "data_sha1": data_digest(pairs)},
         "stems": [Path(p[0]).stem for p in pairs],
-        "teachers": [{"path": os.path.abspath(p), "preset": m["preset"], "sha256": file_sha256(p),
-                      "val_metrics": m.get("val_metrics", {})} for p, (_, m) in zip(teachers, models)],
+        "teachers": [{"path": os.path.abspath(p), "preset": m["preset"], "sha256": sha,
+                      "val_metrics": m.get("val_metrics", {})} for p, sha, (_, m) in zip(teachers, shas, models)],
         "data_root": os.path.abspath(data),
         "seconds": round(time.time() - started, 1),
     }
@@ -121,8 +122,11 @@ def save(out_dir: str, targets, meta: dict) -> str:
     return path
 
 
-def load(path: str, pairs: list[tuple[str, str]], size: int, teacher_sha256: list[str] | None = None):
-    """(targets aligned with `pairs` as float16 (N, 2, S/8, S/8), metadata); refuses stale ones."""
+def load(path: str, pairs: list[tuple[str, str]], size: int, teacher_sha256: list[str] | None = None,
+         select: list[tuple[str, str]] | None = None):
+    """(targets as float16 (N, 2, S/8, S/8), metadata); refuses stale ones. `pairs`: all the
+    training images the file was made for (the key is checked on them); the rows returned are
+    aligned with `select` (a part of `pairs`, e.g. the training side of the split), or `pairs`."""
     from .checkpoint import CheckpointError, read_tensors
 
     file = os.path.join(path, FILE) if os.path.isdir(path) else path
@@ -146,7 +150,7 @@ def load(path: str, pairs: list[tuple[str, str]], size: int, teacher_sha256: lis
         raise TeacherTargetsError(f"--teacher-targets {path}: made for other training images (made from "
                                   f"{meta.get('data_root')}); make them again for this --data")
     index = {s: i for i, s in enumerate(meta["stems"])}
-    order = [index[Path(p[0]).stem] for p in pairs]
+    order = [index[Path(p[0]).stem] for p in (pairs if select is None else select)]
     return tensors["targets"][order], meta
 
 
