@@ -53,6 +53,15 @@ def _now(sync) -> float:
     return time.perf_counter()
 
 
+def _next_batch(state: dict) -> dict:
+    """The next batch of state["loader"], starting it again when an epoch's batches run out."""
+    try:
+        return next(state["it"])
+    except StopIteration:
+        state["it"] = iter(state["loader"])
+        return next(state["it"])
+
+
 def _setup(cfg):
     """(device, sync, preset, size, layout, training split) of a benchmark, threads applied."""
     import torch
@@ -75,13 +84,11 @@ def measure(cfg, steps: int, warmup: int) -> dict:
     import torch
 
     from .data.dataset import TrainDataset
-    from .engine.trainer import TrainStep, _load_teachers, _rescale, _seed_everything
+    from .engine.trainer import TrainStep, _load_teachers, _rescale, init_student
     from .losses import build_distillers
-    from .models import create_model
 
     device, sync, preset, size, layout, split = _setup(cfg)
-    _seed_everything(cfg.seed)
-    student = create_model(cfg.model, pretrained=cfg.pretrained)
+    student = init_student(cfg)
     teachers = _load_teachers(cfg.teachers, device)
     distillers = build_distillers(cfg.kd, student, [t.model for t in teachers])
     step_module = TrainStep(student, distillers, teachers, (list(preset.mean), list(preset.std))).to(device)
@@ -98,15 +105,11 @@ def measure(cfg, steps: int, warmup: int) -> dict:
     phases: dict[str, list[float]] = {"data": [], "forward": [], "backward": [], "optimizer": []}
     images = 0
     total = warmup + steps
-    it = iter(loader)
+    state = {"loader": loader, "it": iter(loader)}
     rng = random.Random(cfg.seed)
     for n in range(total):
         t0 = _now(sync)
-        try:
-            batch = next(it)
-        except StopIteration:
-            it = iter(loader)
-            batch = next(it)
+        batch = _next_batch(state)
         image = batch["image"].to(device)
         mask = batch["mask"].to(device)
         image, mask = _rescale(image, mask, rng.choice(cfg.multiscale))
@@ -149,39 +152,32 @@ def kd_cost(cfg, steps: int, warmup: int) -> dict:
 
     from .checkpoint import file_sha256
     from .data.dataset import TrainDataset
-    from .engine.trainer import TrainStep, _load_teachers, _rescale, _seed_everything
+    from .engine.trainer import TrainStep, _load_teachers, _rescale, init_student
     from .losses import build_distillers
-    from .models import create_model
     from .teacher_targets import load as load_targets
 
     device, sync, preset, size, layout, split = _setup(cfg)
     norm = (list(preset.mean), list(preset.std))
     pairs = split.train
-    stored, _ = load_targets(cfg.teacher_targets, layout.train, size, [file_sha256(p) for p in cfg.teachers])
-    row_of = {p: i for i, p in enumerate(layout.train)}
-    stored = stored[[row_of[p] for p in pairs]]
+    stored, _ = load_targets(cfg.teacher_targets, layout.train, size, [file_sha256(p) for p in cfg.teachers],
+                             select=pairs)
     teachers = _load_teachers(cfg.teachers, device)
     variants = {}
     for name, kd, tlist, targets in (("plain", "none", [], None), ("live_teacher", cfg.kd, teachers, None),
                                      ("cached_targets", cfg.kd, [], stored)):
-        _seed_everything(cfg.seed)
-        student = create_model(cfg.model, pretrained=cfg.pretrained)
+        student = init_student(cfg)
         step = TrainStep(student, build_distillers(kd, student, [t.model for t in teachers]), tlist, norm).to(device)
         step = step.to(memory_format=torch.channels_last).train()
         params = [p for p in step.parameters() if p.requires_grad]
         ds = TrainDataset(pairs, size, preset.mean, preset.std, augment=cfg.augment, cache=cfg.cache_images, targets=targets)
         loader = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, num_workers=cfg.workers,
                                              drop_last=True, generator=torch.Generator().manual_seed(cfg.seed))
-        variants[name] = {"step": step, "opt": torch.optim.AdamW(params, lr=cfg.lr), "params": params,
+        variants[name] = {"step": step, "opt": torch.optim.AdamW(params, lr=cfg.lr),
                           "loader": loader, "it": iter(loader), "times": []}
     for n in range(warmup + steps):
         for name, v in variants.items():
             t0 = _now(sync)
-            try:
-                batch = next(v["it"])
-            except StopIteration:
-                v["it"] = iter(v["loader"])
-                batch = next(v["it"])
+            batch = _next_batch(v)
             image, mask = _rescale(batch["image"].to(device), batch["mask"].to(device), 1.0)
             targets = batch["targets"].to(device) if "targets" in batch else None
             loss, _ = v["step"](image.contiguous(memory_format=torch.channels_last), mask, targets)

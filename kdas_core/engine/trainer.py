@@ -209,9 +209,8 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
             from ..teacher_targets import load as load_targets
 
             stored, cached = load_targets(cfg.teacher_targets, layout.train, size,
-                                          [file_sha256(p) for p in cfg.teachers] if cfg.teachers else None)
-            row_of = {p: i for i, p in enumerate(layout.train)}
-            stored = stored[[row_of[p] for p in train_pairs]]
+                                          [file_sha256(p) for p in cfg.teachers] if cfg.teachers else None,
+                                          select=train_pairs)
             teachers = []
         else:
             teachers = _load_teachers(cfg.teachers, device)
@@ -317,18 +316,18 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
                 if i >= batches_per_epoch:
                     break
                 scales = cfg.multiscale if cfg.multiscale_mode == "all" else [random.choice(cfg.multiscale)]
+                # Moved once per batch; 'all' rescales the same batch for each of its steps.
+                image_b = batch["image"].to(device, non_blocking=True)
+                mask_b = batch["mask"].to(device, non_blocking=True)
+                targets_b = batch["targets"].to(device, non_blocking=True) if "targets" in batch else None
                 for rate in scales:
                     lr = cfg.lr * _lr_factor(progress["step"], total_steps, warmup, cfg.schedule)
                     for g in optimizer.param_groups:
                         g["lr"] = lr * g.get("lr_mult", 1.0)
-                    image = batch["image"].to(device, non_blocking=True)
-                    mask = batch["mask"].to(device, non_blocking=True)
-                    image, mask = _rescale(image, mask, rate * size_rate)
-                    targets = None
-                    if "targets" in batch:  # cached teacher maps: the same resize as the image
-                        targets = batch["targets"].to(device, non_blocking=True)
-                        if targets.shape[-2:] != image.shape[-2:]:
-                            targets = F.interpolate(targets, size=image.shape[-2:], mode="bilinear", align_corners=True)
+                    image, mask = _rescale(image_b, mask_b, rate * size_rate)
+                    targets = targets_b  # cached teacher maps: the same resize as the image
+                    if targets is not None and targets.shape[-2:] != image.shape[-2:]:
+                        targets = F.interpolate(targets, size=image.shape[-2:], mode="bilinear", align_corners=True)
                     image = image.contiguous(memory_format=torch.channels_last)
                     with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
                         loss, terms = wrapped(image, mask, targets)
@@ -434,8 +433,6 @@ def _epochs_plan(done: int, epochs: int, resumed: bool) -> str:
 
 
 def _progress(loader, total: int, desc: str, enabled: bool):
-    from ..cli_conventions import bars_wanted
-
     if not bars_wanted(enabled):  # a log file gets the one "[kdas] epoch ..." line per epoch instead
         return loader
     from tqdm.auto import tqdm
