@@ -103,9 +103,14 @@ def resolve_layout(root: str | os.PathLike) -> DatasetLayout:
     raise DatasetError(f"{root}: neither a PraNet root (TrainDataset/, TestDataset/) nor a folder with images/ and masks/")
 
 
+def _stem_key(salt: str, stem: str) -> str:
+    """The hash that orders images (and groups, by their smallest stem): independent of file order and machine."""
+    return hashlib.sha1(f"{salt}:{stem}".encode()).hexdigest()
+
+
 def _hashed_order(pairs: list[Pair], salt: str) -> list[Pair]:
-    """Pairs in an order fixed by hashing (salt, file stem): independent of file order and machine."""
-    return sorted(pairs, key=lambda p: hashlib.sha1(f"{salt}:{Path(p[0]).stem}".encode()).hexdigest())
+    """Pairs in an order fixed by hashing (salt, file stem)."""
+    return sorted(pairs, key=lambda p: _stem_key(salt, Path(p[0]).stem))
 
 
 @dataclass
@@ -142,7 +147,8 @@ def split_by_groups(pairs: list[Pair], val_fraction: float, groups: str = "auto"
     if n_val >= len(pairs) or n_groups < 2:
         raise DatasetError(f"only {len(pairs)} training pairs in {n_groups} group(s): too few to hold out a validation split")
     def key(g: int) -> str:
-        return hashlib.sha1(f"{salt}:{min(Path(p[0]).stem for p in members[g])}".encode()).hexdigest()
+        return _stem_key(salt, min(Path(p[0]).stem for p in members[g]))
+
     val: list[Pair] = []
     slack = max(1, n_val // 10)
     for g in sorted(members, key=key):

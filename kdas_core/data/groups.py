@@ -32,6 +32,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from .dataset import IMAGE_EXTS, DatasetError  # dataset imports this module only inside a function
+
 DUPLICATE = 0.90
 SEQUENCE = 0.50
 THUMB = 32
@@ -52,8 +54,6 @@ def _thumbnail(path: str) -> np.ndarray:
     if img is None:
         img = cv2.imread(path, cv2.IMREAD_COLOR)
     if img is None:
-        from .dataset import DatasetError
-
         raise DatasetError(f"{path}: unreadable or corrupt image")
     return cv2.resize(img, (THUMB, THUMB), interpolation=cv2.INTER_AREA).astype(np.float32).ravel()
 
@@ -135,7 +135,7 @@ def csv_groups(paths: list[str], csv_path: str) -> list[int]:
             stem, group = row[0].strip(), row[1].strip()
             if line_no == 1 and stem.lower() == "stem":
                 continue  # header
-            stem = Path(stem).stem if Path(stem).suffix.lower() in {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"} else stem
+            stem = Path(stem).stem if Path(stem).suffix.lower() in IMAGE_EXTS else stem
             if stem in table and table[stem] != group:
                 raise GroupsError(f"{csv_path}:{line_no}: {stem!r} is in group {table[stem]!r} already, not {group!r}")
             table[stem] = group
