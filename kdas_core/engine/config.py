@@ -200,7 +200,9 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
         meta = f.metadata
         if meta["cli"] != "common":
             continue
-        g = groups.get(meta["group"]) or groups.setdefault(meta["group"], p.add_argument_group(meta["group"]))
+        if meta["group"] not in groups:
+            groups[meta["group"]] = p.add_argument_group(meta["group"])
+        g = groups[meta["group"]]
         kwargs = dict(meta["argparse"])
         default = base[f.name]
         help_text = meta["help"]
@@ -254,8 +256,6 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     values.update({k: v for k, v in given.items() if k in names})
     if "teacher" in given:
         values["teachers"] = list(given["teacher"] or [])
-    if "kd" in given:
-        values["kd"] = given["kd"]
     missing = [_flag(k) for k in REQUIRED if not values.get(k)]
     if missing:
         raise ValueError(f"missing {', '.join(missing)} (give them, or --config RUN/config.json)")
