@@ -134,6 +134,15 @@ def per_teacher_adapters(student: nn.Module, teachers: list[nn.Module], s_name: 
     return nn.ModuleList(adapter(c_s, map_channels(t)[t_name or s_name]) for t in teachers)
 
 
+def standardise(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Zero mean, unit variance per (image, channel) over the spatial positions (mtkd's features,
+    kdas's logit maps): keeps a map's structure, drops its scale."""
+    x = x.float()
+    mean = x.mean(dim=(-2, -1), keepdim=True)
+    var = x.var(dim=(-2, -1), keepdim=True, unbiased=False)
+    return (x - mean) / torch.sqrt(var + eps)
+
+
 def mean_over_teachers(t_outs: list[dict], fn: Callable[[int, dict], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Average a method's terms over several teachers (mtkd weights them adaptively instead)."""
     total: dict[str, torch.Tensor] = {}

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from ..base import Distiller, register
-from .common import mean_over_teachers, resize_to, scaled
+from .common import mean_over_teachers, resize_to, scaled, standardise
 
 
 def self_attention_map(x: torch.Tensor) -> torch.Tensor:
@@ -67,13 +67,6 @@ def sgm_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     k = min(teacher.shape[-2:])
     s, t = _square(student, k), _square(teacher.detach(), k)
     return F.mse_loss(s + s.transpose(1, 2), t + t.transpose(1, 2))
-
-
-def standardise(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Per image and channel: zero mean, unit standard deviation over the map."""
-    x = x.float()
-    mean = x.mean(dim=(-2, -1), keepdim=True)
-    return (x - mean) / (x.std(dim=(-2, -1), keepdim=True) + eps)
 
 
 MAPS = {"logit": lambda x: x, "prob": lambda x: torch.sigmoid(x.float()), "std": standardise}

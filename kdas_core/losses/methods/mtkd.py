@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ..base import Distiller, register
-from .common import binary_kl, fused_logits, pair, per_teacher_adapters, resize_to, scaled
+from .common import binary_kl, fused_logits, pair, per_teacher_adapters, resize_to, scaled, standardise
 
 
 def dice_loss(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -63,13 +63,6 @@ def lovasz_hinge(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         errors_sorted, order = torch.sort(errors, descending=True)
         losses.append(torch.dot(F.relu(errors_sorted), _lovasz_grad(g[order])))
     return torch.stack(losses).mean()
-
-
-def standardise(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """Zero mean, unit variance per (image, channel) over the spatial positions."""
-    mean = x.mean(dim=(2, 3), keepdim=True)
-    var = x.var(dim=(2, 3), keepdim=True, unbiased=False)
-    return (x - mean) / torch.sqrt(var + eps)
 
 
 @torch.no_grad()
