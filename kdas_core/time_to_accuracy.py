@@ -120,7 +120,10 @@ def main(argv: list[str] | None = None) -> int:
         labels = []
         for key, run in (("baseline", args.baseline), ("candidate", args.candidate)):
             cfg_path = os.path.join(run, "config.json")
-            cfg = json.load(open(cfg_path)) if os.path.isfile(cfg_path) else {}
+            cfg = {}
+            if os.path.isfile(cfg_path):
+                with open(cfg_path) as f:
+                    cfg = json.load(f)
             result[f"{key}_run"] = {"path": run, "recipe": cfg.get("recipe"), "config": cfg}
             labels.append(f"{key}: {os.path.basename(os.path.normpath(run))} (recipe {cfg.get('recipe', '?')})")
         reached = result["candidate_min_to_reach"]
