@@ -26,7 +26,7 @@ import sys
 import time
 
 from .cli_common import run_cli
-from .engine.config import add_training_args, config_from_args
+from .training.config import add_training_args, config_from_args
 
 RESULT_FILE = "ablation_result.json"
 
@@ -156,7 +156,7 @@ def run_ablation(cfg, methods: list[tuple[str, str]], out: str, sets: dict[str, 
                  checkpoint: str = "best", teacher_rows: bool = True, eval_batch_size: int = 4,
                  command: str = "") -> dict:
     """Train + evaluate every (label, kd) in `methods` with the base TrainConfig `cfg`."""
-    from .engine.trainer import run_training
+    from .training.trainer import run_training
 
     deadline = time.time() + cfg.time_limit * 60 if cfg.time_limit else None
     os.makedirs(out, exist_ok=True)

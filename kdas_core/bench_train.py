@@ -25,7 +25,7 @@ import sys
 import time
 
 from .cli_common import run_cli
-from .engine.config import add_training_args, config_from_args, positive_int
+from .training.config import add_training_args, config_from_args, positive_int
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,7 +84,7 @@ def measure(cfg, steps: int, warmup: int) -> dict:
     import torch
 
     from .data.dataset import TrainDataset
-    from .engine.trainer import TrainStep, _load_teachers, _rescale, init_student
+    from .training.trainer import TrainStep, _load_teachers, _rescale, init_student
     from .losses import build_distillers
 
     device, sync, preset, size, layout, split = _setup(cfg)
@@ -152,7 +152,7 @@ def kd_cost(cfg, steps: int, warmup: int) -> dict:
 
     from .checkpoint import file_sha256
     from .data.dataset import TrainDataset
-    from .engine.trainer import TrainStep, _load_teachers, _rescale, init_student
+    from .training.trainer import TrainStep, _load_teachers, _rescale, init_student
     from .losses import build_distillers
     from .teacher_targets import load as load_targets
 

@@ -45,8 +45,8 @@ def run_training_cli(args: argparse.Namespace, prog: str, check: Callable[[], ob
     """`train` and `distill`: validate cheaply first, run the loop, report the chosen checkpoint (rank 0)."""
 
     def go() -> None:
-        from .engine.config import config_from_args
-        from .engine.trainer import run_training
+        from .training.config import config_from_args
+        from .training.trainer import run_training
 
         cfg = config_from_args(args)
         if check is not None:

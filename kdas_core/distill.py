@@ -16,7 +16,7 @@ import argparse
 import sys
 
 from .cli_common import run_training_cli
-from .engine.config import add_training_args
+from .training.config import add_training_args
 
 
 def _methods_epilog() -> str:

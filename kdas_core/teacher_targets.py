@@ -167,7 +167,7 @@ def upsample(stored, size: int):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .engine.config import defaults
+    from .training.config import defaults
     from .presets import Preset
 
     PRESET_SIZE = Preset.input_size  # the presets' size, used when training keeps the preset's

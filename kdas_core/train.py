@@ -17,7 +17,7 @@ import argparse
 import sys
 
 from .cli_common import run_training_cli
-from .engine.config import add_training_args
+from .training.config import add_training_args
 
 
 def build_parser() -> argparse.ArgumentParser:

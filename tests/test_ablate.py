@@ -65,7 +65,7 @@ def test_tiny_ablation_writes_tables_and_resumes(tiny_setup, monkeypatch):
 
     # --resume keeps finished rows (and the teacher's evaluation) without training or evaluating again.
     import kdas_core.ablate as ablate
-    import kdas_core.engine.trainer as trainer
+    import kdas_core.training.trainer as trainer
 
     def refuse(*a, **k):
         raise AssertionError("--resume redid finished work")

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from kdas_core import ablate, train
 from kdas_core.data import resolve_layout, split_by_groups
 from kdas_core.data.dataset import TrainDataset
-from kdas_core.engine import trainer
-from kdas_core.engine.config import RECIPES, add_training_args, config_from_args, defaults
+from kdas_core.training import trainer
+from kdas_core.training.config import RECIPES, add_training_args, config_from_args, defaults
 from kdas_core.losses.structure import boundary_weights
 
 from .conftest import shared_data, write_pair_folder

@@ -14,7 +14,7 @@ from kdas_core.checkpoint import build_metadata, save_checkpoint
 from kdas_core.data import resolve_layout
 from kdas_core.data.dataset import TrainDataset
 from kdas_core.data.transforms import TrainAugment
-from kdas_core.engine.trainer import Teacher, TrainStep
+from kdas_core.training.trainer import Teacher, TrainStep
 from kdas_core.losses import build_distillers
 from kdas_core.models import create_model
 

@@ -50,7 +50,7 @@ def test_train_writes_checkpoints_config_and_logs(teacher_run):
 def test_interrupted_run_resumes_bit_for_bit(synthetic, tmp_path, monkeypatch):
     """Kill a run after epoch 1 (simulated by an exception from the second epoch's first step),
     resume it, and compare with an uninterrupted run."""
-    from kdas_core.engine import trainer
+    from kdas_core.training import trainer
 
     straight = tmp_path / "straight"
     assert train.main(["--model", "polyppvt-lite0", "--data", str(synthetic), "--out", str(straight), "--epochs", "2", *FAST]) == 0
