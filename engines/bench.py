@@ -13,6 +13,7 @@ import numpy as np
 
 from . import CHOICES, load_backend
 from kdas_core.cli_conventions import add_deprecated_alias
+from kdas_core.presets import image_size_arg
 
 from .cli_common import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE, UnavailableError, exit_codes_help, run
 
@@ -71,7 +72,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", action=_ModelSpec, dest="model", metavar="NAME",
                    help="a preset name, randomly initialised (repeat with --compare)")
     p.add_argument("--backend", default="auto", help=f"one of {', '.join(CHOICES)}; with --compare a comma-separated list (default auto)")
-    p.add_argument("--image-size", type=int, metavar="S", help="square input side (default: the model's; an .onnx/.engine must match)")
+    p.add_argument("--image-size", type=image_size_arg, metavar="S", help="square input side, a multiple of 32 (default: the model's; an .onnx/.engine must match)")
     p.add_argument("--batch-size", dest="batch", type=int, default=1, metavar="N", help="frames per predict call (default 1)")
     add_deprecated_alias(p, "--batch", "--batch-size", "batch", type=int)
     p.add_argument("--runs", type=int, default=50, metavar="N", help="timed calls per model/backend (default 50)")

@@ -10,6 +10,7 @@ import sys
 
 from . import ENGINE_SUFFIXES
 from .cli_common import EXIT_CODES_HELP, EXIT_OK, UnavailableError, VerifyError, run
+from kdas_core.presets import image_size_arg
 
 DESCRIPTION = """\
 Export a KDAS checkpoint (.safetensors) for deployment.
@@ -62,14 +63,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="fp32 (default), fp16 (network in half precision; for TensorRT/GPU) or int8 (static QDQ, for CPUs; needs --calibration)")
     p.add_argument("--calibration", metavar="DIR", help="int8: folder of real frames (or with images/, e.g. DATA/TrainDataset) to calibrate on")
     p.add_argument("--calibration-images", type=int, default=300, metavar="N", help="int8: images used from --calibration, spread over the folder (default 300)")
-    p.add_argument("--image-size", type=int, metavar="S", help="square input side (default: the checkpoint's input_size; multiples of 32 recommended)")
+    p.add_argument("--image-size", type=image_size_arg, metavar="S", help="square input side, a multiple of 32 (default: the checkpoint's input_size)")
     p.add_argument("--verify", action="store_true", help="compare the artefact with the PyTorch checkpoint and fail on disagreement")
     p.add_argument("--verify-frames", metavar="DIR", help="images to verify on (default: demo-clip frames where the checkpoint finds a polyp)")
     p.add_argument("--max-batch", type=int, default=4, metavar="N", help="TensorRT profile: largest batch (default 4)")
     p.add_argument("--device", default=None, metavar="DEV", help="CUDA device for TensorRT, e.g. cuda:1 (default cuda:0)")
     args = p.parse_args(argv)
-    if args.image_size is not None and not 32 <= args.image_size <= 2048:
-        p.error(f"--image-size must be between 32 and 2048, got {args.image_size}")
     if args.precision == "int8" and (args.format != "onnx" or not args.calibration):
         p.error("--precision int8 builds an ONNX model (--format onnx) and needs --calibration DIR (real frames)")
     if args.calibration and args.precision != "int8":

@@ -27,6 +27,7 @@ from typing import Any, Callable
 import numpy as np
 
 from kdas_core.cli_conventions import name_some
+from kdas_core.presets import image_size_arg
 
 from .cli_common import EXIT_OK, EXIT_VERIFY, run
 from .errors import BackendError
@@ -529,7 +530,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m engines.selfcheck", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", metavar="OUT", help="write the report (one entry per check) as JSON to OUT")
     p.add_argument("--weights", default=str(DEFAULT_WEIGHTS), metavar="CKPT", help=f"checkpoint to check (default: the shipped student, {os.path.basename(str(DEFAULT_WEIGHTS))})")
-    p.add_argument("--image-size", type=int, default=DEFAULT_SIZE, metavar="S",
+    p.add_argument("--image-size", type=image_size_arg, default=DEFAULT_SIZE, metavar="S",
                    help=f"input size of every check (default {DEFAULT_SIZE}, the size RESULTS.md reports latency at; "
                    "the networks are fully convolutional, so any multiple of 32 works)")
     p.add_argument("--device", default="cuda:0", metavar="DEV", help="CUDA device for the GPU checks (default cuda:0)")
@@ -538,8 +539,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.runs < 1:
         p.error("--runs must be >= 1")
-    if not 32 <= args.image_size <= 2048:
-        p.error(f"--image-size must be between 32 and 2048, got {args.image_size}")
     return args
 
 

@@ -25,7 +25,8 @@ import sys
 import time
 
 from .cli_common import run_cli
-from .training.config import add_training_args, config_from_args, positive_int
+from .cli_conventions import positive_int
+from .training.config import add_training_args, config_from_args
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 from . import __version__
 from .models import create_model, resolve
+from .presets import DEFAULT_THRESHOLD
 
 FORMAT = "kdas-checkpoint/1"
 METADATA_KEY = "kdas"
@@ -41,7 +42,7 @@ def build_metadata(model_name: str, **extra: Any) -> dict[str, Any]:
         "input_size": preset.input_size,
         "mean": list(preset.mean),
         "std": list(preset.std),
-        "threshold": 0.5,
+        "threshold": DEFAULT_THRESHOLD,
         "code_version": __version__,
     }
     meta.update(extra)

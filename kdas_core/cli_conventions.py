@@ -60,6 +60,48 @@ class UnavailableError(RuntimeError):
     """The requested backend or device cannot run on this machine (exit code 4)."""
 
 
+class UsageError(ValueError):
+    """Bad usage or input that the user can fix (exit code 2): the message names the thing (a flag,
+    a file) and says what to do. Our own input errors derive from it (CheckpointError,
+    DatasetError, ...); a bare ValueError or RuntimeError from inside torch or numpy is not one."""
+
+
+# OS errors about a path the user named (a missing input, an --out that cannot be created) are
+# bad input too; their message carries the path.
+PATH_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+def positive_int(text: str) -> int:
+    """argparse `type=`: an integer >= 1."""
+    return _int_at_least(text, 1)
+
+
+def nonnegative_int(text: str) -> int:
+    """argparse `type=`: an integer >= 0."""
+    return _int_at_least(text, 0)
+
+
+def positive_float(text: str) -> float:
+    """argparse `type=`: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _int_at_least(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+    return value
+
+
 class _DeprecatedAlias(argparse.Action):
     def __init__(self, option_strings, dest, new: str, append: bool = False, **kw):
         self.new, self.append = new, append

@@ -11,6 +11,7 @@ import argparse
 import sys
 
 from .cli_conventions import default_workers
+from .presets import image_size_arg
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available, else cpu")
     p.add_argument("--save-overlays", metavar="DIR", help="write picture sheets for people to look at (see below)")
     p.add_argument("--threshold", type=float, metavar="T", help="binarisation threshold for mDice/mIoU (default: from the checkpoint, usually 0.5)")
-    p.add_argument("--image-size", type=int, metavar="S", help="model input size in pixels (default: from the checkpoint)")
+    p.add_argument("--image-size", type=image_size_arg, metavar="S", help="model input size in pixels, a multiple of 32 (default: from the checkpoint)")
     p.add_argument("--batch-size", type=int, default=8, metavar="B", help="images per forward pass (default: %(default)s)")
     p.add_argument("--minmax", action="store_true",
                    help="min-max normalise each probability map before scoring, as the MATLAB toolbox and "

@@ -265,8 +265,6 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
         raise UsageError(f"--threshold must be in [0, 1], got {args.threshold}")
-    if args.image_size is not None and (args.image_size < 32 or args.image_size % 32):
-        raise UsageError(f"--image-size must be a multiple of 32 (the encoder's stride), at least 32; got {args.image_size}")
     for flag in ("threads", "workers"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise UsageError(f"--{flag} must be >= 1, got {getattr(args, flag)}")

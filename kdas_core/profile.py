@@ -10,6 +10,8 @@ from __future__ import annotations
 import sys
 from typing import TYPE_CHECKING
 
+from .presets import image_size_arg
+
 if TYPE_CHECKING:  # torch only once the arguments are parsed: --help answers at once
     import torch
 
@@ -44,9 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m kdas_core.profile",
                                 description="Parameters and GMACs (FlopCounterMode, FLOPs/2) of presets or checkpoints.")
     p.add_argument("models", nargs="+", metavar="MODEL", help=f"preset ({', '.join(list_models())}) or a .safetensors checkpoint")
-    p.add_argument("--image-size", dest="size", type=int, default=352, metavar="S",
+    p.add_argument("--image-size", dest="size", type=image_size_arg, default=352, metavar="S",
                    help="square input side (default: 352, the papers' size)")
-    add_deprecated_alias(p, "--size", "--image-size", "size", type=int)
+    add_deprecated_alias(p, "--size", "--image-size", "size", type=image_size_arg)
     p.add_argument("--json", metavar="OUT", help="also write the figures as JSON")
     args = p.parse_args(argv)
     from .checkpoint import load_checkpoint

@@ -36,6 +36,8 @@ from pathlib import Path
 
 
 from .cli_common import run_cli
+from .cli_conventions import UsageError
+from .presets import image_size_arg, image_size_problem
 
 FORMAT = "kdas-teacher-targets/1"
 FILE = "targets.safetensors"
@@ -66,8 +68,9 @@ def compute(teachers: list[str], data: str, size: int, tta: str = "none", batch_
     from .data.dataset import _normalise, read_image, resolve_layout
     from .data.transforms import to_tensor
 
-    if size % 32:
-        raise ValueError(f"--image-size must be a multiple of 32, got {size}")
+    problem = image_size_problem(size)
+    if problem:
+        raise UsageError(f"--image-size {problem}")
     layout = resolve_layout(data)
     pairs = layout.train
     if not pairs:
@@ -178,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="teacher checkpoint; repeat to average several teachers")
     p.add_argument("--data", required=True, metavar="DIR", help="the training data the student will use (as --data of distill)")
     p.add_argument("--out", required=True, metavar="DIR", help=f"folder for {FILE}")
-    p.add_argument("--image-size", type=int, default=defaults()["image_size"] or PRESET_SIZE, metavar="S",
+    p.add_argument("--image-size", type=image_size_arg, default=defaults()["image_size"] or PRESET_SIZE, metavar="S",
                    help="the student's training size, as its --image-size (default: %(default)s, the training default)")
     p.add_argument("--tta", choices=["none", "flip"], default="none", help="average with the flipped image (default: none)")
     p.add_argument("--batch-size", type=int, default=8, metavar="B", help="teacher batch size (default: 8)")

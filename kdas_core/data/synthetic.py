@@ -330,15 +330,8 @@ def write_dataset(out: str | Path, n_train: int, n_test: int, size: int, seed: i
     return out
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
-    from ..cli_conventions import add_deprecated_alias
+    from ..cli_conventions import add_deprecated_alias, nonnegative_int
 
     p = argparse.ArgumentParser(
         prog="python -m kdas_core.data.synthetic",
@@ -363,8 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     p.add_argument("--out", required=True, help="output folder (created; existing files with the same names are overwritten)")
-    p.add_argument("--train", type=_positive_int, default=64, help="number of training frames (default: %(default)s)")
-    p.add_argument("--test", type=_positive_int, default=16,
+    p.add_argument("--train", type=nonnegative_int, default=64, help="number of training frames (default: %(default)s)")
+    p.add_argument("--test", type=nonnegative_int, default=16,
                    help="number of frames in TestDataset/Synthetic; 0 writes no test set (default: %(default)s)")
     p.add_argument("--image-size", dest="size", type=int, default=256, metavar="S",
                    help="frame side in pixels, square (default: %(default)s)")

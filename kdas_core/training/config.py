@@ -22,21 +22,10 @@ import os
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
-from ..presets import PRESETS, list_models
+from ..cli_conventions import positive_float, positive_int
+from ..presets import DEFAULT_THRESHOLD, PRESETS, image_size_arg, list_models
 
 
-def positive_int(s: str) -> int:
-    v = int(s)
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {v}")
-    return v
-
-
-def positive_float(s: str) -> float:
-    v = float(s)
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
-    return v
 
 
 def scales(s: str) -> tuple[float, ...]:
@@ -89,8 +78,8 @@ class TrainConfig:
     recipe: str = _opt("v1", SCHEDULE, "named set of defaults: v1 | fast | published (see 'recipes' below)",
                        choices=["v1", "fast", "published"])
     epochs: int = _opt(100, SCHEDULE, "epochs (one epoch = one pass over the training images)", type=positive_int)
-    image_size: int | None = _opt(None, SCHEDULE, "training side in pixels (none: the preset's, 352)",
-                                  type=positive_int, metavar="S")
+    image_size: int | None = _opt(None, SCHEDULE, "training side in pixels, a multiple of 32 (none: the preset's, 352)",
+                                  type=image_size_arg, metavar="S")
     batch_size: int = _opt(16, SCHEDULE, "per-process batch size", type=positive_int, metavar="B")
     lr: float = _opt(1e-4, SCHEDULE, "AdamW learning rate of the (pretrained) encoder", type=positive_float)
     decoder_lr_mult: float = _opt(1.0, SCHEDULE, "the randomly initialised decoder and heads learn at lr x this",
@@ -121,7 +110,7 @@ class TrainConfig:
                        "frames, found by image similarity), 'none' (each image alone), or a CSV of stem,group",
                        metavar="auto|none|CSV")
     val_every: int = _opt(1, RUN, "validate every N epochs", type=positive_int, metavar="N")
-    threshold: float = _opt(0.5, RUN, "mask threshold stored in the checkpoint", type=float)
+    threshold: float = _opt(DEFAULT_THRESHOLD, RUN, "mask threshold stored in the checkpoint", type=float)
     seed: int = _opt(0, RUN, "seed of the initialisation, batch order and augmentation", type=int)
     workers: int = _opt(2, RUN, "data-loader worker processes (0: load in the training process)", type=int)
     threads: int | None = _opt(None, RUN, "CPU threads for PyTorch (default: PyTorch's choice)", type=positive_int,

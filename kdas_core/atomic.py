@@ -1,0 +1,57 @@
+"""Whole files or none: every file a KDAS command writes for a user (checkpoints, exports, engines,
+JSON/CSV reports, videos) is written beside its destination and renamed into place, so a crash,
+Ctrl+C or a full disk never leaves half a file under the final name. Torch-free.
+
+    with staged("out.onnx") as tmp:      # write anything to the path `tmp`
+        torch.onnx.export(..., tmp)
+    write_json("stats.json", data)        # or the one-call forms for bytes, text and JSON
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from typing import Any, Iterator
+
+
+@contextlib.contextmanager
+def staged(path: str | os.PathLike, suffix: str | None = None) -> Iterator[str]:
+    """Yield a temporary path in `path`'s folder (created if needed); on a normal exit rename it
+    to `path` (atomic on POSIX and Windows), on an exception remove it and re-raise.
+
+    The temporary name keeps `path`'s extension unless `suffix` says otherwise (writers such as
+    FFmpeg pick the format from it) and starts with '.tmp-' so a listing shows what it is. The
+    file gets ordinary permissions (0666 minus the umask), not mkstemp's 0600."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    suffix = os.path.splitext(path)[1] if suffix is None else suffix
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=directory)
+    os.close(fd)
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with staged(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    with staged(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def write_json(path: str | os.PathLike, data: Any, indent: int = 2) -> None:
+    """`data` as JSON (a trailing newline; non-finite floats are refused by the caller's data, not here)."""
+    write_text(path, json.dumps(data, indent=indent) + "\n")
