@@ -10,10 +10,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from fractions import Fraction
 
 import av
+from kdas_core.atomic import staged
 
 
 def write_clip(out: str, frames: int = 250, size: int = 352, fps: int = 25, seed: int = 0, crf: int = 22,
@@ -22,12 +22,8 @@ def write_clip(out: str, frames: int = 250, size: int = 352, fps: int = 25, seed
     Returns the file size in bytes."""
     from kdas_core.data.synthetic import render_clip
 
-    directory = os.path.dirname(os.path.abspath(out))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".demo-", suffix=".mp4", dir=directory)
-    os.close(fd)
     masks = []
-    try:
+    with staged(out) as tmp:
         with av.open(tmp, "w", format="mp4", options={"movflags": "+faststart"}) as container:
             stream = container.add_stream("libx264", rate=Fraction(fps))
             stream.width = stream.height = size
@@ -40,15 +36,11 @@ def write_clip(out: str, frames: int = 250, size: int = 352, fps: int = 25, seed
                     masks.append(mask)
             for packet in stream.encode(None):
                 container.mux(packet)
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
     if masks_out:
         import numpy as np
 
-        np.savez_compressed(masks_out, masks=np.stack(masks))
+        with staged(masks_out, suffix=".npz") as tmp:
+            np.savez_compressed(tmp, masks=np.stack(masks))
     return os.path.getsize(out)
 
 

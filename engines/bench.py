@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -16,6 +15,7 @@ from kdas_core.cli_conventions import add_deprecated_alias
 from kdas_core.presets import image_size_arg
 
 from .cli_common import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE, UnavailableError, exit_codes_help, run
+from kdas_core.atomic import write_json
 
 DESCRIPTION = """\
 Benchmark KDAS models: warm-up, then timed predict() calls on synthetic uint8 frames, reporting
@@ -214,10 +214,7 @@ def main(argv: list[str] | None = None) -> int:
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         doc = {"results": results, "environment": env} if args.compare else {**results[0], "environment": env}
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(doc, f, indent=2)
-            f.write("\n")
+        write_json(args.json, doc)
         say(f"wrote {args.json}")
     return EXIT_OK
 

@@ -11,6 +11,7 @@ import sys
 from . import ENGINE_SUFFIXES
 from .cli_common import EXIT_CODES_HELP, EXIT_OK, UnavailableError, VerifyError, run
 from kdas_core.presets import image_size_arg
+from kdas_core.atomic import staged
 
 DESCRIPTION = """\
 Export a KDAS checkpoint (.safetensors) for deployment.
@@ -175,9 +176,8 @@ def _publish(engine: str, result) -> None:
 
 
 def _copy(src: str, dst: str) -> None:
-    tmp = dst + ".tmp"
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+    with staged(dst) as tmp:
+        shutil.copyfile(src, tmp)
 
 
 def _say(msg: str) -> None:

@@ -1,9 +1,6 @@
-"""Error handling shared by `engines.build`, `engines.bench` and `engines.selfcheck` (exit codes:
-kdas_core.cli_conventions, the one table for every CLI).
-
-User errors (missing/corrupt files, wrong weights, impossible options) print one `error:` line
-and exit non-zero; only genuine bugs show a traceback.
-"""
+"""`engines.build`, `engines.bench` and `engines.selfcheck` run under kdas_core.cli_conventions.run_cli
+(the one exit-code table and policy for every CLI); this module adds what is engines' own: the
+VerifyError type (exit 3), BackendError as bad input, and the `engines` logger."""
 
 from __future__ import annotations
 
@@ -13,10 +10,9 @@ from typing import Callable
 
 from kdas_core.cli_conventions import (  # noqa: F401 (re-exported: one table for every CLI)
     EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE, EXIT_VERIFY, UnavailableError,
-    exit_codes_help,
+    exit_codes_help, run_cli,
 )
 
-EXIT_BUG = EXIT_FAILURE
 # build can return every code; commands that never verify list theirs with exit_codes_help(...).
 EXIT_CODES_HELP = exit_codes_help(EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_VERIFY, EXIT_UNAVAILABLE, EXIT_INTERRUPTED)
 
@@ -26,6 +22,8 @@ class VerifyError(RuntimeError):
 
 
 def run(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
+    """`main(argv)` under the one exit-code policy (kdas_core.cli_conventions.run_cli), with
+    BackendError as bad input (2) and VerifyError as a disagreement (3)."""
     from .errors import BackendError
 
     # Our own progress lines only: the exporter's libraries log chattily at INFO on the root logger.
@@ -36,28 +34,6 @@ def run(main: Callable[[list[str] | None], int], argv: list[str] | None = None) 
         log.addHandler(handler)
         log.setLevel(logging.INFO)
         log.propagate = False
-    try:
-        return main(argv)
-    except VerifyError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_VERIFY
-    except UnavailableError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_UNAVAILABLE
-    except (BackendError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except Exception as exc:
-        if _is_checkpoint_error(exc):
-            print(f"error: {exc}", file=sys.stderr)
-            return EXIT_USAGE
-        raise
-
-
-def _is_checkpoint_error(exc: BaseException) -> bool:
-    """kdas_core.checkpoint.CheckpointError, without importing kdas_core (and torch) up front."""
-    module = sys.modules.get("kdas_core.checkpoint")
-    return module is not None and isinstance(exc, module.CheckpointError)
+    spec = main.__globals__.get("__spec__")  # under `python -m engines.build`, __module__ is "__main__"
+    prog = spec.name if spec is not None else main.__module__
+    return run_cli(lambda: main(argv), prog, user_errors=(BackendError,), codes={VerifyError: EXIT_VERIFY})

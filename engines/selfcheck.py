@@ -31,6 +31,7 @@ from kdas_core.presets import image_size_arg
 
 from .cli_common import EXIT_OK, EXIT_VERIFY, run
 from .errors import BackendError
+from kdas_core.atomic import write_json
 
 # (name, needs a GPU, what it checks): the full list, in the order it runs.
 CHECKS: list[tuple[str, bool, str]] = [
@@ -567,11 +568,7 @@ def main(argv: list[str] | None = None) -> int:
             "machine": {"python": platform.python_version(), "platform": platform.platform(), "cpu_count": os.cpu_count()},
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        tmp = args.json + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(doc, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, args.json)
+        write_json(args.json, doc)
         say(f"wrote {args.json}")
     return exit_code(results)
 

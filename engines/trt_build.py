@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 import threading
 import time
 from typing import Any, Callable
@@ -38,6 +37,7 @@ from .trt_common import (
     trt_logger,
     write_json_atomic,
 )
+from kdas_core.atomic import write_bytes
 
 
 def _stderr(msg: str) -> None:
@@ -111,12 +111,12 @@ def build_engine(
     if serialized is None:
         raise BackendError(f"{onnx_path}: TensorRT failed to build an engine: {logger.recorder.since(mark) or 'no message from TensorRT'}")
     seconds = time.perf_counter() - t0
-    _write_bytes(timing_path, bytes(config.get_timing_cache().serialize()))
+    write_bytes(timing_path, bytes(config.get_timing_cache().serialize()))
 
     source_sha = meta["source_sha256"] or file_sha256(onnx_path)
     key = engine_cache_key(model_id(meta["preset"], source_sha), here, precision, size, max_batch, meta["export_revision"])
     engine_path = os.path.join(out_dir, key + ".engine")
-    _write_bytes(engine_path, bytes(serialized))
+    write_bytes(engine_path, bytes(serialized))
     sidecar: dict[str, Any] = {
         "format": SIDECAR_FORMAT,
         "cache_key": key,
@@ -250,10 +250,3 @@ class _ticker:
         self._thread.join()
 
 
-def _write_bytes(path: str, data: bytes) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)

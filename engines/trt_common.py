@@ -11,12 +11,12 @@ import collections
 import json
 import os
 import re
-import tempfile
 import sys
 import threading
 from typing import Any
 
 from .errors import BackendError
+from kdas_core.atomic import write_json
 
 SIDECAR_FORMAT = "kdas-trt/2"  # 2: SM count, export revision, max batch in the key; `verified`
 # The CUDA major of the runtime must not exceed what the driver supports: a CUDA 13 runtime
@@ -293,13 +293,8 @@ def read_sidecar(engine_path: str) -> dict[str, Any]:
 
 
 def write_json_atomic(path: str, data: dict[str, Any]) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=directory)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+    """Sidecars and index entries: sorted keys, so two builds of one engine give one file."""
+    write_json(path, data, sort_keys=True)
 
 
 def compatibility_problem(meta: dict[str, Any], here: dict[str, Any]) -> str | None:

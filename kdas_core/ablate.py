@@ -27,6 +27,8 @@ import time
 
 from .cli_common import run_cli
 from .training.config import add_training_args, config_from_args
+from .cli_conventions import UsageError
+from .atomic import write_json, write_text
 
 RESULT_FILE = "ablation_result.json"
 
@@ -43,7 +45,7 @@ def parse_methods(spec: str, baseline: bool = True) -> list[tuple[str, str]]:
         if label not in [r[0] for r in rows]:
             rows.append((label, kd))
     if not rows:
-        raise ValueError("--methods is empty (and --no-baseline leaves nothing to train)")
+        raise UsageError("--methods is empty (and --no-baseline leaves nothing to train)")
     return rows
 
 
@@ -63,10 +65,10 @@ def test_sets(data: str, test_data: list[str] | None) -> dict[str, list]:
             sets[name if name not in sets else f"{name}@{os.path.basename(os.path.normpath(root))}"] = pairs
     if not sets:
         if not test_data and resolve_layout(data).kind == "plain":
-            raise ValueError(f"{data} is a plain images/+masks/ folder: its pairs are the training data, and scores "
+            raise UsageError(f"{data} is a plain images/+masks/ folder: its pairs are the training data, and scores "
                              "on them are not test scores; give held-out data with --test-data DIR "
                              "(a PraNet root with TestDataset/<name>/, or an images/+masks/ folder)")
-        raise ValueError(f"{', '.join(test_data or [data])}: no test sets (TestDataset/<name>/ or images/+masks/); use --test-data")
+        raise UsageError(f"{', '.join(test_data or [data])}: no test sets (TestDataset/<name>/ or images/+masks/); use --test-data")
     return sets
 
 
@@ -106,8 +108,7 @@ def _teacher_rows(paths: list[str], sets: dict[str, list], out: str, resume: boo
         if len(paths) > 1:
             row["label"] += f" #{i + 1}"
         rows.append(row)
-    with open(cache_path, "w") as f:
-        json.dump(cache, f, indent=2)
+    write_json(cache_path, cache)
     return rows
 
 
@@ -192,8 +193,7 @@ def run_ablation(cfg, methods: list[tuple[str, str]], out: str, sets: dict[str, 
                "train_seconds": result["train_seconds"], "wall_seconds": wall, "best_epoch": result["best_epoch"],
                "best_val_mDice": result["best_val_mDice"], **ev}
         row["mean"] = {k: _mean_over_sets(row["tests"], k) for k in ("mDice", "mIoU")}
-        with open(result_path, "w") as f:
-            json.dump(row, f, indent=2)
+        write_json(result_path, row)
         rows.append(row)
     for r in rows:
         r.setdefault("mean", {k: _mean_over_sets(r["tests"], k) for k in ("mDice", "mIoU")})
@@ -207,10 +207,8 @@ def run_ablation(cfg, methods: list[tuple[str, str]], out: str, sets: dict[str, 
     md = markdown_table(rows, set_names, header)
     report = {"command": command, "config": cfg.to_dict(), "checkpoint": checkpoint, "test_sets": {n: len(p) for n, p in sets.items()},
               "rows": rows}
-    with open(os.path.join(out, "ablation.json"), "w") as f:
-        json.dump(report, f, indent=2)
-    with open(os.path.join(out, "ablation.md"), "w") as f:
-        f.write(md)
+    write_json(os.path.join(out, "ablation.json"), report)
+    write_text(os.path.join(out, "ablation.md"), md)
     print(md, flush=True)
     return report
 

@@ -52,6 +52,6 @@ def write_text(path: str | os.PathLike, text: str) -> None:
         f.write(text)
 
 
-def write_json(path: str | os.PathLike, data: Any, indent: int = 2) -> None:
-    """`data` as JSON (a trailing newline; non-finite floats are refused by the caller's data, not here)."""
-    write_text(path, json.dumps(data, indent=indent) + "\n")
+def write_json(path: str | os.PathLike, data: Any, indent: int = 2, sort_keys: bool = False) -> None:
+    """`data` as indented JSON with a trailing newline."""
+    write_text(path, json.dumps(data, indent=indent, sort_keys=sort_keys) + "\n")

@@ -18,7 +18,6 @@ an otherwise idle machine, or compare two settings back to back and say so.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import sys
@@ -27,6 +26,8 @@ import time
 from .cli_common import run_cli
 from .cli_conventions import positive_int
 from .training.config import add_training_args, config_from_args
+from .cli_conventions import UsageError
+from .atomic import write_json
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -215,18 +216,17 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from_args(args)
         if args.kd_cost:
             if not (cfg.teachers and cfg.teacher_targets and cfg.kd != "none"):
-                raise ValueError("--kd-cost needs --teacher, --teacher-targets (made from that teacher) and --kd METHOD")
+                raise UsageError("--kd-cost needs --teacher, --teacher-targets (made from that teacher) and --kd METHOD")
             r = kd_cost(cfg, args.steps, max(0, args.warmup))
             print(f"{r['model']} {r['image_size']}px batch {r['batch_size']}, --kd {r['kd']} from {', '.join(r['teachers'])}: "
                   + ", ".join(f"{k} {v:.3f} s/step ({r['ratio_to_plain'][k]:.2f}x)" for k, v in r["step_seconds_median"].items()))
         else:
             if cfg.kd != "none" and not cfg.teachers:
-                raise ValueError(f"--kd {cfg.kd} needs --teacher")
+                raise UsageError(f"--kd {cfg.kd} needs --teacher")
             r = measure(cfg, args.steps, max(0, args.warmup))
             print(report(r))
         if args.json:
-            with open(args.json, "w") as f:
-                json.dump(r, f, indent=2)
+            write_json(args.json, r)
 
     return run_cli(go, "kdas_core.bench_train")
 

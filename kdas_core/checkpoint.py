@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from typing import Any
 
 import torch
@@ -19,6 +18,8 @@ from safetensors.torch import save_file
 
 from . import __version__
 from .models import create_model, resolve
+from .atomic import staged
+from .cli_conventions import UsageError
 from .presets import DEFAULT_THRESHOLD
 
 FORMAT = "kdas-checkpoint/1"
@@ -26,7 +27,7 @@ METADATA_KEY = "kdas"
 REQUIRED = ("preset", "backbone", "input_size", "mean", "std", "threshold")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UsageError, RuntimeError):
     """A file that is not a usable KDAS checkpoint; the message names the file and the fix."""
 
 
@@ -50,21 +51,9 @@ def build_metadata(model_name: str, **extra: Any) -> dict[str, Any]:
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str]) -> None:
-    """Write to a temp file beside `path`, then rename: a crash never leaves half a checkpoint."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=directory)
-    os.close(fd)
-    try:
+    """A crash never leaves half a checkpoint (kdas_core.atomic)."""
+    with staged(path, suffix=".safetensors") as tmp:
         save_file(tensors, tmp, metadata=metadata)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a checkpoint is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def save_checkpoint(path: str, model: torch.nn.Module, meta: dict[str, Any]) -> None:

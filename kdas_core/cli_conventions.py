@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
+from typing import Callable
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -69,6 +71,40 @@ class UsageError(ValueError):
 # OS errors about a path the user named (a missing input, an --out that cannot be created) are
 # bad input too; their message carries the path.
 PATH_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+class RunFailure(RuntimeError):
+    """The work started and then failed for a reason we detected and can name (exit code 1, one
+    line, no traceback): training diverged, a measurement could not be made."""
+
+
+def run_cli(fn: Callable[[], int | None], prog: str, *, user_errors: tuple[type[BaseException], ...] = (),
+            codes: dict[type[BaseException], int] | None = None, interrupted: str = "interrupted") -> int:
+    """Run a command's body with the exit codes of this module, for every KDAS command line.
+
+    UsageError, the PATH_ERRORS and `user_errors` -> one `prog: error:` line, exit 2;
+    UnavailableError -> 4; RunFailure and other OS errors -> 1; `codes` maps further types of ours to codes (engines'
+    VerifyError -> 3); Ctrl+C -> 130 with `interrupted`. Anything else is a bug, not the user's
+    input: its traceback is printed with a line that says so, exit 1."""
+    known = {**(codes or {}), UnavailableError: EXIT_UNAVAILABLE, RunFailure: EXIT_FAILURE,
+             OSError: EXIT_FAILURE}  # disk full, a device gone: the machine, not the input, and not a bug
+    try:
+        return int(fn() or 0)
+    except KeyboardInterrupt:
+        print(f"{prog}: {interrupted}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (UsageError, *PATH_ERRORS, *user_errors) as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as exc:
+        code = next((c for t, c in known.items() if isinstance(exc, t)), None)
+        if code is not None:
+            print(f"{prog}: error: {exc}", file=sys.stderr)
+            return code
+        traceback.print_exc()
+        print(f"{prog}: internal error ({type(exc).__name__}), not a problem with your input: the traceback "
+              "above says where; please report it with the command line", file=sys.stderr)
+        return EXIT_FAILURE
 
 
 def positive_int(text: str) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .cli_conventions import default_workers
+from .cli_conventions import default_workers, run_cli
 from .presets import image_size_arg
 
 
@@ -82,18 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .checkpoint import CheckpointError
-    from .data.dataset import DatasetError
-    from .evaluation import UsageError, run
 
-    try:
+    def go() -> int:
+        from .evaluation import run
+
         return run(args)
-    except (CheckpointError, DatasetError, UsageError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:  # unwritable output folder, disk full, ...
-        print(f"error: {exc.filename or ''} {exc.strerror or exc}".strip(), file=sys.stderr)
-        return 2
+
+    return run_cli(go, "kdas_core.evaluate")
 
 
 def __getattr__(name: str):

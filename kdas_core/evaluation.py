@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import csv
 import heapq
-import json
 import math
 import os
 import sys
@@ -29,7 +28,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from .checkpoint import load_checkpoint, read_metadata
-from .cli_conventions import bars_wanted
+from .atomic import staged, write_json
+from .cli_conventions import UsageError, bars_wanted
 from .data.dataset import EvalDataset, Pair, eval_collate, read_pair, resolve_layout
 from .data.transforms import to_tensor
 from .metrics import SUMMARY_KEYS, SegMetrics
@@ -224,10 +224,6 @@ CSV_COLUMNS = ("set", "name", "height", "width", "gt_pixels", "pred_pixels", "Di
                "Dice_mean256", "IoU_mean256", "Sm", "Em", "wFm", "MAE")
 
 
-class UsageError(Exception):
-    """A problem the user can fix (exit code 2, no traceback)."""
-
-
 def format_table(results: dict[str, dict]) -> str:
     name_w = max([len("test set")] + [len(k) for k in results])
     head = f"{'test set':<{name_w}}  " + "  ".join(f"{c:>{max(6, len(c))}}" for c in TABLE_COLUMNS)
@@ -248,8 +244,7 @@ def _pick_device(requested: str | None) -> str:
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
+    with staged(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
         writer.writeheader()
         for r in rows:
@@ -319,10 +314,7 @@ def run(args: argparse.Namespace) -> int:
     csv_path = Path(args.csv) if args.csv else None
     if args.json:
         json_path = Path(args.json)
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(json_path, "w") as f:
-            json.dump({k: _json_safe(v) for k, v in results.items()}, f, indent=2)
-            f.write("\n")
+        write_json(json_path, {k: _json_safe(v) for k, v in results.items()})
         print(f"wrote {json_path}", file=sys.stderr)
         if csv_path is None:
             csv_path = json_path.with_name(json_path.stem + "_per_image.csv")

@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
+from .cli_conventions import UsageError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_THRESHOLD = 0.5  # probability >= threshold is "polyp", unless the checkpoint says otherwise
@@ -49,7 +51,7 @@ def resolve(name: str) -> Preset:
         return PRESETS[name]
     if name.startswith("polyppvt:"):
         return Preset(name.split(":", 1)[1], f"Polyp-PVT decoder on timm backbone {name.split(':', 1)[1]}")
-    raise ValueError(f"unknown model {name!r}; choose one of {list_models()} or 'polyppvt:<timm backbone>'")
+    raise UsageError(f"unknown model {name!r}; choose one of {list_models()} or 'polyppvt:<timm backbone>'")
 
 
 def image_size_problem(size: int) -> str | None:

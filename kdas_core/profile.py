@@ -7,7 +7,6 @@ why our teacher counts 10.8 GMACs at 352² where the Polyp-PVT/KDAS papers print
 
 from __future__ import annotations
 
-import sys
 from typing import TYPE_CHECKING
 
 from .presets import image_size_arg
@@ -38,9 +37,8 @@ def count_macs(model: "torch.nn.Module", size: int = 352) -> int:
 def main(argv: list[str] | None = None) -> int:
     """python -m kdas_core.profile [--image-size S] MODEL_OR_CKPT ...: params and GMACs per model."""
     import argparse
-    import json
 
-    from .cli_conventions import EXIT_USAGE, add_deprecated_alias
+    from .cli_conventions import add_deprecated_alias, run_cli
     from .presets import list_models
 
     p = argparse.ArgumentParser(prog="python -m kdas_core.profile",
@@ -51,22 +49,22 @@ def main(argv: list[str] | None = None) -> int:
     add_deprecated_alias(p, "--size", "--image-size", "size", type=image_size_arg)
     p.add_argument("--json", metavar="OUT", help="also write the figures as JSON")
     args = p.parse_args(argv)
-    from .checkpoint import load_checkpoint
-    from .models import create_model
 
-    rows = {}
-    for name in args.models:
-        try:
+    def go() -> int:
+        from .atomic import write_json
+        from .checkpoint import load_checkpoint
+        from .models import create_model
+
+        rows = {}
+        for name in args.models:  # a typo (unknown preset, not a checkpoint) is a UsageError: one line, exit 2
             model = load_checkpoint(name)[0] if name.endswith(".safetensors") else create_model(name)
-        except Exception as exc:  # a user typo must not be a traceback
-            print(f"kdas_core.profile: error: {exc}", file=sys.stderr)
-            return EXIT_USAGE
-        rows[name] = {"params_M": count_params(model) / 1e6, "gmacs": count_macs(model, args.size) / 1e9, "size": args.size}
-        print(f"{name:<40} {rows[name]['params_M']:6.2f} M params  {rows[name]['gmacs']:6.2f} GMACs at {args.size}²")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
-    return 0
+            rows[name] = {"params_M": count_params(model) / 1e6, "gmacs": count_macs(model, args.size) / 1e9, "size": args.size}
+            print(f"{name:<40} {rows[name]['params_M']:6.2f} M params  {rows[name]['gmacs']:6.2f} GMACs at {args.size}²")
+        if args.json:
+            write_json(args.json, rows)
+        return 0
+
+    return run_cli(go, "kdas_core.profile")
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ STRIDE = 8  # the decoder's P1/P2 logits are predicted at 1/8 of the input size
 ROTATION_FILL_LOGIT = -10.0  # what a teacher says about the black corners a rotation brings in
 
 
-class TeacherTargetsError(ValueError):
+class TeacherTargetsError(UsageError):
     """Targets that cannot be used for this run; the message says which key differs."""
 
 
@@ -74,7 +74,7 @@ def compute(teachers: list[str], data: str, size: int, tta: str = "none", batch_
     layout = resolve_layout(data)
     pairs = layout.train
     if not pairs:
-        raise ValueError(f"{data}: no training data (TrainDataset/ or images/+masks/)")
+        raise UsageError(f"{data}: no training data (TrainDataset/ or images/+masks/)")
     models = [load_checkpoint(p, device) for p in teachers]
     shas = [file_sha256(p) for p in teachers]  # the key and the record: each file hashed once
     out = torch.empty(len(pairs), 2, size // STRIDE, size // STRIDE, dtype=torch.float16)

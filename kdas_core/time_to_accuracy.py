@@ -19,6 +19,8 @@ import os
 import sys
 
 from .cli_common import run_cli
+from .cli_conventions import UsageError
+from .atomic import write_json
 
 
 def read_curve(run: str) -> list[tuple[float, float]]:
@@ -29,7 +31,7 @@ def read_curve(run: str) -> list[tuple[float, float]]:
         rows = list(csv.DictReader(f))
     pts = [(float(r["wall_min"]), float(r["val_mDice"])) for r in rows if r.get("wall_min") and r.get("val_mDice")]
     if not pts:
-        raise ValueError(f"{path}: no rows with wall_min and val_mDice (written by an older version, or no validation)")
+        raise UsageError(f"{path}: no rows with wall_min and val_mDice (written by an older version, or no validation)")
     return pts
 
 
@@ -48,7 +50,7 @@ def first_reaching(curve: list[tuple[float, float]], value: float) -> float | No
 def compare(baseline: list[tuple[float, float]], candidate: list[tuple[float, float]], at: float) -> dict:
     target = best_by(baseline, at)
     if target is None:
-        raise ValueError(f"the baseline finished no validated epoch within {at:g} minutes")
+        raise UsageError(f"the baseline finished no validated epoch within {at:g} minutes")
     reached = first_reaching(candidate, target)
     return {"at_min": at, "baseline_val_mDice_at": target, "candidate_min_to_reach": reached,
             "speedup": None if reached is None else round(at / reached, 2),
@@ -132,8 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         print("candidate reaches it " + (f"after {reached:.1f} min ({result['speedup']}x)" if reached is not None else "never")
               + f"; target (<= {args.at / 2:g} min): {'met' if result['target_met'] else 'missed'}")
         if args.json:
-            with open(args.json, "w") as f:
-                json.dump(result, f, indent=2)
+            write_json(args.json, result)
         if args.png:
             plot(result, tuple(labels), args.png)
 

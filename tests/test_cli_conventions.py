@@ -58,9 +58,35 @@ def test_one_exit_code_table_for_kdas_core_engines_and_app():
     for exc, code in cases:
         assert run_cli(_raiser(exc), "t") == code, exc
         assert engines_run(_raiser(exc), []) == code, exc
-    assert run_cli(_raiser(ValueError("bad option")), "t") == EXIT_USAGE
-    assert run_cli(_raiser(RuntimeError("failed while running")), "t") == EXIT_FAILURE  # not dressed up as bad input
     assert AppError("bad file").exit_code == EXIT_USAGE and AppError("x", EXIT_FAILURE).exit_code == EXIT_FAILURE
+
+
+def test_only_our_own_input_errors_are_user_errors(capsys):
+    """A bare ValueError/RuntimeError from inside torch or numpy is a bug: traceback, exit 1, said so;
+    our named input errors are one line and exit 2 (issue 15)."""
+    from engines.cli_common import VerifyError, run as engines_run
+    from engines.errors import BackendError
+    from kdas_core.checkpoint import CheckpointError
+    from kdas_core.cli_conventions import EXIT_FAILURE, EXIT_USAGE, EXIT_VERIFY, RunFailure, UsageError, run_cli
+    from kdas_core.data.dataset import DatasetError
+
+    for exc in (UsageError("--epochs must be > 0"), CheckpointError("x.safetensors: not a checkpoint"),
+                DatasetError("d: no images")):
+        assert run_cli(_raiser(exc), "t") == EXIT_USAGE, exc
+        err = capsys.readouterr().err
+        assert err == f"t: error: {exc}\n", err  # one line, no traceback
+    assert run_cli(_raiser(RunFailure("loss became nan")), "t") == EXIT_FAILURE
+    assert "Traceback" not in capsys.readouterr().err
+    for bug in (ValueError("operands could not be broadcast"), RuntimeError("shape '[2, 3]' is invalid"),
+                KeyError("conv1.weight")):
+        assert run_cli(_raiser(bug), "t") == EXIT_FAILURE, bug
+        err = capsys.readouterr().err
+        assert "Traceback" in err and "internal error" in err and "not a problem with your input" in err, err
+    assert engines_run(_raiser(VerifyError("max diff 0.3")), []) == EXIT_VERIFY
+    assert engines_run(_raiser(BackendError("m.onnx: unknown model file type")), []) == EXIT_USAGE
+    assert "test_cli_conventions: error: m.onnx" in capsys.readouterr().err  # the command's name, then the message
+    assert engines_run(_raiser(IndexError("list index out of range")), []) == EXIT_FAILURE
+    assert "Traceback" in capsys.readouterr().err
 
 
 def test_deprecated_alias_stores_into_the_new_flag_and_warns(capsys):

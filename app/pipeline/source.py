@@ -308,7 +308,6 @@ class SourceStage(threading.Thread):
         self._seek_to: float | None = None
         self._step = False  # emit one frame although paused (after a seek)
         self.ended = False
-        self.position = 0.0  # pts of the last frame sent (seconds)
         self.last_frame_time = time.perf_counter()
         self.signal_ok = True
         self._index = 0
@@ -431,8 +430,6 @@ class SourceStage(threading.Thread):
     def _emit(self, image, pts: float | None) -> None:
         frame = new_frame(image, self._index, pts, self.epoch.value)
         self._index += 1
-        if pts is not None:
-            self.position = pts
         self.stats.frame_in()
         self.out.put(frame)
 

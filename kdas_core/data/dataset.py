@@ -19,14 +19,14 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..cli_conventions import name_some
+from ..cli_conventions import UsageError, name_some
 from .transforms import TrainAugment, to_tensor
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"}
 Pair = tuple[str, str]
 
 
-class DatasetError(ValueError):
+class DatasetError(UsageError):
     """Bad or inconsistent data; the message names the offending files."""
 
 
@@ -135,7 +135,7 @@ def split_by_groups(pairs: list[Pair], val_fraction: float, groups: str = "auto"
     from .groups import assign_groups
 
     if not 0 <= val_fraction < 1:
-        raise ValueError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+        raise UsageError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     ids = assign_groups([p[0] for p in pairs], groups)
     members: dict[int, list[Pair]] = {}
     for pair, g in zip(pairs, ids):
@@ -282,9 +282,9 @@ def subset_pairs(pairs: list[Pair], spec: str) -> list[Pair]:
     try:
         k, total = (int(x) for x in spec.split("/"))
     except ValueError:
-        raise ValueError(f"--subset expects k/K such as 2/4, got {spec!r}") from None
+        raise UsageError(f"--subset expects k/K such as 2/4, got {spec!r}") from None
     if not 1 <= k <= total:
-        raise ValueError(f"--subset {spec}: k must be between 1 and K")
+        raise UsageError(f"--subset {spec}: k must be between 1 and K")
     keyed = _hashed_order(pairs, "subset")
     part = sorted(keyed[k - 1::total])
     if not part:

@@ -32,6 +32,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from ..atomic import staged
+from ..cli_conventions import UsageError
 from .dataset import IMAGE_EXTS, DatasetError  # dataset imports this module only inside a function
 
 DUPLICATE = 0.90
@@ -40,7 +42,7 @@ THUMB = 32
 MAX_FRAME_GAP = 2
 
 
-class GroupsError(ValueError):
+class GroupsError(UsageError):
     """A groups CSV that cannot be used; the message names the file and the row."""
 
 
@@ -74,10 +76,8 @@ def thumbnails(paths: list[str]) -> np.ndarray:
             pass  # a damaged cache file is recomputed
     arr = np.stack([_thumbnail(p) for p in paths]) if paths else np.zeros((0, 3 * THUMB * THUMB), np.float32)
     try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(f".tmp{os.getpid()}.npy")
-        np.save(tmp, arr, allow_pickle=False)
-        os.replace(tmp, cache)
+        with staged(cache, suffix=".npy") as tmp:
+            np.save(tmp, arr, allow_pickle=False)
     except OSError:
         pass  # a read-only cache only costs the recomputation
     return arr

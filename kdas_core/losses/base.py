@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from ..kd_methods import KD_METHODS
+from ..cli_conventions import UsageError
 
 
 class Distiller(nn.Module):
@@ -59,11 +60,11 @@ def parse_kd_spec(spec: str) -> list[tuple[str, float]]:
         if name == "none":
             continue
         if name not in _REGISTRY:
-            raise ValueError(f"unknown --kd method {name!r}; choose from {', '.join(available())}")
+            raise UsageError(f"unknown --kd method {name!r}; choose from {', '.join(available())}")
         try:
             weight = float(w) if w else 1.0
         except ValueError:
-            raise ValueError(f"--kd {item!r}: weight must be a number, e.g. {name}:0.5") from None
+            raise UsageError(f"--kd {item!r}: weight must be a number, e.g. {name}:0.5") from None
         out.append((name, weight))
     return out
 

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from .efficientnet_lite_weights import PACKAGES as OFFLINE_PACKAGES, load_offline_imagenet
+from ..cli_conventions import UsageError
 
 
 class Encoder(nn.Module):
@@ -16,11 +17,17 @@ class Encoder(nn.Module):
 
     def __init__(self, backbone: str):
         super().__init__()
-        probe = timm.create_model(backbone, pretrained=False, features_only=True)
+        try:
+            probe = timm.create_model(backbone, pretrained=False, features_only=True)
+        except RuntimeError as exc:  # timm: "Unknown model (...)": a typo in polyppvt:<backbone>
+            if "Unknown model" not in str(exc):
+                raise
+            raise UsageError(f"backbone {backbone!r}: timm has no such model (timm.list_models('*{backbone[:6]}*') "
+                             "lists similar names)") from None
         reductions = probe.feature_info.reduction()
         wanted = [reductions.index(r) for r in (4, 8, 16, 32) if r in reductions]
         if len(wanted) != 4:
-            raise ValueError(f"backbone {backbone!r} has no stages at strides 4/8/16/32 (it has {reductions})")
+            raise UsageError(f"backbone {backbone!r} has no stages at strides 4/8/16/32 (it has {reductions})")
         self.backbone_name = backbone
         self.body = timm.create_model(backbone, pretrained=False, features_only=True, out_indices=tuple(wanted))
         self.channels: list[int] = self.body.feature_info.channels()
@@ -57,7 +64,7 @@ class Encoder(nn.Module):
         matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
         missing = [k for k in own if k not in matched and not k.endswith("num_batches_tracked")]
         if missing:
-            raise RuntimeError(
+            raise UsageError(
                 f"pretrained weights from {desc} leave {len(missing)} backbone tensors unmatched "
                 f"(e.g. {missing[:4]}); is it a checkpoint of {self.backbone_name!r}?"
             )
@@ -76,5 +83,5 @@ def _read_state_file(path: str) -> dict[str, torch.Tensor]:
     if isinstance(obj, dict) and "state_dict" in obj:
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
-        raise ValueError(f"--pretrained {path}: expected a state dict of tensors")
+        raise UsageError(f"--pretrained {path}: expected a state dict of tensors")
     return obj

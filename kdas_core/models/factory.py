@@ -11,5 +11,4 @@ def create_model(name: str, pretrained: str | None = None) -> PolypPVT:
     preset = resolve(name)
     model = PolypPVT(preset.backbone, channel=preset.channel)
     model.pretrained_source = model.encoder.load_pretrained(pretrained)
-    model.preset_name = name
     return model

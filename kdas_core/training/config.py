@@ -24,6 +24,7 @@ from typing import Any
 
 from ..cli_conventions import positive_float, positive_int
 from ..presets import DEFAULT_THRESHOLD, PRESETS, image_size_arg, list_models
+from ..cli_conventions import UsageError
 
 
 
@@ -217,13 +218,13 @@ def read_config_file(path: str) -> dict[str, Any]:
         with open(path) as f:
             raw = json.load(f)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"--config {path}: not JSON ({exc})") from None
+        raise UsageError(f"--config {path}: not JSON ({exc})") from None
     known = {f.name for f in fields(TrainConfig)}
     if not isinstance(raw, dict) or "model" not in raw:
-        raise ValueError(f"--config {path}: not a kdas run configuration (no 'model' field)")
+        raise UsageError(f"--config {path}: not a kdas run configuration (no 'model' field)")
     unknown = sorted(k for k in raw if k not in known and k != "resolved")
     if unknown:
-        raise ValueError(f"--config {path}: unknown field(s) {', '.join(unknown)} (written by another version?)")
+        raise UsageError(f"--config {path}: unknown field(s) {', '.join(unknown)} (written by another version?)")
     out = {k: v for k, v in raw.items() if k in known}
     if out.get("multiscale") is not None:
         out["multiscale"] = tuple(out["multiscale"])
@@ -247,7 +248,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         values["teachers"] = list(given["teacher"] or [])
     missing = [_flag(k) for k in REQUIRED if not values.get(k)]
     if missing:
-        raise ValueError(f"missing {', '.join(missing)} (give them, or --config RUN/config.json)")
+        raise UsageError(f"missing {', '.join(missing)} (give them, or --config RUN/config.json)")
     if not 0 <= values["val_fraction"] < 1:
-        raise ValueError(f"--val-fraction must be in [0, 1), got {values['val_fraction']}")
+        raise UsageError(f"--val-fraction must be in [0, 1), got {values['val_fraction']}")
     return TrainConfig(**values)

@@ -7,7 +7,6 @@ and a list of distillers whose terms are added to the (possibly down-weighted) s
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 import random
@@ -22,7 +21,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
-from ..cli_conventions import bars_wanted
+from ..atomic import staged, write_json
+from ..cli_conventions import RunFailure, UsageError, bars_wanted
 from ..checkpoint import build_metadata, file_sha256, load_checkpoint, read_tensors, save_checkpoint
 from ..data.dataset import TrainDataset, resolve_layout, split_by_groups, subset_pairs
 from ..losses import build_distillers, structure_loss
@@ -150,12 +150,10 @@ class RunLog:
         keys: list[str] = []
         for r in self.rows:
             keys += [k for k in r if k not in keys]
-        tmp = self.csv_path + ".tmp"
-        with open(tmp, "w", newline="") as f:
+        with staged(self.csv_path) as tmp, open(tmp, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=keys)
             w.writeheader()
             w.writerows(self.rows)
-        os.replace(tmp, self.csv_path)
         if self.tb is not None:
             for k, v in row.items():
                 if isinstance(v, (int, float)) and k != "epoch":
@@ -184,7 +182,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
             torch.set_num_threads(cfg.threads)
         layout = resolve_layout(cfg.data)
         if not layout.train:
-            raise ValueError(f"{cfg.data}: no training data (TrainDataset/ or images/+masks/)")
+            raise UsageError(f"{cfg.data}: no training data (TrainDataset/ or images/+masks/)")
         split = split_by_groups(layout.train, cfg.val_fraction, cfg.groups)
         train_pairs, val_pairs = split.train, split.val
         if cfg.subset:
@@ -215,12 +213,12 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         else:
             teachers = _load_teachers(cfg.teachers, device)
         if cfg.kd != "none" and not teachers and cached is None:
-            raise ValueError(f"--kd {cfg.kd} needs at least one --teacher checkpoint (or --teacher-targets)")
+            raise UsageError(f"--kd {cfg.kd} needs at least one --teacher checkpoint (or --teacher-targets)")
         distillers = build_distillers(cfg.kd, student, [t.model for t in teachers])
         if cached is not None:
             live = [d.name for d in distillers if d.teacher_outputs is None]
             if live or not len(distillers):
-                raise ValueError(f"--teacher-targets holds the teachers' output maps only; --kd {cfg.kd} "
+                raise UsageError(f"--teacher-targets holds the teachers' output maps only; --kd {cfg.kd} "
                                  + (f"({', '.join(live)}) needs the teachers' features: give --teacher instead"
                                     if live else "distils nothing: add --kd kdas, kdas-paper or kd"))
         step_module = TrainStep(student, distillers, teachers, (mean, std)).to(device)
@@ -277,12 +275,11 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
             teacher_info = [{k: t[k] for k in ("path", "preset", "sha256")} | {"via": "cached targets",
                             "tta": cached["key"]["tta"]} for t in cached["teachers"]]
         if is_main:
-            with open(os.path.join(cfg.out, "config.json"), "w") as f:
-                json.dump({**cfg.to_dict(), "resolved": {"image_size": size, "mean": mean, "std": std,
-                           "device": str(device), "world_size": world, "amp": str(amp_dtype) if use_amp else "off",
-                           "pretrained": pretrained_desc, "steps_per_epoch": steps_per_epoch,
-                           "params_student": n_params,
-                           "teachers": teacher_info, "data": data_info}}, f, indent=2)
+            write_json(os.path.join(cfg.out, "config.json"), {**cfg.to_dict(), "resolved": {
+                "image_size": size, "mean": mean, "std": std, "device": str(device), "world_size": world,
+                "amp": str(amp_dtype) if use_amp else "off", "pretrained": pretrained_desc,
+                "steps_per_epoch": steps_per_epoch, "params_student": n_params, "teachers": teacher_info,
+                "data": data_info}})
             log = RunLog(cfg.out, cfg.resume)
             print(f"[kdas] {cfg.model} ({n_params / 1e6:.2f} M params, init: "
                   f"{init_desc}) on {device}, {split.describe()}"
@@ -332,7 +329,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
                     with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
                         loss, terms = wrapped(image, mask, targets)
                     if not torch.isfinite(loss):
-                        raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch + 1}, step {i + 1}: "
+                        raise RunFailure(f"loss became {loss.item()} at epoch {epoch + 1}, step {i + 1}: "
                                                  f"terms {({k: float(v) for k, v in terms.items()})}; lower --lr?")
                     optimizer.zero_grad(set_to_none=True)
                     scaler.scale(loss).backward()

@@ -25,7 +25,6 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from ..base import Distiller, register

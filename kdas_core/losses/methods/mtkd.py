@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from ..base import Distiller, register
 from .common import binary_kl, fused_logits, pair, per_teacher_adapters, resize_to, scaled, standardise
+from ...cli_conventions import UsageError
 
 
 def dice_loss(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -92,7 +93,7 @@ class MTKD(Distiller):
                  feature_weight: float = 1.0, weighting: str = "dice", weight_temperature: float = 0.1):
         super().__init__(student, teachers, weight)
         if weighting not in ("dice", "confidence", "mean"):
-            raise ValueError(f"mtkd weighting must be dice, confidence or mean, got {weighting!r}")
+            raise UsageError(f"mtkd weighting must be dice, confidence or mean, got {weighting!r}")
         self.tau, self.kl_weight, self.feature_weight = tau, kl_weight, feature_weight
         self.weighting, self.weight_temperature = weighting, weight_temperature
         self.adapters = per_teacher_adapters(student, teachers, "features.3")
