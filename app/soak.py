@@ -19,6 +19,8 @@ import sys
 import tempfile
 import time
 
+from kdas_core.atomic import write_json
+
 from . import DEFAULT_WEIGHTS, DEMO_CLIP
 from .errors import AppError
 from .testing import rss_mb
@@ -92,8 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(json.dumps({k: v for k, v in report.items() if k != "samples"}, indent=2))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+        write_json(args.json, report)
     return 0 if report["pass"] else 1
 
 
