@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,31 @@ def shared_data(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"real data not present at {path} (only in the team's checkout with ../shared)")
     return path
+
+
+def wait_until(predicate, timeout: float, what: str, poll: float = 0.01) -> None:
+    """Poll `predicate` until it holds; fail naming `what` after `timeout` seconds. For threads
+    and subprocesses (Qt tests use qtbot.waitUntil, which also processes events)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(poll)
+
+
+def wait_for_file(folder: Path, pattern: str, proc, timeout: float = 90.0) -> Path:
+    """The first `folder/pattern` file once it exists, while `proc` still runs (our recorders
+    create their file with the first frame, so a recording has begun). Fails with the process's
+    output if it ends first, or after `timeout` seconds."""
+
+    def found() -> bool:
+        if proc.poll() is not None:
+            out = proc.communicate(timeout=10)
+            pytest.fail(f"the process ended (exit {proc.returncode}) before {folder / pattern} appeared; output: {out}")
+        return any(folder.glob(pattern))
+
+    wait_until(found, timeout, f"{folder / pattern} to appear", poll=0.05)
+    return sorted(folder.glob(pattern))[0]
 
 
 def write_pair_folder(root: Path, n: int, size: int = 48, seed: int = 0) -> Path:

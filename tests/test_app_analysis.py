@@ -195,12 +195,13 @@ def test_compare_mode_on_the_demo_clip(assets, tmp_path):
     assert all(f.probs_b is not None and f.probs_b.shape == (96, 96) and f.mask_b is not None for f in frames)
     rows = list(csv.DictReader(csv_path.open()))
     assert all(r["inference_b_ms"] and r["agreement_dice"] for r in rows)
+    assert c["agreement"]["dice_mean"] == pytest.approx(np.mean([float(r["agreement_dice"]) for r in rows]), abs=1e-3)
     # where B has a mask and A does not, B's outline is magenta
     f = next((f for f in frames if f.mask_b.any()), None)
-    if f is not None:
-        ys, xs = np.nonzero(f.mask_b)
-        px = f.overlay[ys, xs]
-        assert ((px[:, 0] == 255) & (px[:, 1] == 0) & (px[:, 2] == 255)).any()
+    assert f is not None, "model B masked nothing in 12 frames: the outline check below cannot run"
+    ys, xs = np.nonzero(f.mask_b)
+    px = f.overlay[ys, xs]
+    assert ((px[:, 0] == 255) & (px[:, 1] == 0) & (px[:, 2] == 255)).any()
 
 
 def test_cli_flag_errors(assets, tmp_path):

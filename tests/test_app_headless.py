@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import av
@@ -17,7 +16,7 @@ import pytest
 from app.headless import run_headless
 from app.testing import garbage, make_checkpoint, make_clip, truncate
 
-from .conftest import shared_data
+from .conftest import shared_data, wait_for_file
 
 REPO = Path(__file__).resolve().parents[1]
 STATS_KEYS = {"frames_in", "frames_out", "dropped", "fps", "inference_ms_p50", "latency_ms_p50", "latency_ms_p95",
@@ -186,11 +185,7 @@ def test_signal_finalises_the_recording(assets, tmp_path, sig):
                                     "--backend", "torch", "--threads", "1", "--loop", "20"),
                             cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.time() + 90
-        while not out.exists() and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.1)  # the recorder creates the file with the first frame
-        time.sleep(1.0)
-        assert proc.poll() is None, proc.stderr.read()
+        wait_for_file(out.parent, out.name, proc)  # still running, recording begun
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=60)
     finally:

@@ -21,6 +21,8 @@ from app.pipeline.source import CameraReader, Epoch, SourceStage, VideoFileReade
 from app.pipeline.stats import Histogram, RunStats
 from app.testing import garbage, make_clip, truncate
 
+from .conftest import wait_until
+
 
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory):
@@ -61,11 +63,11 @@ def test_bounded_queue_blocks_instead_of_dropping():
 
     t = threading.Thread(target=producer)
     t.start()
-    time.sleep(0.1)
-    assert got == []
+    t.join(0.1)  # a put that did not block would return at once
+    assert t.is_alive() and got == []
     assert q.get(1) == 1
-    t.join(2)
-    assert got == ["put"]
+    t.join(10)
+    assert not t.is_alive() and got == ["put"]
     assert [q.get(0), q.get(0)] == [2, 3]
 
 
@@ -257,30 +259,29 @@ class Events:
 
 
 def test_camera_unplugged_shows_signal_lost_retries_and_resumes():
-    world = {"plugged": True, "reads": 0}
-    reader = CameraReader(0, factory=lambda dev: FakeCapture(world))
+    world = {"plugged": True, "reads": 0, "opens": 0}
+
+    def factory(dev):
+        world["opens"] += 1
+        return FakeCapture(world)
+
+    reader = CameraReader(0, factory=factory)
     out, events, stats = LatestSlot(), Events(), RunStats()
     stage = SourceStage(reader, out, stats=stats, events=events, epoch=Epoch(), realtime=True)
     stage.RETRY_S = (0.02,)
     stage.start()
     try:
-        deadline = time.time() + 5
-        while stats.frames_in < 5 and time.time() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: stats.frames_in >= 5, 30, "5 frames from the camera")
         world["plugged"] = False
-        while events.signals != [False] and time.time() < deadline:
-            time.sleep(0.01)
-        assert events.signals == [False] and not stage.signal_ok
-        before = stats.frames_in
-        time.sleep(0.2)
+        wait_until(lambda: events.signals == [False], 30, "'signal lost'")
+        assert not stage.signal_ok
+        before, opens = stats.frames_in, world["opens"]
+        wait_until(lambda: world["opens"] >= opens + 3, 30, "3 attempts to reopen the unplugged camera")
         assert stats.frames_in == before  # nothing while unplugged, and no crash
         world["plugged"] = True
-        while events.signals != [False, True] and time.time() < deadline:
-            time.sleep(0.01)
-        assert events.signals == [False, True] and stage.signal_ok
-        while stats.frames_in < before + 5 and time.time() < deadline:
-            time.sleep(0.01)
-        assert stats.frames_in >= before + 5  # frames flow again
+        wait_until(lambda: events.signals == [False, True], 30, "'signal back'")
+        assert stage.signal_ok
+        wait_until(lambda: stats.frames_in >= before + 5, 30, "frames to flow again")
         assert out.get(1).image.shape == (48, 64, 3)
     finally:
         stage.stop()

@@ -22,6 +22,8 @@ from app import DISCLAIMER  # noqa: E402
 from app.testing import make_checkpoint, make_clip, truncate  # noqa: E402
 from app.ui.main_window import MainWindow  # noqa: E402
 
+from .conftest import wait_for_file  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 WAIT_MS = 60_000  # generous: CI machines are shared; tests finish as soon as the condition holds
 
@@ -70,6 +72,18 @@ def wait_frames(qtbot, win, n: int) -> None:
     qtbot.waitUntil(lambda: win.pipeline.stats.frames_out >= n, timeout=WAIT_MS)
 
 
+def wait_settled(qtbot, win) -> None:
+    """After a pause: every frame the source emitted has been shown or counted as dropped, on two
+    polls in a row (a frame already past the source's pacing when pause came is counted too)."""
+    s, seen = win.pipeline.stats, []
+
+    def settled() -> bool:
+        seen.append((s.frames_in, s.frames_out + s.dropped))
+        return len(seen) >= 2 and seen[-1] == seen[-2] and seen[-1][0] == seen[-1][1]
+
+    qtbot.waitUntil(settled, timeout=WAIT_MS)
+
+
 def test_window_plays_and_shows_disclaimer_model_and_readouts(qtbot, window, assets):
     win = window()
     assert DISCLAIMER in win.windowTitle() and win.disclaimer.text() == DISCLAIMER
@@ -91,7 +105,7 @@ def test_sliders_and_keys_change_the_overlay_while_paused(qtbot, window, assets)
     wait_frames(qtbot, win, 3)
     qtbot.keyClick(win, Qt.Key.Key_Space)  # pause
     assert win.paused and win.play_button.text() == "Play"
-    time.sleep(0.3)  # let in-flight frames land
+    wait_settled(qtbot, win)  # in-flight frames have landed
 
     def shown_after(action):
         before = image_array(win)
@@ -248,18 +262,6 @@ def _env(**extra):
     return env
 
 
-def _wait_for_recording(folder: Path, proc, timeout=90.0) -> Path:
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        files = list(folder.glob("*.mp4"))
-        if files:  # created with the first recorded frame; give it a few more
-            time.sleep(1.0)
-            return files[0]
-        time.sleep(0.1)
-    out = proc.communicate(timeout=10) if proc.poll() is not None else ("", "")
-    raise AssertionError(f"no recording appeared; app output: {out}")
-
-
 def test_sigterm_closes_the_window_and_finalises_the_recording(assets, tmp_path):
     rec = tmp_path / "rec"
     proc = subprocess.Popen([sys.executable, "-m", "app", assets["long"], "--weights", assets["ckpt"], "--backend", "torch",
@@ -267,7 +269,7 @@ def test_sigterm_closes_the_window_and_finalises_the_recording(assets, tmp_path)
                             cwd=REPO, env=_env(QT_QPA_PLATFORM="offscreen"), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
-        path = _wait_for_recording(rec, proc)
+        path = wait_for_file(rec, "*.mp4", proc)  # created with the first recorded frame
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)
     finally:
@@ -380,7 +382,7 @@ def test_analysis_controls_smooth_cue_and_compare(qtbot, window, assets, tmp_pat
     qtbot.keyClick(win, Qt.Key.Key_P)  # cue border off: the label stays, the border goes
     assert win.analysis.cue_border is False
     qtbot.keyClick(win, Qt.Key.Key_Space)
-    time.sleep(0.3)
+    wait_settled(qtbot, win)
     win.pipeline.refresh()
     qtbot.waitUntil(lambda: tuple(image_array(win)[0, 80]) != CUE_RGB, timeout=WAIT_MS)
     stats = win.stats_summary()

