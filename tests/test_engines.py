@@ -729,7 +729,7 @@ def test_inference_stage_runtime_sticky_error_reloads_on_cpu():
     calls, notices = [], []
 
     class Events:
-        def notice(self, text):
+        def notice(self, text, kind="info"):
             notices.append(text)
 
         def model_ready(self, info):
