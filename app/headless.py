@@ -14,7 +14,6 @@ import os
 import signal
 import sys
 import threading
-import time
 from dataclasses import dataclass, field
 
 from kdas_core.atomic import write_json
