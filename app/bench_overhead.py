@@ -35,6 +35,10 @@ from pathlib import Path
 
 import numpy as np
 
+from kdas_core.atomic import write_json
+from kdas_core.cli_conventions import nonnegative_int, positive_int
+from kdas_core.presets import DEFAULT_THRESHOLD, image_size_arg
+
 from .errors import AppError
 
 
@@ -46,7 +50,7 @@ class StandInBackend:
 
     def __init__(self, size: int = 352):
         self.input_size = (size, size)
-        self.threshold = 0.5
+        self.threshold = DEFAULT_THRESHOLD  # a stand-in has no metadata of its own
         yy, xx = np.mgrid[0:size, 0:size]
         self._probs = (((yy - size * 0.45) ** 2 + (xx - size * 0.55) ** 2) < (size * 0.18) ** 2).astype(np.float32)
 
@@ -268,16 +272,16 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m app.bench_overhead", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="1920x1080", help="WxH of the clip made for the run (default 1920x1080)")
-    p.add_argument("--frames", type=int, default=300, help="frames in that clip (default 300)")
+    p.add_argument("--frames", type=positive_int, default=300, help="frames in that clip (default 300)")
     p.add_argument("--source", help="use this video instead of making one")
     p.add_argument("--images", metavar="DIR",
                    help="make the clip from the largest real images in DIR (e.g. ../shared/data/polyp/TrainDataset) "
                         "instead of synthetic frames")
     p.add_argument("--keep-clip", metavar="MP4", help="also keep the clip made for the run here (never commit it)")
-    p.add_argument("--stages", type=int, default=100, metavar="N",
+    p.add_argument("--stages", type=nonnegative_int, default=100, metavar="N",
                    help="per-stage breakdown over the first N frames, headless and window (default 100; 0: skip)")
     p.add_argument("--view", default="948x533", help="window mode: the video widget's size, WxH (default 948x533)")
-    p.add_argument("--model-size", type=int, default=352, help="stand-in model input size (default 352)")
+    p.add_argument("--model-size", type=image_size_arg, default=352, help="stand-in model input size (default 352)")
     p.add_argument("--window", action="store_true",
                    help="instead: play the clip in the real window with the stand-in model and report dropped "
                         "frames and latency (needs a display, e.g. xvfb-run -a; offscreen without one)")
@@ -315,8 +319,7 @@ def main(argv: list[str] | None = None) -> int:
                     "source_fps", "qt_platform")
             print(json.dumps({k: stats.get(k) for k in keys}, indent=2))
             if args.json:
-                with open(args.json, "w") as f:
-                    json.dump(stats, f, indent=2)
+                write_json(args.json, stats)
             return 0
         stages = {}
         if args.stages > 0:
@@ -352,9 +355,8 @@ def main(argv: list[str] | None = None) -> int:
                "stages": stages}
     print(json.dumps(summary, indent=2))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({**res.stats, **{k: summary[k] for k in ("cpu_ms_per_frame", "cpu_count", "cpu_bound_fps")},
-                       "stages": stages}, f, indent=2)
+        write_json(args.json, {**res.stats, **{k: summary[k] for k in ("cpu_ms_per_frame", "cpu_count", "cpu_bound_fps")},
+                               "stages": stages})
     return res.exit_code
 
 

@@ -6,16 +6,15 @@ import argparse
 import os
 import sys
 
+from engines import BACKENDS, CHOICES
 from kdas_core.cli_conventions import (EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE,
-                                      add_deprecated_alias, exit_codes_help)
+                                      add_deprecated_alias, exit_codes_help, positive_int)
 
 from . import DEFAULT_WEIGHTS, DEMO_CLIP, DISCLAIMER
 from .errors import AppError
 from .pipeline.analysis import AnalysisSettings
 from .pipeline.cue import CueSpec
 from .pipeline.temporal import SmoothSpec
-
-BACKENDS = ("auto", "tensorrt", "onnxruntime", "torch")
 
 DESCRIPTION = f"""\
 Real-time polyp segmentation on endoscopy video: the model's mask is drawn over the video
@@ -39,7 +38,7 @@ model
                     or a TensorRT .engine (python -m engines.build)
   (none)            {DEFAULT_WEIGHTS.relative_to(DEFAULT_WEIGHTS.parents[2])}
   Input size, normalisation and the default threshold come from the model's own metadata.
-  --backend auto tries tensorrt -> onnxruntime -> torch; if the chosen one fails, the next
+  --backend auto tries {" -> ".join(BACKENDS)}; if the chosen one fails, the next
   one takes over and the window says so.
 
 examples
@@ -77,16 +76,6 @@ def _unit_interval(name: str):
     return _number_in(name, 0.0, 1.0)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
 def _smooth_spec(text: str) -> SmoothSpec:
     try:
         return SmoothSpec.parse(text)
@@ -97,9 +86,9 @@ def _smooth_spec(text: str) -> SmoothSpec:
 
 def add_cue_arguments(group) -> None:
     """--cue-on / --cue-off / --min-area (the viewer and app.eval_clip)."""
-    group.add_argument("--cue-on", type=_positive_int, default=CueSpec.on_after, metavar="N",
+    group.add_argument("--cue-on", type=positive_int, default=CueSpec.on_after, metavar="N",
                        help=f"polyp cue: on after N frames in a row with a polyp (default {CueSpec.on_after})")
-    group.add_argument("--cue-off", type=_positive_int, default=CueSpec.off_after, metavar="M",
+    group.add_argument("--cue-off", type=positive_int, default=CueSpec.off_after, metavar="M",
                        help=f"polyp cue: off after M frames in a row without one (default {CueSpec.off_after})")
     group.add_argument("--min-area", type=_number_in("--min-area", 0.0, 100.0), default=CueSpec.min_area_pct,
                        metavar="PCT", help="a frame has a polyp when the mask covers at least PCT %% of it "
@@ -135,14 +124,14 @@ def resolve_compare(args) -> str | None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m app",
-        usage="\n  python -m app [SOURCE] [--weights PATH] [--backend auto|tensorrt|onnxruntime|torch]\n"
+        usage=f"\n  python -m app [SOURCE] [--weights PATH] [--backend {'|'.join(CHOICES)}]\n"
               "                [--threshold T] [--opacity A] [--record DIR] [--smooth [SPEC]] [--compare-weights OTHER]\n"
               "  python -m app SOURCE --headless --out OUT.mp4 [--stats STATS.json] [--frames-csv PATH]",
         description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", nargs="?", metavar="SOURCE", help="video file, camera (0, /dev/video0), or nothing for the demo clip")
     add_weights_argument(p, "the bundled student")
-    p.add_argument("--backend", choices=BACKENDS, default="auto", help="inference backend (default: auto = fastest that works)")
-    p.add_argument("--threads", type=_positive_int, metavar="N",
+    p.add_argument("--backend", choices=CHOICES, default="auto", help="inference backend (default: auto = fastest that works)")
+    p.add_argument("--threads", type=positive_int, metavar="N",
                    help="CPU threads for the onnxruntime/torch backends (default: theirs); on a busy or small "
                         "machine fewer threads than cores leaves room for decode/overlay/encode")
     p.add_argument("--threshold", type=_unit_interval("--threshold"), metavar="T",
@@ -169,8 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--out", metavar="OUT.mp4", help="headless: the overlaid video (H.264 MP4), every input frame")
     h.add_argument("--stats", metavar="STATS.json",
                    help="throughput and latency figures as JSON (headless; in the window: written on exit)")
-    h.add_argument("--loop", type=_positive_int, default=1, metavar="N", help="headless: play a file N times (soak benchmarks)")
-    h.add_argument("--max-frames", type=_positive_int, metavar="N", help="headless: stop after N frames")
+    h.add_argument("--loop", type=positive_int, default=1, metavar="N", help="headless: play a file N times (soak benchmarks)")
+    h.add_argument("--max-frames", type=positive_int, metavar="N", help="headless: stop after N frames")
     h.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="headless progress bar (default: on when stderr is a terminal)")
     w = p.add_argument_group("window benchmarks")

@@ -176,21 +176,25 @@ def _table(res: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from engines import CHOICES
+    from kdas_core.atomic import write_json
+    from kdas_core.cli_conventions import positive_int
+
     from . import DEFAULT_WEIGHTS
-    from .cli import _positive_int, _smooth_spec, add_cue_arguments, add_weights_argument, cue_spec, resolve_model
+    from .cli import _smooth_spec, add_cue_arguments, add_weights_argument, cue_spec, resolve_model
 
     p = argparse.ArgumentParser(prog="python -m app.eval_clip", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("clip", metavar="CLIP", help="annotated video file")
     p.add_argument("--gt", required=True, metavar="ROOT", help="masks folder or PraNet root with numeric-stem masks")
     add_weights_argument(p, DEFAULT_WEIGHTS.name)
-    p.add_argument("--backend", default="auto", choices=("auto", "tensorrt", "onnxruntime", "torch"))
-    p.add_argument("--threads", type=_positive_int, metavar="N", help="CPU threads of the backend")
+    p.add_argument("--backend", default="auto", choices=CHOICES)
+    p.add_argument("--threads", type=positive_int, metavar="N", help="CPU threads of the backend")
     p.add_argument("--smooth", action="append", nargs="?", const="default", type=_smooth_spec, metavar="SPEC",
                    help="a filter setting to compare with no filter (repeatable; default: the default filter)")
     p.add_argument("--thresholds", metavar="T,T,...", help="thresholds to evaluate (default: the model's own)")
     add_cue_arguments(p)
-    p.add_argument("--max-frames", type=_positive_int, metavar="N", help="only the first N frames (quick checks)")
+    p.add_argument("--max-frames", type=positive_int, metavar="N", help="only the first N frames (quick checks)")
     p.add_argument("--json", metavar="OUT", help="write the results as JSON")
     p.add_argument("--per-frame", metavar="CSV", help="per-frame Dice of every row")
     args = p.parse_args(argv)
@@ -212,9 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     print(_table(res))
     if args.json:
-        from .headless import _write_json
-
-        _write_json(args.json, res)
+        write_json(args.json, res)
     return 0
 
 

@@ -10,20 +10,19 @@ finalised on every exit path: end of file, bad data, Ctrl+C, SIGTERM. Exit statu
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
-import tempfile
 import threading
-import time
 from dataclasses import dataclass, field
+
+from kdas_core.atomic import write_json
 
 from .errors import AppError
 from .pipeline.analysis import AnalysisSettings
 from .pipeline.frames_csv import FramesCsv
 from .pipeline.inference import ModelInfo
-from .pipeline.items import EndOfStream, Frame
+from .pipeline.items import EndOfStream, Frame, NoticeKind
 from .pipeline.overlay import OverlaySettings
 from .pipeline.recorder import Recorder
 from .pipeline.runner import Pipeline, PipelineEvents
@@ -51,8 +50,8 @@ class _Events(PipelineEvents):
         for note in info.notes:
             self.log(f"  {note}")
 
-    def notice(self, text: str) -> None:
-        self.notices.append(text)
+    def notice(self, text: str, kind: NoticeKind = "info") -> None:
+        self.notices.append(text)  # every kind is a line in the log and in --stats "notices"
         self.log(f"notice: {text}")
 
     def signal(self, ok: bool, text: str) -> None:
@@ -175,7 +174,7 @@ def run_headless(source: str, out: str, *, model_path: str, backend: str = "auto
     stats.update({"notices": events.notices, "backend_notes": info.notes if info else [], "error": error,
                   "complete": error is None})
     if stats_path:
-        _write_json(stats_path, stats)
+        write_json(stats_path, stats)
     _restore_signal_handlers(previous)
 
     if error is None and stats["frames_in"] != stats["frames_out"]:
@@ -229,19 +228,3 @@ def _restore_signal_handlers(previous) -> None:
     if previous:
         for sig, h in previous.items():
             signal.signal(sig, h)
-
-
-def _write_json(path: str, data: dict) -> None:
-    """Atomic: a temp file beside `path`, then rename."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".stats-", suffix=".json", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise

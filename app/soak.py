@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 
+from engines import CHOICES
 from kdas_core.atomic import write_json
 
 from . import DEFAULT_WEIGHTS, DEMO_CLIP
@@ -35,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=500, help="frames before the memory baseline (default 500)")
     p.add_argument("--source", help="clip to loop (default: ../shared/data/clips/cvc-clinicdb.mp4 if present, else the demo clip)")
     p.add_argument("--weights", help="checkpoint/engine (default: the bundled student; a random-init one if it is missing)")
-    p.add_argument("--backend", default="auto", choices=("auto", "tensorrt", "onnxruntime", "torch"))
+    p.add_argument("--backend", default="auto", choices=CHOICES)
     p.add_argument("--threads", type=int, help="CPU threads for the backend")
     p.add_argument("--sample-every", type=int, default=250, help="RSS sample period in frames (default 250)")
     p.add_argument("--json", help="write the result (and the RSS samples) here")

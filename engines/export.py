@@ -19,13 +19,13 @@ import io
 import json
 import os
 import sys
-import tempfile
 import time
 from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 
+from kdas_core.atomic import staged
 from kdas_core.cli_conventions import name_some
 
 from .errors import BackendError
@@ -181,16 +181,8 @@ def export_onnx(
         onnx.checker.check_model(proto, full_check=True)
     except onnx.checker.ValidationError as exc:
         raise BackendError(f"{out_path}: exported graph fails onnx.checker: {exc}") from exc
-    directory = os.path.dirname(os.path.abspath(out_path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".onnx", dir=directory)
-    os.close(fd)
-    try:
+    with staged(out_path, suffix=".onnx") as tmp:
         onnx.save(proto, tmp)
-        os.replace(tmp, out_path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     log(f"exported {out_path} in {time.perf_counter() - t0:.1f} s")
     return out_path
 

@@ -27,7 +27,7 @@ from typing import Any, Callable
 import numpy as np
 
 from kdas_core.cli_conventions import name_some
-from kdas_core.presets import image_size_arg
+from kdas_core.presets import DEFAULT_THRESHOLD, image_size_arg
 
 from .cli_common import EXIT_OK, EXIT_VERIFY, run
 from .errors import BackendError
@@ -106,7 +106,7 @@ class SelfCheck:
         self.side_engine: str | None = None
         self.frames: np.ndarray | None = None
         self.ref_probs: np.ndarray | None = None
-        self.threshold = 0.5
+        self.threshold = DEFAULT_THRESHOLD  # until the reference model says its own
         self._trt_reason: str | None | bool = False  # False: not asked yet
 
     # ---------------------------------------------------------------- plumbing

@@ -340,6 +340,37 @@ def test_auto_that_loads_but_cannot_run_falls_back_after_what_it_picked():
     assert notices and "falling back to torch" in notices[0]
 
 
+def test_a_backend_failing_while_running_hands_over_with_a_fallback_notice():
+    """Runtime fallback takes the same order as load time (engines.fallback_chain) and tells the
+    window through a typed notice: kind "fallback", whatever the words."""
+    from app.pipeline.inference import InferenceStage
+
+    heard = []
+
+    class Events:
+        def notice(self, text, kind="info"):
+            heard.append((kind, text))
+
+        def model_ready(self, info):
+            pass
+
+    class FailsOnFrames(TinyBackend):
+        def predict(self, frames):
+            if frames.any():  # the zero warm-up passes, the first real frame fails
+                raise RuntimeError("device lost (test)")
+            return super().predict(frames)
+
+    def factory(path, backend, device=None, threads=None):
+        return FailsOnFrames(backend) if backend == "onnxruntime" else TinyBackend(backend)
+
+    stage = InferenceStage("m.onnx", "onnxruntime", None, None, stats_ref=RunStats, events=Events(), factory=factory)
+    stage._load("onnxruntime")
+    image = np.full((8, 8, 3), 7, np.uint8)
+    out = stage._infer(Frame(index=0, pts=0.0, image=image, t_capture=time.perf_counter(), model_input=image))
+    assert out.probs.shape == (8, 8) and stage.info.backend == "torch"
+    assert heard == [("fallback", "onnxruntime backend failed while running (device lost (test)); falling back")]
+
+
 def test_no_backend_at_all_lists_every_failure():
     from engines import BackendError
 

@@ -205,6 +205,31 @@ def test_record_start_stop_makes_a_playable_file(qtbot, window, assets, tmp_path
     assert snap and Path(snap).suffix == ".png" and Path(snap).stat().st_size > 0
 
 
+def test_a_recording_failure_stops_the_record_button_whatever_its_words(qtbot, window, assets, monkeypatch):
+    """The window switches on the notice's kind ("recording"), not on its text: this message
+    says nothing about recording, and a fallback notice must not stop it."""
+    from app.errors import AppError
+    from app.pipeline import recorder
+
+    class DiskFull:
+        def __init__(self, *a, **k):
+            raise AppError("no space left on device (test)")
+
+    monkeypatch.setattr(recorder, "Recorder", DiskFull)
+    win = window()
+    win.open_source(assets["long"])
+    wait_frames(qtbot, win, 2)
+    win.events.notice("torch backend failed (test); falling back", "fallback")
+    qtbot.waitUntil(lambda: "fallback" in win.model_label.text(), timeout=WAIT_MS)
+    win.events.notice("a note that says falling back but is not one (test)")
+    qtbot.waitUntil(lambda: len(win.notices) == 2, timeout=WAIT_MS)
+    assert win.fallbacks == ["torch backend failed (test); falling back"]
+    win.record_button.setChecked(True)
+    qtbot.waitUntil(lambda: not win.record_button.isChecked(), timeout=WAIT_MS)
+    assert not win.recording.active and win.errors == ["no space left on device (test)"]
+    assert len(win.notices) == 2  # a recording problem is an error shown, not a notice
+
+
 def test_closing_the_window_finalises_the_recording(qtbot, assets, tmp_path):
     win = MainWindow(assets["ckpt"], "torch", threads=1, record_dir=str(tmp_path / "rec"))
     win.show()

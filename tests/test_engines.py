@@ -152,6 +152,26 @@ def test_auto_on_checkpoint_reuses_cached_export(ckpt, cache_root, onnx_path):
     assert open(cached, "rb").read() == open(onnx_path, "rb").read()
 
 
+def test_opening_a_checkpoint_reads_its_metadata_and_hashes_it_once(ckpt, onnx_path, tmp_path, monkeypatch):
+    """auto -> tensorrt (looks up a cached engine: needs metadata and hash) -> onnxruntime (the
+    cached export: needs them again): one ModelSource, so each is done once for the checkpoint."""
+    import kdas_core.checkpoint as checkpoint
+    from engines.backends import tensorrt_backend
+
+    calls = {"read_metadata": [], "file_sha256": []}
+    for name in calls:
+        real = getattr(checkpoint, name)
+        monkeypatch.setattr(checkpoint, name, lambda path, _real=real, _name=name: calls[_name].append(path) or _real(path))
+    monkeypatch.setattr(tensorrt_backend, "why_unavailable", lambda device=None: None)  # TensorRT "present": it looks
+    monkeypatch.setattr(tensorrt_backend, "current_target", lambda device=None: {  # for an engine in an empty index
+        "gpu_name": "Test GPU", "sm_count": 1, "compute_capability": "9.0", "tensorrt_version": "0", "export_revision": REVISION})
+    monkeypatch.setattr(tensorrt_backend, "cache_dir", lambda kind: str(tmp_path))
+    b = load_backend(ckpt)
+    assert b.name == "onnxruntime"
+    assert any(n.startswith("tensorrt skipped:") and "no TensorRT engine" in n for n in b.notes)  # it did look
+    assert calls == {"read_metadata": [ckpt], "file_sha256": [ckpt]}
+
+
 def test_stale_or_damaged_cache_entry_is_reexported(ckpt, cache_root, onnx_path, monkeypatch):
     from engines.backends import onnxruntime_backend
 
@@ -709,7 +729,7 @@ def test_inference_stage_runtime_sticky_error_reloads_on_cpu():
     calls, notices = [], []
 
     class Events:
-        def notice(self, text):
+        def notice(self, text, kind="info"):
             notices.append(text)
 
         def model_ready(self, info):

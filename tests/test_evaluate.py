@@ -111,7 +111,7 @@ def test_cli_user_errors_exit_2_with_a_clear_message(tmp_path, capsys, checkpoin
         expect = ["no test sets", "TestDataset"]
     code, out, err = _run(capsys, "--weights", weights, "--data", data, "--json", tmp_path / "r.json")
     assert code == 2
-    assert err.startswith("error: ") and "Traceback" not in err
+    assert err.startswith("kdas_core.evaluate: error: ") and "Traceback" not in err
     for text in expect:
         assert text in err
     assert not (tmp_path / "r.json").exists()

@@ -82,7 +82,7 @@ class CompareStage(threading.Thread):
         if path:
             try:
                 b = open_backend(path, self.backend_name, factory=self.factory, device=self.device,
-                                 threads=self.threads, notice=self.events.notice)
+                                 threads=self.threads, notice=lambda text: self.events.notice(text, "fallback"))
                 self._backend = b
                 self.info = ModelInfo(b.name, str(getattr(b, "path", path)), tuple(b.input_size), float(b.threshold),
                                       list(getattr(b, "notes", []) or []), preset_of(b))

@@ -5,10 +5,11 @@ constructed *inside* this thread, and a warm-up prediction runs here before the 
 so lazily created GPU objects belong to this thread too.
 
 Fallback: if the asked-for backend cannot be built or cannot run (engine built for another
-GPU, missing CUDA, broken export), the next one in tensorrt -> onnxruntime -> torch is tried
-and a notice says so. After a sticky CUDA error (illegal address, launch failure, ...) CUDA is
-unusable in this process, so the fallback runs on the CPU. Input size and threshold come only
-from the backend (model metadata).
+GPU, missing CUDA, broken export), at load time or while running, the next one in the order
+`engines.fallback_chain` gives (tensorrt -> onnxruntime -> torch, the one order `auto` uses
+too) is tried through `open_backend`, and a "fallback" notice says so. After a sticky CUDA error
+(illegal address, launch failure, ...) CUDA is unusable in this process, so the fallback runs on
+the CPU. Input size and threshold come only from the backend (model metadata).
 """
 
 from __future__ import annotations
@@ -26,8 +27,6 @@ from ..errors import AppError
 from .channels import Closed
 from .items import EndOfStream, Frame
 from .preprocess import resize_for_model
-
-ORDER = ("tensorrt", "onnxruntime", "torch")
 
 
 @dataclass
@@ -71,16 +70,19 @@ def _default_factory(path, backend="auto", device=None, threads=None):
     return load_backend(path, backend=backend, device=device, threads=threads)
 
 
-def fallbacks_after(name: str) -> list[str]:
-    return list(ORDER[ORDER.index(name) + 1:]) if name in ORDER else []
+def _fallback_chain(after: str, device=None) -> list[str]:
+    from engines import fallback_chain
+
+    return fallback_chain(after, device)
 
 
 def open_backend(path: str, requested: str, *, factory: Callable = _default_factory, device=None, threads=None,
                  notice: Callable[[str], None] = lambda s: None, skip: tuple[str, ...] = ()):
     """A backend that has run one warm-up prediction: `requested` first, then the backends
-    after it in ORDER (for "auto", engines already tries them all while loading; we only go on
-    if the one it picked loads but cannot run). Raises AppError listing every failure."""
-    chain = [requested] + (fallbacks_after(requested) if requested != "auto" else [])
+    after it in engines' fallback order (for "auto", engines already tries them all while
+    loading; we only go on if the one it picked loads but cannot run). `notice` hears each
+    fallback; `skip`: backends not to try. Raises AppError listing every failure."""
+    chain = [requested] + (_fallback_chain(requested, device) if requested != "auto" else [])
     tried: set[str] = set(skip)
     errors: list[str] = []
     while chain:
@@ -107,10 +109,9 @@ def open_backend(path: str, requested: str, *, factory: Callable = _default_fact
             errors.append(f"{actual}: {_whole(exc)}")
             if device != "cpu" and _sticky(exc):  # this process's CUDA context is gone: CPU only from here
                 device = "cpu"
-                tried.add("tensorrt")
                 notice("CUDA failed with an unrecoverable error; the fallback runs on the CPU")
-            if name == "auto" and backend is not None:
-                chain = [b for b in fallbacks_after(actual) if b not in tried]
+            if name != "auto" or backend is not None:  # an "auto" that loaded nothing has tried them all
+                chain = _fallback_chain(actual, device)
             chain = [b for b in chain if b not in tried]
             if chain:
                 notice(f"{actual} backend failed ({_oneline(exc)}); falling back to {chain[0]}")
@@ -209,14 +210,17 @@ class InferenceStage(threading.Thread):
                 except Exception:
                     pass
 
-    def _load(self, requested: str, skip: tuple[str, ...]) -> None:
+    def _load(self, requested: str, skip: tuple[str, ...] = ()) -> None:
         self._backend = open_backend(self.model_path, requested, factory=self.factory, device=self.device,
-                                     threads=self.threads, notice=self.events.notice, skip=skip)
+                                     threads=self.threads, notice=self._fell_back, skip=skip)
         b = self._backend
         self.info = ModelInfo(b.name, str(getattr(b, "path", self.model_path)), tuple(b.input_size),
                               float(b.threshold), list(getattr(b, "notes", []) or []), preset_of(b))
         self.ready.set()
         self.events.model_ready(self.info)
+
+    def _fell_back(self, text: str) -> None:
+        self.events.notice(text, "fallback")
 
     def _infer(self, frame: Frame) -> Frame:
         x = frame.model_input
@@ -228,19 +232,18 @@ class InferenceStage(threading.Thread):
         except Exception as exc:
             # Runtime failure (device lost, driver error): next backend, same frame.
             failed = self._backend.name
-            self.events.notice(f"{failed} backend failed while running ({_oneline(exc)}); falling back")
+            self._fell_back(f"{failed} backend failed while running ({_oneline(exc)}); falling back")
             try:
                 self._backend.close()
             except Exception:
                 pass
-            nxt = fallbacks_after(failed)
             if _sticky(exc):  # e.g. an illegal address: every CUDA call in this process fails from now on
                 self.device = "cpu"
-                nxt = [b for b in nxt if b != "tensorrt"]
+            nxt = _fallback_chain(failed, self.device)  # the same order and mechanism as at load time
             if not nxt:
                 raise AppError(f"{self.model_path}: the {failed} backend failed while running: {_oneline(exc)}",
                                EXIT_FAILURE) from exc
-            self._load(nxt[0], skip=tuple(ORDER[: ORDER.index(failed) + 1]))
+            self._load(nxt[0], skip=(failed,))
             return self._infer(frame)
         ms = (time.perf_counter() - t0) * 1000.0
         frame.probs = probs

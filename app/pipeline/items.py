@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -133,3 +133,17 @@ class EndOfStream:
 
     epoch: int = 0
     error: str | None = None
+
+
+NoticeKind = Literal["fallback", "recording", "info"]
+
+
+@dataclass(frozen=True)
+class Notice:
+    """Something the user should see that does not stop the pipeline. `kind` says what it is about,
+    so a consumer switches on it instead of reading the words: "fallback" (the model's backend
+    failed and another one took over, or will run on the CPU), "recording" (writing the recording
+    failed and it stopped), "info" (anything else: the compare model, a lost camera, ...)."""
+
+    kind: NoticeKind
+    text: str

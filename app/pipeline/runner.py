@@ -27,7 +27,7 @@ from .channels import BoundedQueue, Closed, LatestSlot
 from .compare import CompareStage, draw_contour_b
 from .cue import draw_cue_border
 from .inference import InferenceStage, ModelInfo
-from .items import EndOfStream, Frame
+from .items import EndOfStream, Frame, NoticeKind
 from .overlay import OverlaySettings, contour_thickness, draw_overlay
 from .postprocess import probs_to_mask, probs_to_mask_roi
 from .preprocess import prepare
@@ -41,7 +41,7 @@ class PipelineEvents:
 
     def model_ready(self, info: ModelInfo) -> None: ...
 
-    def notice(self, text: str) -> None: ...  # fallbacks and other things the user should see
+    def notice(self, text: str, kind: NoticeKind = "info") -> None: ...  # what the user should see; `kind`: items.Notice
 
     def signal(self, ok: bool, text: str) -> None: ...  # live source lost / back
 

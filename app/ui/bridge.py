@@ -9,7 +9,7 @@ import numpy as np
 from PyQt6.QtCore import QObject, pyqtSignal
 from PyQt6.QtGui import QImage
 
-from ..pipeline.items import EndOfStream, Frame
+from ..pipeline.items import EndOfStream, Frame, Notice, NoticeKind
 from ..pipeline.runner import PipelineEvents
 
 
@@ -24,7 +24,7 @@ class QtEvents(QObject, PipelineEvents):
     """PipelineEvents as Qt signals: emitted from worker threads, delivered in the GUI thread."""
 
     modelReady = pyqtSignal(object)
-    noticed = pyqtSignal(str)
+    noticed = pyqtSignal(object)  # items.Notice
     signalChanged = pyqtSignal(bool, str)
     failed = pyqtSignal(str)
     ended = pyqtSignal(object)
@@ -33,8 +33,8 @@ class QtEvents(QObject, PipelineEvents):
     def model_ready(self, info) -> None:
         self.modelReady.emit(info)
 
-    def notice(self, text: str) -> None:
-        self.noticed.emit(text)
+    def notice(self, text: str, kind: NoticeKind = "info") -> None:
+        self.noticed.emit(Notice(kind, text))
 
     def signal(self, ok: bool, text: str) -> None:
         self.signalChanged.emit(ok, text)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from datetime import datetime
@@ -25,12 +24,15 @@ from PyQt6.QtWidgets import (
     QWidget,
 )
 
+from kdas_core.atomic import write_json
+from kdas_core.presets import DEFAULT_THRESHOLD
+
 from .. import DISCLAIMER
 from ..errors import AppError
 from ..pipeline.analysis import AnalysisSettings
 from ..pipeline.frames_csv import FramesCsv
 from ..pipeline.inference import ModelInfo, loading_message
-from ..pipeline.items import EndOfStream
+from ..pipeline.items import EndOfStream, Notice
 from ..pipeline.overlay import OverlaySettings
 from ..pipeline.runner import Pipeline
 from ..pipeline.source import open_reader
@@ -82,6 +84,7 @@ class MainWindow(QMainWindow):
         self.dialogs: list[QMessageBox] = []  # shown non-modally; kept so tests can inspect them
         self.errors: list[str] = []
         self.notices: list[str] = []
+        self.fallbacks: list[str] = []  # the "fallback" notices: the model runs on another backend than asked
         self._closing = False
         self._final_stats: dict | None = None
         self.last_recording: str | None = None
@@ -96,7 +99,7 @@ class MainWindow(QMainWindow):
                                  backend_factory=backend_factory, threads=threads, analysis=self.analysis,
                                  compare_path=compare_path)
         self.display = DisplaySink(lambda: self.pipeline.stats)
-        self.recording = RecordingSink(on_error=self.events.failed.emit)
+        self.recording = RecordingSink(on_error=lambda text: self.events.notice(text, "recording"))
         if self.frames_csv is not None:
             self.pipeline.sinks.append(self.frames_csv)
             self.pipeline.drop_listeners.append(self.frames_csv.dropped)
@@ -162,7 +165,7 @@ class MainWindow(QMainWindow):
         row.addWidget(QLabel("Threshold", central))
         self.threshold_slider = QSlider(Qt.Orientation.Horizontal, central)
         self.threshold_slider.setRange(0, 100)
-        self.threshold_slider.setValue(round((self.settings.threshold if self.settings.threshold is not None else 0.5) * 100))
+        self.threshold_slider.setValue(round((self.settings.threshold if self.settings.threshold is not None else DEFAULT_THRESHOLD) * 100))
         self.threshold_slider.valueChanged.connect(self._on_threshold)
         self.threshold_label = QLabel(central)
         self.threshold_label.setMinimumWidth(34)
@@ -507,13 +510,20 @@ class MainWindow(QMainWindow):
         if self.video.message().startswith("Loading"):
             self.video.set_message("" if self.reader else "Open a video file (Ctrl+O) or a camera (Ctrl+K)")
 
-    def _on_notice(self, text: str) -> None:
-        self.notices.append(text)
-        self.statusBar().showMessage(text, 15000)
+    def _on_notice(self, notice: Notice) -> None:
+        if notice.kind == "recording":  # the recording stopped: say so, and the button follows
+            if self.recording.active or self.record_button.isChecked():
+                self.record_button.setChecked(False)
+            self.show_error("Recording failed", notice.text)
+            return
+        self.notices.append(notice.text)
+        if notice.kind == "fallback":
+            self.fallbacks.append(notice.text)
+        self.statusBar().showMessage(notice.text, 15000)
         self._update_model_label()
 
     def _update_model_label(self) -> None:
-        fallbacks = [n for n in self.notices if "falling back" in n]
+        fallbacks = self.fallbacks
         text = f"model: {self.info.label}" if self.info else "model: loading\u2026"
         if self.compare_info is not None:
             text += f"  vs  {self.compare_info.label}"
@@ -534,8 +544,6 @@ class MainWindow(QMainWindow):
             self.statusBar().showMessage(text, 0 if not ok else 5000)
 
     def _on_error(self, text: str) -> None:
-        if self.recording.active and "record" in text.lower():
-            self.record_button.setChecked(False)
         if self.info is None and self.pipeline.inference.failed:
             self.video.set_message("No model could be loaded \u2014 see the error")
             self.model_label.setText("model: none")
@@ -626,9 +634,7 @@ class MainWindow(QMainWindow):
         if self.frames_csv is not None:
             self.frames_csv.close()
         if self.stats_path:
-            from ..headless import _write_json
-
-            _write_json(self.stats_path, self._final_stats)
+            write_json(self.stats_path, self._final_stats)
 
     def closeEvent(self, event) -> None:
         self.shutdown()

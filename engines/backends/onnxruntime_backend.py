@@ -19,6 +19,7 @@ import numpy as np
 from ..cache import cache_dir
 from ..errors import BackendError
 from ..export import INPUT_NAME, REVISION, export_onnx, read_onnx_metadata
+from ..source import ModelSource
 from .base import Backend
 
 log = logging.getLogger("engines")
@@ -26,20 +27,23 @@ log = logging.getLogger("engines")
 GRAPH_OPT_LEVELS = ("disable", "basic", "extended", "all")
 
 
-def cached_onnx_for_checkpoint(ckpt: str, image_size: int | None = None, notes: list[str] | None = None, precision: str = "fp32") -> str:
+def cached_onnx_for_checkpoint(ckpt: "str | ModelSource", image_size: int | None = None, notes: list[str] | None = None, precision: str = "fp32") -> str:
     """ONNX export of a checkpoint in the cache (`<cache>/onnx/<sha256[:16]>-<size>-<precision>-r<rev>.onnx`),
     exporting it on first use. The checkpoint's hash and the export revision are in the name, so
     new weights or a changed exporter never reuse a stale export."""
-    from kdas_core.checkpoint import CheckpointError, file_sha256, read_metadata
+    return cached_onnx_export(ModelSource.of(ckpt, "checkpoint"), image_size, notes, precision).path
 
+
+def cached_onnx_export(src: ModelSource, image_size: int | None = None, notes: list[str] | None = None, precision: str = "fp32") -> ModelSource:
+    """cached_onnx_for_checkpoint for a resolved checkpoint: its metadata and hash are reused, and
+    the export (with its metadata) is remembered in `src.exports`, so asking again costs nothing."""
     from .torch_backend import load_torch_checkpoint
 
-    try:
-        meta = read_metadata(ckpt)
-    except CheckpointError as exc:
-        raise BackendError(str(exc)) from exc
-    size = int(image_size or meta["input_size"])
-    sha = file_sha256(ckpt)
+    size = int(image_size or src.meta["input_size"])
+    known = src.exports.get((size, precision))
+    if known is not None and os.path.isfile(known.path):
+        return known
+    sha = src.sha256
     path = os.path.join(cache_dir("onnx"), f"{sha[:16]}-{size}-{precision}-r{REVISION}.onnx")
     notes = notes if notes is not None else []
     if os.path.isfile(path):
@@ -47,15 +51,17 @@ def cached_onnx_for_checkpoint(ckpt: str, image_size: int | None = None, notes: 
             cached = read_onnx_metadata(path)
             if cached["source_sha256"] == sha and cached["export_revision"] == REVISION and cached["precision"] == precision:
                 notes.append(f"reused cached ONNX export {path}")
-                return path
+                known = src.exports[(size, precision)] = ModelSource(path, "onnx", meta=cached)
+                return known
         except BackendError:
             pass  # damaged cache entry: export again over it
-    model, meta = load_torch_checkpoint(ckpt)
+    model, meta = load_torch_checkpoint(src.path)
     t0 = time.perf_counter()
-    log.info(f"exporting {ckpt} to ONNX once (cached in {os.path.dirname(path)}) ...")
-    export_onnx(model, meta, path, image_size=size, precision=precision, source_sha256=sha, source_path=os.path.abspath(ckpt), log=log.info)
-    notes.append(f"exported {ckpt} to ONNX cache {path} ({time.perf_counter() - t0:.1f} s, once per checkpoint and size)")
-    return path
+    log.info(f"exporting {src.path} to ONNX once (cached in {os.path.dirname(path)}) ...")
+    export_onnx(model, meta, path, image_size=size, precision=precision, source_sha256=sha, source_path=os.path.abspath(src.path), log=log.info)
+    notes.append(f"exported {src.path} to ONNX cache {path} ({time.perf_counter() - t0:.1f} s, once per checkpoint and size)")
+    known = src.exports[(size, precision)] = ModelSource(path, "onnx")
+    return known
 
 
 def available_providers() -> list[str]:
@@ -120,7 +126,7 @@ class OnnxRuntimeBackend(Backend):
 
     def __init__(
         self,
-        path: str,
+        path: "str | ModelSource",
         device: str | None = None,
         image_size: int | None = None,
         threads: int | None = None,
@@ -130,10 +136,11 @@ class OnnxRuntimeBackend(Backend):
         ort_tensorrt: bool | None = None,
     ):
         notes: list[str] = []
-        source = path
-        if path.endswith(".safetensors"):
-            path = cached_onnx_for_checkpoint(path, image_size, notes)
-        meta = read_onnx_metadata(path)
+        src = ModelSource.of(path, "checkpoint" if str(path).endswith(".safetensors") else "onnx")
+        source = src.path
+        if src.kind == "checkpoint":
+            src = cached_onnx_export(src, image_size, notes)
+        path, meta = src.path, src.meta
         if image_size and int(image_size) != meta["input_size"]:
             raise BackendError(
                 f"{path}: exported for {meta['input_size']}x{meta['input_size']} frames, not {image_size}; "

@@ -31,6 +31,7 @@ from ..trt_common import (
     read_sidecar,
     trt_logger,
 )
+from ..source import ModelSource
 from .base import Backend
 
 __all__ = ["TensorRTBackend", "why_unavailable", "find_cached_engine", "read_sidecar", "current_target"]
@@ -56,19 +57,16 @@ def current_target(device: str | None = None) -> dict:
     return {**gpu_info(device_index(device)), "tensorrt_version": trt.__version__, "export_revision": REVISION}
 
 
-def find_cached_engine(path: str, image_size: int | None = None, device: str | None = None, notes: list[str] | None = None) -> str:
+def find_cached_engine(path: "str | ModelSource", image_size: int | None = None, device: str | None = None, notes: list[str] | None = None) -> str:
     """A prebuilt, verified engine for checkpoint/ONNX `path` on this GPU + TensorRT, found through
     the cache index that `engines.build` writes after a passing `--verify`. BackendError (with the
-    build command) when there is none."""
-    from ..export import read_onnx_metadata
-
-    if path.lower().endswith(".onnx"):
-        meta = read_onnx_metadata(path)
-        sha, onnx_sha = meta["source_sha256"], _sha256(path)
+    build command) when there is none. A ModelSource's metadata and hash are reused, not re-read."""
+    src = ModelSource.of(path)
+    meta = src.meta
+    if src.kind == "onnx":
+        sha, onnx_sha = meta["source_sha256"], src.sha256
     else:
-        from kdas_core.checkpoint import read_metadata
-
-        meta, sha, onnx_sha = read_metadata(path), _sha256(path), None
+        sha, onnx_sha = src.sha256, None
     size = int(image_size or meta["input_size"])
     here = current_target(device)
     engine, skipped = pick_indexed_engine(cache_dir("tensorrt"), meta["preset"], sha, here, size, onnx_sha)
@@ -77,8 +75,8 @@ def find_cached_engine(path: str, image_size: int | None = None, device: str | N
     if engine:
         return engine
     raise BackendError(
-        f"{path}: no TensorRT engine built for {here['gpu_name']} / TensorRT {here['tensorrt_version']} at {size}x{size}; "
-        f"build one (takes minutes): python -m engines.build --weights {path} --out engines-out --format tensorrt --precision fp16 --verify"
+        f"{src.path}: no TensorRT engine built for {here['gpu_name']} / TensorRT {here['tensorrt_version']} at {size}x{size}; "
+        f"build one (takes minutes): python -m engines.build --weights {src.path} --out engines-out --format tensorrt --precision fp16 --verify"
         + (f" ({'; '.join(skipped)})" if skipped else "")
     )
 
@@ -118,19 +116,15 @@ def pick_indexed_engine(index_dir: str, preset: str, source_sha256: str, here: d
     return best[3], skipped
 
 
-def _sha256(path: str) -> str:
-    from kdas_core.checkpoint import file_sha256
-
-    return file_sha256(path)
-
-
 class TensorRTBackend(Backend):
     name = "tensorrt"
 
-    def __init__(self, path: str, device: str | None = None, cuda_graph: bool | None = None, **_ignored):
+    def __init__(self, path: "str | ModelSource", device: str | None = None, cuda_graph: bool | None = None, **_ignored):
+        src = ModelSource.of(path, "engine")
+        path = src.path
         if not os.path.isfile(path):
             raise BackendError(f"{path}: no such TensorRT engine file")
-        meta = read_sidecar(path)
+        meta = src.meta  # the sidecar
         super().__init__(path, meta["input_size"], meta["threshold"], meta)
         self.device = device_index(device)
         here = current_target(device)

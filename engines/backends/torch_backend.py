@@ -7,6 +7,7 @@ import torch
 
 from ..errors import BackendError
 from ..export import FramesToProbs
+from ..source import ModelSource
 from .base import Backend
 
 
@@ -23,8 +24,9 @@ def load_torch_checkpoint(path: str):
 class TorchBackend(Backend):
     name = "torch"
 
-    def __init__(self, path: str, device: str | None = None, image_size: int | None = None, threads: int | None = None):
-        model, meta = load_torch_checkpoint(path)
+    def __init__(self, path: "str | ModelSource", device: str | None = None, image_size: int | None = None, threads: int | None = None):
+        path = ModelSource.of(path, "checkpoint").path
+        model, meta = load_torch_checkpoint(path)  # the weights and their metadata, in one read
         super().__init__(path, image_size or meta["input_size"], meta["threshold"], meta)
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
