@@ -20,7 +20,7 @@ import sys
 
 from .cli_common import run_cli
 from .cli_conventions import UsageError
-from .atomic import write_json
+from .atomic import staged, write_json
 
 
 def read_curve(run: str) -> list[tuple[float, float]]:
@@ -98,8 +98,9 @@ def plot(result: dict, labels: tuple[str, str], path: str, w: int = 900, h: int 
     note = (f"baseline at {result['at_min']:g} min: {target:.3f}; candidate reaches it at "
             + (f"{reached:.1f} min ({result['speedup']}x)" if reached is not None else "- (never)"))
     cv2.putText(img, note, (left + 15, h - bottom - 12), font, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
-    if not cv2.imwrite(path, img):
-        raise OSError(f"{path}: could not write the plot")
+    with staged(path) as tmp:
+        if not cv2.imwrite(tmp, img):
+            raise UsageError(f"{path}: could not write the plot (is it a .png path?)")
 
 
 def build_parser() -> argparse.ArgumentParser:

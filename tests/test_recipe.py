@@ -143,11 +143,12 @@ def test_recipe_sets_defaults_and_flags_override_it():
     pub = _cfg(*base, "--recipe", "published")
     assert (pub.multiscale_mode, pub.clip_mode, pub.augment, pub.schedule) == ("all", "value", False, "constant")
     assert _cfg(*base, "--recipe", "published", "--augment").augment is True
-    default = _cfg(*base)  # recipe v1: every field not given on the command line keeps its dataclass default
+    default = _cfg(*base)  # recipe fast: every field not given on the command line keeps its dataclass default
     given = {"model": "polyppvt-lite0", "data": "d", "out": "o"}
-    assert default.recipe == "v1" and {k: getattr(default, k) for k in defaults()} == {**defaults(), **given}
-    fast = _cfg(*base, "--recipe", "fast", "--epochs", "3")
-    assert (fast.decoder_lr_mult, fast.image_size, fast.epochs) == (5.0, 256, 3)
+    assert default.recipe == "fast" and {k: getattr(default, k) for k in defaults()} == {**defaults(), **given}
+    v1 = _cfg(*base, "--recipe", "v1", "--epochs", "3")
+    assert (v1.lr, v1.decoder_lr_mult, v1.warmup_epochs, v1.progressive, v1.epochs) == (1e-4, 1.0, 1.0, None, 3)
+    assert (pub.lr, pub.decoder_lr_mult, pub.progressive) == (1e-4, 1.0, None)  # published = v1's optimiser
     assert all(k in defaults() for r in RECIPES.values() for k in r)
 
 
