@@ -83,8 +83,7 @@ class MainWindow(QMainWindow):
         self.last_pts: float | None = None
         self.dialogs: list[QMessageBox] = []  # shown non-modally; kept so tests can inspect them
         self.errors: list[str] = []
-        self.notices: list[str] = []
-        self.fallbacks: list[str] = []  # the "fallback" notices: the model runs on another backend than asked
+        self._notices: list[Notice] = []  # every notice but the recording ones (those stop the recording)
         self._closing = False
         self._final_stats: dict | None = None
         self.last_recording: str | None = None
@@ -512,15 +511,21 @@ class MainWindow(QMainWindow):
 
     def _on_notice(self, notice: Notice) -> None:
         if notice.kind == "recording":  # the recording stopped: say so, and the button follows
-            if self.recording.active or self.record_button.isChecked():
-                self.record_button.setChecked(False)
+            self.record_button.setChecked(False)  # no signal when it is unchecked already
             self.show_error("Recording failed", notice.text)
             return
-        self.notices.append(notice.text)
-        if notice.kind == "fallback":
-            self.fallbacks.append(notice.text)
+        self._notices.append(notice)
         self.statusBar().showMessage(notice.text, 15000)
         self._update_model_label()
+
+    @property
+    def notices(self) -> list[str]:
+        return [n.text for n in self._notices]
+
+    @property
+    def fallbacks(self) -> list[str]:
+        """The "fallback" notices: the model runs on another backend than asked."""
+        return [n.text for n in self._notices if n.kind == "fallback"]
 
     def _update_model_label(self) -> None:
         fallbacks = self.fallbacks
