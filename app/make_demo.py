@@ -13,6 +13,7 @@ import sys
 from fractions import Fraction
 
 import av
+
 from kdas_core.atomic import staged
 
 

@@ -90,8 +90,7 @@ def load_backend(
 def check_model_file(path: str | ModelSource, kind: str | None = None) -> None:
     """ModelFileError when `path` cannot be a KDAS model whichever backend runs it (unreadable
     safetensors/ONNX, no KDAS metadata). Reads headers only; engines are checked by TensorRT."""
-    src = path if isinstance(path, ModelSource) else ModelSource(path, kind)
-    src.check()
+    ModelSource.of(path, kind).check()
 
 
 _WHY = {

@@ -11,11 +11,11 @@ import time
 import numpy as np
 
 from . import CHOICES, load_backend
+from kdas_core.atomic import write_json
 from kdas_core.cli_conventions import add_deprecated_alias
 from kdas_core.presets import image_size_arg
 
 from .cli_common import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE, UnavailableError, exit_codes_help, run
-from kdas_core.atomic import write_json
 
 DESCRIPTION = """\
 Benchmark KDAS models: warm-up, then timed predict() calls on synthetic uint8 frames, reporting

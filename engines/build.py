@@ -8,10 +8,11 @@ import os
 import shutil
 import sys
 
+from kdas_core.atomic import staged
+from kdas_core.presets import image_size_arg
+
 from . import ENGINE_SUFFIXES
 from .cli_common import EXIT_CODES_HELP, EXIT_OK, UnavailableError, VerifyError, run
-from kdas_core.presets import image_size_arg
-from kdas_core.atomic import staged
 
 DESCRIPTION = """\
 Export a KDAS checkpoint (.safetensors) for deployment.

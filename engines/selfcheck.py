@@ -26,12 +26,12 @@ from typing import Any, Callable
 
 import numpy as np
 
+from kdas_core.atomic import write_json
 from kdas_core.cli_conventions import name_some
 from kdas_core.presets import DEFAULT_THRESHOLD, image_size_arg
 
 from .cli_common import EXIT_OK, EXIT_VERIFY, run
 from .errors import BackendError
-from kdas_core.atomic import write_json
 
 # (name, needs a GPU, what it checks): the full list, in the order it runs.
 CHECKS: list[tuple[str, bool, str]] = [

@@ -21,6 +21,8 @@ import threading
 import time
 from typing import Any, Callable
 
+from kdas_core.atomic import write_bytes
+
 from .cache import cache_dir
 from .errors import BackendError
 from .export import read_onnx_metadata
@@ -37,7 +39,6 @@ from .trt_common import (
     trt_logger,
     write_json_atomic,
 )
-from kdas_core.atomic import write_bytes
 
 
 def _stderr(msg: str) -> None:

@@ -15,8 +15,9 @@ import sys
 import threading
 from typing import Any
 
-from .errors import BackendError
 from kdas_core.atomic import write_json
+
+from .errors import BackendError
 
 SIDECAR_FORMAT = "kdas-trt/2"  # 2: SM count, export revision, max batch in the key; `verified`
 # The CUDA major of the runtime must not exceed what the driver supports: a CUDA 13 runtime

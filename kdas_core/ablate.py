@@ -25,10 +25,10 @@ import re
 import sys
 import time
 
-from .cli_common import run_cli
-from .training.config import add_training_args, config_from_args
-from .cli_conventions import UsageError
 from .atomic import write_json, write_text
+from .cli_common import run_cli
+from .cli_conventions import UsageError
+from .training.config import add_training_args, config_from_args
 
 RESULT_FILE = "ablation_result.json"
 

@@ -23,11 +23,10 @@ import statistics
 import sys
 import time
 
-from .cli_common import run_cli
-from .cli_conventions import positive_int
-from .training.config import add_training_args, config_from_args
-from .cli_conventions import UsageError
 from .atomic import write_json
+from .cli_common import run_cli
+from .cli_conventions import UsageError, positive_int
+from .training.config import add_training_args, config_from_args
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,9 +5,9 @@ command-line parser is generated from these fields, so a default is written exac
 
 A *recipe* (`--recipe`) is a named set of changes to those defaults:
 
-- `v1` (the default, i.e. the field defaults themselves): the recipe of the first releases;
-- `fast`: made for short CPU budgets; it becomes the default once its time-to-accuracy
-  measurement (RESULTS.md) shows that it wins;
+- `fast` (the default, i.e. the field defaults themselves): made for short CPU budgets; it won
+  the time-to-accuracy benchmark (RESULTS.md, "Time to accuracy");
+- `v1`: the recipe of the first releases, kept to replay their runs;
 - `published`: as close as this code gets to the published Polyp-PVT/KDAS training script.
 
 Precedence, lowest first: field defaults < `--config RUN/config.json` (a finished or paused run's
@@ -22,11 +22,8 @@ import os
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
-from ..cli_conventions import positive_float, positive_int
+from ..cli_conventions import UsageError, positive_float, positive_int
 from ..presets import DEFAULT_THRESHOLD, PRESETS, image_size_arg, list_models
-from ..cli_conventions import UsageError
-
-
 
 
 def scales(s: str) -> tuple[float, ...]:
