@@ -10,8 +10,9 @@ For every method (and `none`, the student trained on the masks alone, unless --n
 student is trained with exactly the same flags and seed (same initialisation, same batches), in
 OUT/<method>/, by the trainer behind `kdas_core.distill`. The checkpoint chosen by validation
 mDice (--checkpoint best) is then evaluated on every test set of --data (or --test-data), and
-OUT/ablation.md + OUT/ablation.json hold mDice and mIoU per set, their mean over sets, the
-student's parameter count and its training time. The teachers are evaluated too, as reference
+OUT/ablation.md + OUT/ablation.json hold, per set and as the mean over sets, thresholded mDice and
+mIoU and the papers' meanDic (min-max normalised maps, 256 thresholds), with the validation mDice
+that chose each checkpoint, the student's parameter count and its training time. The teachers are evaluated too, as reference
 rows (--no-teacher-rows skips that).
 """
 
@@ -72,17 +73,25 @@ def test_sets(data: str, test_data: list[str] | None) -> dict[str, list]:
     return sets
 
 
+PAPER_KEY = "mDice_mean256_minmax"  # the papers' meanDic: Dice over 256 thresholds of min-max normalised maps
+MEAN_KEYS = {"mDice": "mDice", "mIoU": "mIoU", "meanDic": PAPER_KEY}  # row["mean"] key -> per-set key
+
+
 def evaluate_checkpoint(path: str, sets: dict[str, list], device: str, batch_size: int, progress: bool) -> dict:
-    """mDice/mIoU (and whatever else the evaluator reports) per test set for one checkpoint."""
+    """Per test set for one checkpoint: what the evaluator reports on the raw probabilities
+    (thresholded mDice/mIoU, ...) plus the papers' metric, mDice/mIoU over 256 thresholds of
+    min-max normalised maps (`mDice_mean256_minmax`, `mIoU_mean256_minmax`)."""
     from .checkpoint import load_checkpoint
     from .evaluation import evaluate_pairs
 
     model, meta = load_checkpoint(path, device=device)
     out = {}
     for name, pairs in sets.items():
-        summary, _ = evaluate_pairs(model, pairs, int(meta["input_size"]), meta["mean"], meta["std"],
-                                    float(meta["threshold"]), device, batch_size=batch_size, desc=name, progress=progress)
+        args = (model, pairs, int(meta["input_size"]), meta["mean"], meta["std"], float(meta["threshold"]), device)
+        summary, _ = evaluate_pairs(*args, batch_size=batch_size, desc=name, progress=progress)
+        paper, _ = evaluate_pairs(*args, batch_size=batch_size, desc=f"{name} (min-max)", progress=progress, minmax=True)
         out[name] = {k: float(v) for k, v in summary.items() if isinstance(v, (int, float))}
+        out[name].update({f"{k}_minmax": float(paper[k]) for k in ("mDice_mean256", "mIoU_mean256")})
         out[name]["n"] = len(pairs)
     return {"tests": out, "params": sum(p.numel() for p in model.parameters()), "preset": meta.get("preset")}
 
@@ -99,7 +108,7 @@ def _teacher_rows(paths: list[str], sets: dict[str, list], out: str, resume: boo
     rows = []
     for i, path in enumerate(paths):
         st = os.stat(path)
-        key = f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|" + ",".join(f"{n}:{len(p)}" for n, p in sets.items())
+        key = f"v2|{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|" + ",".join(f"{n}:{len(p)}" for n, p in sets.items())
         if key not in cache:
             ev = evaluate_checkpoint(path, sets, device, batch_size, progress)
             cache[key] = {"label": f"teacher {ev['preset']}", "role": "teacher", "kd": None,
@@ -124,26 +133,36 @@ def _fmt_time(seconds: float | None) -> str:
     return f"{s // 3600}h{(s % 3600) // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
+def _mean_row(tests: dict) -> dict:
+    return {k: _mean_over_sets(tests, key) for k, key in MEAN_KEYS.items()}
+
+
 def markdown_table(rows: list[dict], set_names: list[str], header: str = "") -> str:
-    cols = ["Method", "Params (M)", "Train time"]
+    cols = ["Method", "Params (M)", "Train time", "Val mDice"]
     for n in set_names:
-        cols += [f"{n} mDice", f"{n} mIoU"]
-    cols += ["Mean mDice", "Mean mIoU"]
+        cols += [f"{n} mDice", f"{n} mIoU", f"{n} meanDic"]
+    cols += ["Mean mDice", "Mean mIoU", "Mean meanDic"]
     lines = [header.rstrip() + "\n"] if header else []
     lines += ["| " + " | ".join(cols) + " |", "|" + "|".join(["---"] + ["---:"] * (len(cols) - 1)) + "|"]
     best = {k: max((r["mean"][k] for r in rows if r["role"] == "student" and r["mean"].get(k) is not None), default=None)
-            for k in ("mDice", "mIoU")}
+            for k in MEAN_KEYS}
+
+    def num(v) -> str:
+        return "-" if v is None else f"{v:.4f}"
+
     for r in rows:
-        cells = [r["label"], f"{r['params'] / 1e6:.2f}", _fmt_time(r.get("train_seconds"))]
+        cells = [r["label"], f"{r['params'] / 1e6:.2f}", _fmt_time(r.get("train_seconds")), num(r.get("best_val_mDice"))]
         for n in set_names:
             t = r["tests"].get(n, {})
-            cells += [f"{t['mDice']:.4f}" if "mDice" in t else "-", f"{t['mIoU']:.4f}" if "mIoU" in t else "-"]
-        for k in ("mDice", "mIoU"):
+            cells += [num(t.get("mDice")), num(t.get("mIoU")), num(t.get(PAPER_KEY))]
+        for k in MEAN_KEYS:
             v = r["mean"].get(k)
-            cell = "-" if v is None else f"{v:.4f}"
             # Bold the best student, as a paper would; teachers are reference rows.
-            cells.append(f"**{cell}**" if v is not None and r["role"] == "student" and v == best[k] else cell)
+            cells.append(f"**{num(v)}**" if v is not None and r["role"] == "student" and v == best[k] else num(v))
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "mDice, mIoU: per image at the checkpoint's threshold, then averaged; meanDic: the papers' metric "
+              "(Dice averaged over 256 thresholds of each min-max normalised map, PraNet's toolbox); Val mDice: "
+              "the best epoch's validation mDice, which chose the checkpoint. Mean: unweighted over test sets."]
     return "\n".join(lines) + "\n"
 
 
@@ -192,18 +211,18 @@ def run_ablation(cfg, methods: list[tuple[str, str]], out: str, sets: dict[str, 
         row = {"label": label, "role": "student", "kd": kd, "checkpoint": os.path.abspath(ckpt),
                "train_seconds": result["train_seconds"], "wall_seconds": wall, "best_epoch": result["best_epoch"],
                "best_val_mDice": result["best_val_mDice"], **ev}
-        row["mean"] = {k: _mean_over_sets(row["tests"], k) for k in ("mDice", "mIoU")}
+        row["mean"] = _mean_row(row["tests"])
         write_json(result_path, row)
         rows.append(row)
     for r in rows:
-        r.setdefault("mean", {k: _mean_over_sets(r["tests"], k) for k in ("mDice", "mIoU")})
+        r["mean"] = _mean_row(r["tests"])  # also brings rows finished by an older version up to date
 
     set_names = list(sets)
     header = (f"Ablation: student `{cfg.model}`, {cfg.epochs} epoch(s)"
               + (f" x at most {cfg.steps_per_epoch} steps" if cfg.steps_per_epoch else "")
               + f", image size {cfg.image_size or 'preset'}, batch {cfg.batch_size}, seed {cfg.seed}, device {device}; "
               f"checkpoint: {checkpoint}; test sets: " + ", ".join(f"{n} ({len(p)})" for n, p in sets.items())
-              + ". Mean = unweighted mean over test sets.")
+              + ".")
     md = markdown_table(rows, set_names, header)
     report = {"command": command, "config": cfg.to_dict(), "checkpoint": checkpoint, "test_sets": {n: len(p) for n, p in sets.items()},
               "rows": rows}

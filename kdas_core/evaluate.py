@@ -11,7 +11,7 @@ import argparse
 import sys
 
 from .cli_conventions import default_workers, run_cli
-from .presets import image_size_arg
+from .presets import TTA_MODES, image_size_arg
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,7 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
             "      --data ../shared/data/polyp --json results/student.json\n"
             "  python -m kdas_core.evaluate --weights best.safetensors --data my_frames/ --save-overlays /tmp/ov\n"
             "  python -m kdas_core.evaluate --weights deploy/best-256-int8.onnx --data ../shared/data/polyp \\\n"
-            "      --threads 2 --json results/int8.json\n\n"
+            "      --threads 2 --json results/int8.json\n"
+            "  python -m kdas_core.evaluate --weights runs/teacher/best.safetensors --data ../shared/data/polyp-352 \\\n"
+            "      --split val --minmax        # the validation split, in the papers' metric\n\n"
             "exit codes: 0 success; 2 missing/corrupt model file, bad data folder or bad option\n"
             "(also: a backend that cannot run the file here);\n"
             "1 unexpected error (a bug: please report the traceback)."
@@ -73,11 +75,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, metavar="T", help="binarisation threshold for mDice/mIoU (default: from the checkpoint, usually 0.5)")
     p.add_argument("--image-size", type=image_size_arg, metavar="S", help="model input size in pixels, a multiple of 32 (default: from the checkpoint)")
     p.add_argument("--batch-size", type=int, default=8, metavar="B", help="images per forward pass (default: %(default)s)")
+    p.add_argument("--tta", choices=TTA_MODES, default="none",
+                   help="test-time augmentation for a checkpoint: 'flip' averages the logits with those of the "
+                        "mirrored image (twice the cost; what teacher_targets --tta flip gives a student) "
+                        "(default: %(default)s)")
     p.add_argument("--minmax", action="store_true",
                    help="min-max normalise each probability map before scoring, as the MATLAB toolbox and "
                         "Polyp-PVT's Test.py do (for comparison with papers; default: score raw probabilities)")
+    split = p.add_argument_group(
+        "which images",
+        "by default the test sets of --data; --split val scores instead the validation images that "
+        "train/distill/ablate hold out of --data's training images (the same split for every seed), "
+        "the place to choose checkpoints, weights and settings (test sets never choose anything)")
+    split.add_argument("--split", choices=("test", "val"), default="test",
+                       help="test: every test set of --data; val: its validation split, as one set named "
+                            "'validation' (default: %(default)s)")
+    split.add_argument("--val-fraction", type=float, default=_train_default("val_fraction"), metavar="F",
+                       help="with --split val: as the training run's --val-fraction (default: %(default)s)")
+    split.add_argument("--groups", default=_train_default("groups"), metavar="auto|none|CSV",
+                       help="with --split val: as the training run's --groups (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
+
+
+def _train_default(name: str):
+    """A training default (one home: kdas_core.training.config), so that --split val holds out
+    exactly what a training run with default flags held out."""
+    from .training.config import defaults
+
+    return defaults()[name]
 
 
 def main(argv: list[str] | None = None) -> int:

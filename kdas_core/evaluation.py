@@ -30,9 +30,10 @@ from torch.utils.data import DataLoader
 from .checkpoint import load_checkpoint, read_metadata
 from .atomic import staged, write_json
 from .cli_conventions import UsageError, bars_wanted
-from .data.dataset import EvalDataset, Pair, eval_collate, read_pair, resolve_layout
+from .data.dataset import EvalDataset, Pair, eval_collate, read_pair, resolve_layout, split_by_groups
 from .data.transforms import to_tensor
 from .metrics import SUMMARY_KEYS, SegMetrics
+from .presets import TTA_MODES
 
 # ---------------------------------------------------------------- overlays
 
@@ -180,21 +181,34 @@ def _score(predict, dataset: EvalDataset, threshold: float, batch_size: int, des
 def evaluate_pairs(model: torch.nn.Module, pairs: list[Pair], size: int, mean, std, threshold: float,
                    device: str | torch.device, batch_size: int = 8, desc: str | None = None,
                    overlays_dir: str | os.PathLike | None = None, progress: bool = True,
-                   minmax: bool = False, num_workers: int = 0, workers: int = 1) -> tuple[dict, list[dict]]:
+                   minmax: bool = False, num_workers: int = 0, workers: int = 1,
+                   tta: str = "none") -> tuple[dict, list[dict]]:
     """Score `model` on (image, mask) pairs; returns (summary, per-image rows).
 
     summary: {"mDice", "mIoU", "mDice_mean256", "mIoU_mean256", "Sm", "Em", "wFm", "MAE", "n"}.
     The model runs in eval mode under no_grad (its previous train/eval mode is restored on return);
     `device` is where the batches go (the model must already be there). `minmax`: the toolbox's
     per-map min-max normalisation (see kdas_core.metrics). `num_workers`: data-loading processes;
-    `workers`: metric processes (identical numbers, faster on large masks).
+    `workers`: metric processes (identical numbers, faster on large masks). `tta="flip"`: the
+    logits averaged with those of the horizontally flipped image, flipped back (as
+    `teacher_targets --tta flip` averages a teacher), at twice the cost.
     """
+    if tta not in TTA_MODES:
+        raise UsageError(f"--tta must be one of {', '.join(TTA_MODES)}, got {tta!r}")
     net = getattr(model, "module", model)  # DDP: run the bare module on this rank only
     was_training = net.training
     net.eval()
     device = torch.device(device)
+
+    def predict(images):
+        x = images.to(device)
+        logits = net.predict_logits(x).float()
+        if tta == "flip":
+            logits = (logits + torch.flip(net.predict_logits(torch.flip(x, dims=[-1])).float(), dims=[-1])) / 2
+        return torch.sigmoid(logits)
+
     try:
-        return _score(lambda images: torch.sigmoid(net.predict_logits(images.to(device)).float()),
+        return _score(predict,
                       EvalDataset(pairs, size, mean, std), threshold, batch_size, desc, overlays_dir,
                       progress, minmax, num_workers, workers)
     finally:
@@ -264,11 +278,14 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise UsageError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     exported = not args.weights.lower().endswith(".safetensors")
+    if args.tta != "none" and (exported or args.backend is not None):
+        raise UsageError(f"--tta {args.tta} runs a checkpoint (.safetensors) in PyTorch; an exported model or "
+                         "--backend scores the file as it is deployed, without test-time augmentation")
     if args.backend is None and not exported:
         device = _pick_device(args.device)
         read_metadata(args.weights)  # cheap checks first (checkpoint metadata, data folders), then the model load
     layout = resolve_layout(args.data)
-    sets = layout.evaluation_sets()
+    sets = _validation_set(layout, args) if getattr(args, "split", "test") == "val" else layout.evaluation_sets()
     if not sets:
         raise UsageError(f"{args.data}: no test sets; expected TestDataset/<name>/{{images,masks}} folders "
                          "(a PraNet root) or images/ and masks/ directly in the folder")
@@ -277,9 +294,11 @@ def run(args: argparse.Namespace) -> int:
     if args.backend is None and not exported:
         model, meta = load_checkpoint(args.weights, device)
         size = int(args.image_size or meta["input_size"])
+        common["tta"] = args.tta
         threshold = float(meta["threshold"] if args.threshold is None else args.threshold)
         print(f"checkpoint {args.weights}: preset {meta['preset']}, input {size}x{size}, threshold {threshold:g}, "
-              f"device {device}" + (", min-max normalised maps" if args.minmax else ""), file=sys.stderr)
+              f"device {device}" + (", min-max normalised maps" if args.minmax else "")
+              + (", flip TTA" if args.tta == "flip" else ""), file=sys.stderr)
 
         def score(pairs, **kw):
             return evaluate_pairs(model, pairs, size, meta["mean"], meta["std"], threshold, device, **kw, **common)
@@ -324,6 +343,19 @@ def run(args: argparse.Namespace) -> int:
     if args.save_overlays:
         print(f"wrote overlays under {args.save_overlays}", file=sys.stderr)
     return 0
+
+
+def _validation_set(layout, args: argparse.Namespace) -> dict[str, list[Pair]]:
+    """{"validation": pairs}: the images a training run on the same --data (with this
+    --val-fraction and --groups) held out to choose its checkpoints."""
+    if not layout.train:
+        raise UsageError(f"{args.data}: --split val needs training data (TrainDataset/ or images/+masks/) "
+                         "to hold the validation split out of")
+    if not 0 < args.val_fraction < 1:
+        raise UsageError(f"--val-fraction must be in (0, 1) with --split val, got {args.val_fraction}")
+    split = split_by_groups(layout.train, args.val_fraction, args.groups)
+    print(f"validation split of {args.data}: {split.describe()}", file=sys.stderr)
+    return {"validation": split.val}
 
 
 def _open_backend(args: argparse.Namespace):

@@ -16,6 +16,7 @@ from .cli_conventions import UsageError
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_THRESHOLD = 0.5  # probability >= threshold is "polyp", unless the checkpoint says otherwise
+TTA_MODES = ("none", "flip")  # test-time augmentation: evaluate --tta, teacher_targets --tta
 
 # The input-size rule: the encoder downsamples by 32, so sizes are multiples of 32; beyond 2048
 # nothing fits in memory on the machines we target.

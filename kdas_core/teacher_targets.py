@@ -12,7 +12,8 @@ What is stored (OUT/targets.safetensors): for each training image, the teachers'
 on the image resized to the training size S (as the training loader resizes it, before any
 augmentation), at the decoder's own resolution S/8 in float16 — the teacher's full-size P1/P2 are
 bilinear upsamplings of exactly these maps, so nothing is lost but float16 rounding (about 2 KB
-per image at 256). Several teachers are averaged in logit space; `--tta flip` also averages each
+per image at 256). With `--teacher-size native` each teacher sees the image at its own input
+size instead (a teacher trained at 352 is best at 352), and its maps are resampled to the S/8 grid. Several teachers are averaged in logit space; `--tta flip` also averages each
 teacher with its prediction on the horizontally flipped image, flipped back.
 
 During `distill --teacher-targets`, each stored pair is upsampled to S and then goes through
@@ -37,7 +38,7 @@ from pathlib import Path
 
 from .cli_common import run_cli
 from .cli_conventions import UsageError
-from .presets import image_size_arg, image_size_problem
+from .presets import TTA_MODES, image_size_arg, image_size_problem
 
 FORMAT = "kdas-teacher-targets/1"
 FILE = "targets.safetensors"
@@ -59,10 +60,18 @@ def data_digest(pairs: list[tuple[str, str]]) -> str:
     return h.hexdigest()
 
 
+TEACHER_SIZES = ("train", "native")
+
+
 def compute(teachers: list[str], data: str, size: int, tta: str = "none", batch_size: int = 8,
-            device: str = "cpu", progress: bool = True):
-    """(targets (N, 2, S/8, S/8) float16, metadata) for every training image of `data`."""
+            device: str = "cpu", progress: bool = True, teacher_size: str = "train"):
+    """(targets (N, 2, S/8, S/8) float16, metadata) for every training image of `data`.
+
+    teacher_size "train": each teacher sees the image at the training size S, as a live teacher
+    in `distill --teacher` does; "native": at its own checkpoint's input size, its P1/P2 logits
+    then resampled (bilinear) to the S/8 grid: a teacher trained at 352 keeps its 352 accuracy."""
     import torch
+    import torch.nn.functional as F
 
     from .checkpoint import file_sha256, load_checkpoint
     from .data.dataset import _normalise, read_image, resolve_layout
@@ -75,7 +84,10 @@ def compute(teachers: list[str], data: str, size: int, tta: str = "none", batch_
     pairs = layout.train
     if not pairs:
         raise UsageError(f"{data}: no training data (TrainDataset/ or images/+masks/)")
+    if teacher_size not in TEACHER_SIZES:
+        raise UsageError(f"--teacher-size must be one of {', '.join(TEACHER_SIZES)}, got {teacher_size!r}")
     models = [load_checkpoint(p, device) for p in teachers]
+    sizes = [int(meta["input_size"]) if teacher_size == "native" else size for _, meta in models]
     shas = [file_sha256(p) for p in teachers]  # the key and the record: each file hashed once
     out = torch.empty(len(pairs), 2, size // STRIDE, size // STRIDE, dtype=torch.float16)
     started = time.time()
@@ -89,14 +101,18 @@ def compute(teachers: list[str], data: str, size: int, tta: str = "none", batch_
     with torch.no_grad():
         for start in range(0, len(pairs), batch_size):
             chunk = pairs[start:start + batch_size]
-            raw = torch.stack([to_tensor(read_image(p[0]), None, size)[0] for p in chunk])
+            images = [read_image(p[0]) for p in chunk]
+            resized = {s_: torch.stack([to_tensor(im, None, s_)[0] for im in images]) for s_ in set(sizes)}
             acc = torch.zeros(len(chunk), 2, size // STRIDE, size // STRIDE)
-            for model, meta in models:
-                x = torch.stack([_normalise(im, meta["mean"], meta["std"]) for im in raw]).to(device)
+            for (model, meta), t_size in zip(models, sizes):
+                x = torch.stack([_normalise(im, meta["mean"], meta["std"]) for im in resized[t_size]]).to(device)
                 views = [(x, False)] + ([(torch.flip(x, dims=[-1]), True)] if tta == "flip" else [])
                 for v, flipped in views:
                     o = model(v)
                     maps = torch.cat([o["p1_low"], o["p2_low"]], dim=1).float().cpu()
+                    if maps.shape[-1] != size // STRIDE:
+                        maps = F.interpolate(maps, size=(size // STRIDE, size // STRIDE), mode="bilinear",
+                                             align_corners=False)
                     acc += (torch.flip(maps, dims=[-1]) if flipped else maps) / (len(views) * len(models))
             out[start:start + len(chunk)] = acc.half()
             if bar is not None:
@@ -105,7 +121,7 @@ def compute(teachers: list[str], data: str, size: int, tta: str = "none", batch_
         bar.close()
     meta = {
         "format": FORMAT,
-        "key": {"teachers": sorted(shas), "image_size": size, "tta": tta,
+        "key": {"teachers": sorted(shas), "image_size": size, "tta": tta, "teacher_sizes": sorted(set(sizes)),
                 "data_sha1": data_digest(pairs)},
         "stems": [Path(p[0]).stem for p in pairs],
         "teachers": [{"path": os.path.abspath(p), "preset": m["preset"], "sha256": sha,
@@ -183,7 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR", help=f"folder for {FILE}")
     p.add_argument("--image-size", type=image_size_arg, default=defaults()["image_size"] or PRESET_SIZE, metavar="S",
                    help="the student's training size, as its --image-size (default: %(default)s, the training default)")
-    p.add_argument("--tta", choices=["none", "flip"], default="none", help="average with the flipped image (default: none)")
+    p.add_argument("--tta", choices=TTA_MODES, default="none", help="average with the flipped image (default: none)")
+    p.add_argument("--teacher-size", choices=TEACHER_SIZES, default="train",
+                   help="train: each teacher sees the image at --image-size, as a live teacher does; native: at "
+                        "its own checkpoint's input size (e.g. 352 for a teacher trained at 352), its maps then "
+                        "resampled to the training grid (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=8, metavar="B", help="teacher batch size (default: 8)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -202,11 +222,12 @@ def main(argv: list[str] | None = None) -> int:
             read_metadata(t)  # a bad checkpoint fails before any work
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         targets, meta = compute(args.teacher, args.data, args.image_size, args.tta, args.batch_size, device,
-                                progress=not args.no_progress)
+                                progress=not args.no_progress, teacher_size=args.teacher_size)
         path = save(args.out, targets, meta)
         size_mb = os.path.getsize(path) / 1e6
-        print(f"[kdas] {len(meta['stems'])} targets from {len(args.teacher)} teacher(s), tta {args.tta}, "
-              f"{args.image_size}px -> {path} ({size_mb:.1f} MB, {meta['seconds']:.0f} s)")
+        seen = "/".join(str(s_) for s_ in meta["key"]["teacher_sizes"])
+        print(f"[kdas] {len(meta['stems'])} targets from {len(args.teacher)} teacher(s) run at {seen}px, tta {args.tta}, "
+              f"for training at {args.image_size}px -> {path} ({size_mb:.1f} MB, {meta['seconds']:.0f} s)")
 
     return run_cli(go, "kdas_core.teacher_targets")
 

@@ -54,13 +54,18 @@ def test_tiny_ablation_writes_tables_and_resumes(tiny_setup, monkeypatch):
     assert labels == ["teacher polyppvt-lite0", "none", "hlfd+cwd:0.5"]
     for r in report["rows"]:
         assert set(r["tests"]) == {"Synthetic"}
-        assert 0.0 <= r["tests"]["Synthetic"]["mDice"] <= 1.0 and "mIoU" in r["tests"]["Synthetic"]
+        t = r["tests"]["Synthetic"]
+        assert 0.0 <= t["mDice"] <= 1.0 and "mIoU" in t
+        # the papers' metric is scored on min-max normalised maps: its own pass, not a copy of the raw one
+        assert 0.0 <= t["mDice_mean256_minmax"] <= 1.0 and 0.0 <= t["mIoU_mean256_minmax"] <= 1.0
+        assert r["mean"]["meanDic"] == t["mDice_mean256_minmax"]
         assert r["params"] > 1e6
     students = [r for r in report["rows"] if r["role"] == "student"]
     assert all(r["train_seconds"] > 0 and r["mean"]["mDice"] is not None for r in students)
     assert students[1]["kd"] == "hlfd,cwd:0.5"
     md = (out / "ablation.md").read_text()
-    assert "| Method | Params (M) | Train time | Synthetic mDice | Synthetic mIoU | Mean mDice | Mean mIoU |" in md
+    assert ("| Method | Params (M) | Train time | Val mDice | Synthetic mDice | Synthetic mIoU | Synthetic meanDic "
+            "| Mean mDice | Mean mIoU | Mean meanDic |") in md
     assert sum(line.startswith("| ") for line in md.splitlines()) == 1 + 3  # column names + 3 rows
 
     # --resume keeps finished rows (and the teacher's evaluation) without training or evaluating again.
@@ -95,13 +100,16 @@ def test_time_limit_pauses_the_ablation_and_resume_completes_it(tiny_setup, caps
 
 
 def test_markdown_table_bolds_best_student_only():
-    rows = [{"label": "teacher", "role": "teacher", "params": 25e6, "tests": {"A": {"mDice": 0.9, "mIoU": 0.8}},
-             "mean": {"mDice": 0.9, "mIoU": 0.8}},
-            {"label": "none", "role": "student", "params": 3e6, "train_seconds": 75, "tests": {"A": {"mDice": 0.5, "mIoU": 0.4}},
-             "mean": {"mDice": 0.5, "mIoU": 0.4}},
-            {"label": "kd", "role": "student", "params": 3e6, "train_seconds": 3700, "tests": {"A": {"mDice": 0.6, "mIoU": 0.5}},
-             "mean": {"mDice": 0.6, "mIoU": 0.5}}]
+    def row(label, role, params, secs, dice, iou, paper, val=None):
+        t = {"mDice": dice, "mIoU": iou, "mDice_mean256_minmax": paper}
+        return {"label": label, "role": role, "params": params, "train_seconds": secs, "best_val_mDice": val,
+                "tests": {"A": t}, "mean": {"mDice": dice, "mIoU": iou, "meanDic": paper}}
+
+    rows = [row("teacher", "teacher", 25e6, None, 0.9, 0.8, 0.95),
+            row("none", "student", 3e6, 75, 0.5, 0.4, 0.7, val=0.61),
+            row("kd", "student", 3e6, 3700, 0.6, 0.5, 0.65, val=0.62)]
     md = markdown_table(rows, ["A"])
-    assert "| kd | 3.00 | 1h01m | 0.6000 | 0.5000 | **0.6000** | **0.5000** |" in md
-    assert "| teacher | 25.00 | - | 0.9000 | 0.8000 | 0.9000 | 0.8000 |" in md
-    assert "| none | 3.00 | 1m15s |" in md
+    # each mean column bolds its own best student: kd for mDice/mIoU, none for meanDic; never the teacher
+    assert "| kd | 3.00 | 1h01m | 0.6200 | 0.6000 | 0.5000 | 0.6500 | **0.6000** | **0.5000** | 0.6500 |" in md
+    assert "| none | 3.00 | 1m15s | 0.6100 | 0.5000 | 0.4000 | 0.7000 | 0.5000 | 0.4000 | **0.7000** |" in md
+    assert "| teacher | 25.00 | - | - | 0.9000 | 0.8000 | 0.9500 | 0.9000 | 0.8000 | 0.9500 |" in md

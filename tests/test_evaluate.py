@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -241,3 +242,50 @@ def test_cli_exported_model_errors_exit_2(tmp_path, capsys, student_onnx, synth_
     assert code == 2 and "bad.onnx" in err
     code, _, err = _run(capsys, "--weights", onnx_path, "--data", synth_root, "--workers", "0")
     assert code == 2 and "--workers" in err
+
+
+def test_split_val_scores_exactly_the_training_runs_validation_images(tmp_path, capsys, checkpoint):
+    from kdas_core.data.dataset import split_by_groups
+
+    root = write_dataset(tmp_path / "d", n_train=10, n_test=2, size=64, seed=5)
+    out_json = tmp_path / "val.json"
+    code, _, err = _run(capsys, "--weights", checkpoint, "--data", root, "--split", "val", "--groups", "none",
+                        "--val-fraction", "0.3", "--json", out_json, "--device", "cpu")
+    assert code == 0, err
+    assert list(json.loads(out_json.read_text())) == ["validation"]
+    with open(tmp_path / "val_per_image.csv") as f:
+        names = [r["name"] for r in csv.DictReader(f)]
+    held_out = split_by_groups(resolve_layout(root).train, 0.3, "none").val
+    assert names == [Path(p[0]).stem for p in held_out] and len(names) == 3
+    assert all(n.startswith("train_") for n in names)  # training images, not the test set
+    assert "validation split of" in err and "7 train / 3 val" in err
+
+    code, _, err = _run(capsys, "--weights", checkpoint, "--data", root, "--split", "val", "--val-fraction", "0")
+    assert code == 2 and "--val-fraction must be in (0, 1)" in err
+
+
+def test_flip_tta_is_mirror_consistent_and_refused_for_exports(tmp_path, capsys, checkpoint, synth_root, student_onnx):
+    """With --tta flip a mirrored image gets the mirrored prediction, so every per-image score is
+    the same on a mirrored copy of the set; without TTA an (untrained, asymmetric) model differs."""
+    from kdas_core.checkpoint import load_checkpoint
+
+    model, meta = load_checkpoint(str(checkpoint), "cpu")
+    pairs = resolve_layout(synth_root).tests["Synthetic"]
+    mirrored = tmp_path / "mirrored"
+    for sub in ("images", "masks"):
+        (mirrored / sub).mkdir(parents=True)
+    for img, msk in pairs:
+        name = Path(img).stem + ".png"  # PNG: the mirrored file holds exactly the mirrored pixels
+        cv2.imwrite(str(mirrored / "images" / name), cv2.flip(cv2.imread(img), 1))
+        cv2.imwrite(str(mirrored / "masks" / name), cv2.flip(cv2.imread(msk), 1))
+    args = (64, meta["mean"], meta["std"], 0.5, "cpu")
+    scores = {}
+    for tta in ("none", "flip"):
+        for label, ps in (("orig", pairs), ("mirror", find_pairs(mirrored))):
+            _, rows = evaluate_pairs(model, ps, *args, progress=False, tta=tta)
+            scores[tta, label] = np.array([r["Dice_mean256"] for r in rows])
+    assert np.allclose(scores["flip", "orig"], scores["flip", "mirror"], atol=2e-3)
+    assert not np.allclose(scores["none", "orig"], scores["none", "mirror"], atol=2e-3)
+
+    code, _, err = _run(capsys, "--weights", student_onnx[1], "--data", synth_root, "--tta", "flip")
+    assert code == 2 and "--tta flip runs a checkpoint" in err

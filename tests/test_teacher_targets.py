@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import cv2
-import numpy as np
 import pytest
 import torch
 
@@ -79,6 +78,29 @@ def test_flip_tta_targets_follow_a_flip_exactly(setup, tmp_path):
         cv2.imwrite(str(flipped_root / "TrainDataset" / "masks" / (Path(msk).stem + ".png")), cv2.flip(cv2.imread(msk), 1))
     of_flipped, _ = teacher_targets.compute([str(path)], str(flipped_root), SIZE, tta="flip", progress=False)
     assert torch.allclose(torch.flip(stored.float(), dims=[-1]), of_flipped.float(), atol=2e-3)
+
+
+def test_native_teacher_size_runs_each_teacher_at_its_own_size(setup, tmp_path):
+    """--teacher-size native: the teacher sees the image at its checkpoint's input size (96 here)
+    and its low-resolution logits are resampled to the training grid (64/8)."""
+    import torch.nn.functional as F
+
+    from kdas_core.data.dataset import _normalise, read_image
+    from kdas_core.data.transforms import to_tensor
+
+    data, _, teacher = setup
+    big = tmp_path / "teacher-96.safetensors"
+    save_checkpoint(str(big), teacher, build_metadata("polyppvt-lite0", input_size=96))
+    native, meta = teacher_targets.compute([str(big)], str(data), SIZE, teacher_size="native", progress=False)
+    at_train, _ = teacher_targets.compute([str(big)], str(data), SIZE, teacher_size="train", progress=False)
+    assert meta["key"]["teacher_sizes"] == [96] and native.shape[-1] == SIZE // teacher_targets.STRIDE
+    first = resolve_layout(data).train[0][0]
+    x = _normalise(to_tensor(read_image(first), None, 96)[0], MEAN, STD)[None]
+    with torch.no_grad():
+        o = teacher(x)
+    expected = F.interpolate(torch.cat([o["p1_low"], o["p2_low"]], 1), size=(8, 8), mode="bilinear", align_corners=False)
+    assert torch.allclose(native[0].float(), expected[0], atol=2e-2)  # float16 storage of logits of size ~10
+    assert not torch.allclose(native.float(), at_train.float(), atol=2e-2)  # the teacher really saw another size
 
 
 def test_targets_get_exactly_the_geometry_of_the_image():
