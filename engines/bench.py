@@ -271,15 +271,15 @@ def _measure(candidates: list[Candidate], args: argparse.Namespace, say) -> None
 
 def _print_table(results: list[dict], args: argparse.Namespace) -> None:
     width = max(len(r["label"]) for r in results)
-    print(f"{'model [backend]':<{width}}  {'p50 ms':>8}  {'p95 ms':>8}  {'frames/s':>9}  {'p50/first':>9}")
+    print(f"{'model [backend]':<{width}}  {'input':>9}  {'p50 ms':>8}  {'p95 ms':>8}  {'frames/s':>9}  {'p50/first':>9}")
     for r in results:
+        size = "x".join(map(str, r["image_size"]))
         print(
-            f"{r['label']:<{width}}  {r['latency_ms_p50']:>8.2f}  {r['latency_ms_p95']:>8.2f}  "
+            f"{r['label']:<{width}}  {size:>9}  {r['latency_ms_p50']:>8.2f}  {r['latency_ms_p95']:>8.2f}  "
             f"{r['throughput_fps']:>9.1f}  {r['ratio_p50_to_first']:>8.2f}x"
         )
-    size = results[0]["image_size"]
     print(
-        f"(batch {args.batch}, {size[0]}x{size[1]}, {args.runs} runs after {args.warmup} warm-up, "
+        f"(batch {args.batch}, {args.runs} runs after {args.warmup} warm-up, "
         f"threads {args.threads or 'default'}, onnxruntime spinning {args.spin})"
     )
 

@@ -817,6 +817,21 @@ def test_bench_compare_json(onnx_path, tmp_path):
     assert all(r["batch"] == 2 and r["runs"] == 2 and r["latency_ms_p50"] > 0 for r in results)
 
 
+def test_bench_compare_runs_each_model_at_its_own_size_and_says_so(ckpt, capsys):
+    """Without --image-size each model runs at its own input size (a 256 student against a 352
+    preset is the comparison issue 12 asks for): the table names every row's size."""
+    from engines.bench import main
+
+    import kdas_core.checkpoint as kc
+
+    size = int(kc.read_metadata(ckpt)["input_size"])
+    argv = ["--compare", "--weights", ckpt, "--model", "polyppvt-lite0", "--backend", "torch", "--device", "cpu",
+            "--runs", "1", "--warmup", "0"]
+    assert run(main, argv) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if "[torch]" in line]
+    assert len(rows) == 2 and f"{size}x{size}" in rows[0] and "352x352" in rows[1]
+
+
 def test_bench_old_spellings_still_work_and_warn(onnx_path, capsys):
     from engines.bench import parse_args
 
