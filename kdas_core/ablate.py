@@ -12,8 +12,8 @@ OUT/<method>/, by the trainer behind `kdas_core.distill`. The checkpoint chosen 
 mDice (--checkpoint best) is then evaluated on every test set of --data (or --test-data), and
 OUT/ablation.md + OUT/ablation.json hold, per set and as the mean over sets, thresholded mDice and
 mIoU and the papers' meanDic (min-max normalised maps, 256 thresholds), with the validation mDice
-that chose each checkpoint, the student's parameter count and its training time. The teachers are evaluated too, as reference
-rows (--no-teacher-rows skips that).
+that chose each checkpoint, the student's parameter count and its training time. The teachers are
+evaluated too, as reference rows (--no-teacher-rows skips that).
 """
 
 from __future__ import annotations

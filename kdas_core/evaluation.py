@@ -285,7 +285,7 @@ def run(args: argparse.Namespace) -> int:
         device = _pick_device(args.device)
         read_metadata(args.weights)  # cheap checks first (checkpoint metadata, data folders), then the model load
     layout = resolve_layout(args.data)
-    sets = _validation_set(layout, args) if getattr(args, "split", "test") == "val" else layout.evaluation_sets()
+    sets = _validation_set(layout, args) if args.split == "val" else layout.evaluation_sets()
     if not sets:
         raise UsageError(f"{args.data}: no test sets; expected TestDataset/<name>/{{images,masks}} folders "
                          "(a PraNet root) or images/ and masks/ directly in the folder")

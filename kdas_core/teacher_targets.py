@@ -13,8 +13,9 @@ on the image resized to the training size S (as the training loader resizes it, 
 augmentation), at the decoder's own resolution S/8 in float16 — the teacher's full-size P1/P2 are
 bilinear upsamplings of exactly these maps, so nothing is lost but float16 rounding (about 2 KB
 per image at 256). With `--teacher-size native` each teacher sees the image at its own input
-size instead (a teacher trained at 352 is best at 352), and its maps are resampled to the S/8 grid. Several teachers are averaged in logit space; `--tta flip` also averages each
-teacher with its prediction on the horizontally flipped image, flipped back.
+size instead (a teacher trained at 352 is best at 352), and its maps are resampled to the S/8
+grid. Several teachers are averaged in logit space; `--tta flip` also averages each teacher with
+its prediction on the horizontally flipped image, flipped back.
 
 During `distill --teacher-targets`, each stored pair is upsampled to S and then goes through
 exactly the geometric augmentation its image gets (the same flips, rotation and crop, in the same
