@@ -74,7 +74,7 @@ def test_registry_lists_every_method_with_one_line():
     names = available()
     assert set(METHODS) | {"none"} <= set(names)
     assert all(s and "\n" not in s for s in names.values())
-    assert parse_kd_spec("kdas,cwd:0.5,none") == [("kdas", 1.0), ("cwd", 0.5)]
+    assert parse_kd_spec("kdas,cwd:0.5,none") == [("kdas", 0.5), ("cwd", 0.5)]
 
 
 @pytest.mark.parametrize("method", [m for m in METHODS if m != "hlfd"])  # hlfd: test_hlfd_zero_at_its_targets

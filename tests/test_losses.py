@@ -71,7 +71,10 @@ def test_student_and_teacher_sizes_may_differ():
 
 
 def test_kd_spec_parsing_and_errors():
-    assert parse_kd_spec("kdas") == [("kdas", 1.0)]
+    assert parse_kd_spec("kd") == [("kd", 1.0)]
+    # a bare name takes the method's default weight (kdas: 0.5, chosen on validation), ':W' overrides it
+    assert parse_kd_spec("kdas") == [("kdas", 0.5)]
+    assert parse_kd_spec("kdas:1,kdas-paper") == [("kdas", 1.0), ("kdas-paper", 1.0)]
     assert parse_kd_spec("none") == []
     with pytest.raises(ValueError, match="unknown --kd method"):
         parse_kd_spec("kdas,nonsense")
@@ -206,7 +209,7 @@ def test_kdas_distillers_match_the_objective_written_out(method):
     kl = np.mean([4.0 * sum(_np_kl(attn(s[h]), attn(t[h]), 2.0) for h in ("p1", "p2")) for t in teachers])
     sgm = np.mean([sum(_np_sgm(sgm_map(s[h]), sgm_map(t[h])) for h in sgm_heads) for t in teachers])
     student = create_model("polyppvt-lite0")
-    (d,) = build_distillers(method, student, [student, student])
+    (d,) = build_distillers(f"{method}:1", student, [student, student])
     terms = d({h: _t(v) for h, v in s.items()}, [{h: _t(v) for h, v in t.items()} for t in teachers], {})
     assert set(terms) == {f"{method}/attn_kl", f"{method}/sgm"}
     assert terms[f"{method}/attn_kl"].item() == pytest.approx(0.3 * kl, rel=1e-4)
@@ -215,3 +218,8 @@ def test_kdas_distillers_match_the_objective_written_out(method):
     (heavier,) = build_distillers(f"{method}:2", student, [student, student])
     doubled = heavier({h: _t(v) for h, v in s.items()}, [{h: _t(v) for h, v in t.items()} for t in teachers], {})
     assert doubled[f"{method}/sgm"].item() == pytest.approx(0.6 * sgm, rel=1e-5)
+    # the bare name: kdas-paper keeps the paper's weights, kdas the weight chosen on validation (0.5)
+    (default,) = build_distillers(method, student, [student, student])
+    plain = default({h: _t(v) for h, v in s.items()}, [{h: _t(v) for h, v in t.items()} for t in teachers], {})
+    w = 1.0 if method == "kdas-paper" else 0.5
+    assert plain[f"{method}/sgm"].item() == pytest.approx(0.3 * w * sgm, rel=1e-5)

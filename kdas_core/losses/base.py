@@ -5,8 +5,9 @@ train state and moved to the device with it). Given the student's outputs, the t
 and the batch, it returns named loss terms; the trainer adds them up. `seg_weight` scales the
 student's own supervised loss: KDAS trains on (1-alpha) * L_seg + alpha * KD.
 
-`--kd kdas,cwd:0.5` builds each method with its own weight; the supervised loss is weighted by
-the smallest `seg_weight` among them (one method that down-weights it is respected).
+`--kd kdas,cwd:0.5` builds each method with its own weight (a bare name takes the method's
+`default_weight`); the supervised loss is weighted by the smallest `seg_weight` among them (one
+method that down-weights it is respected).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ class Distiller(nn.Module):
     name: str = "base"
     summary: str = ""
     seg_weight: float = 1.0
+    # The weight `--kd NAME` (no ':W') gives the method's terms; `--kd NAME:W` overrides it.
+    default_weight: float = 1.0
     # The teacher outputs the method reads, when it reads nothing else (no features): then cached
     # teacher targets (`kdas_core.teacher_targets`) can replace the live teacher. None: needs it live.
     teacher_outputs: tuple[str, ...] | None = None
@@ -52,7 +55,7 @@ def available() -> dict[str, str]:
 
 
 def parse_kd_spec(spec: str) -> list[tuple[str, float]]:
-    """'kdas,cwd:0.5' -> [('kdas', 1.0), ('cwd', 0.5)]."""
+    """'kd,cwd:0.5' -> [('kd', 1.0), ('cwd', 0.5)]: a bare name takes the method's default_weight."""
     _import_all()
     out = []
     for item in filter(None, (s.strip() for s in spec.split(","))):
@@ -62,7 +65,7 @@ def parse_kd_spec(spec: str) -> list[tuple[str, float]]:
         if name not in _REGISTRY:
             raise UsageError(f"unknown --kd method {name!r}; choose from {', '.join(available())}")
         try:
-            weight = float(w) if w else 1.0
+            weight = float(w) if w else _REGISTRY[name].default_weight
         except ValueError:
             raise UsageError(f"--kd {item!r}: weight must be a number, e.g. {name}:0.5") from None
         out.append((name, weight))
