@@ -124,6 +124,8 @@ def test_distill_kdas_then_evaluate(synthetic, teacher_run, tmp_path):
                          "--epochs", "1", "--kd", "kdas", *FAST]) == 0
     meta = read_metadata(str(run / "best.safetensors"))
     assert meta["kd"] == "kdas" and meta["teachers"][0]["preset"] == "polyppvt-lite0"
+    # the weights the bare name resolved to travel with the file (a later default cannot relabel it)
+    assert meta["kd_weights"] == {"kdas": 0.5} and meta["epochs"] == 1
     log = (run / "log.csv").read_text()
     assert "train_kdas/attn_kl" in log and "train_kdas/sgm" in log
 
