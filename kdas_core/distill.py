@@ -5,7 +5,7 @@ Examples:
       --data ../shared/data/polyp --out runs/lite0-kdas                      # KDAS (default)
   python -m kdas_core.distill --teacher T.safetensors --model polyppvt-b0 --kd kdas,cwd:0.5 ...
   python -m kdas_core.distill --teacher T1 --teacher T2 --teacher T3 --kd mtkd ...  # multi-teacher
-  python -m kdas_core.distill --teacher-targets runs/targets-lite2 --model polyppvt-lite0 \
+  python -m kdas_core.distill --teacher-targets runs/targets-lite2 --model polyppvt-lite0 \\
       --data ../shared/data/polyp-352 --image-size 256 --out runs/student   # cached targets: the bundled recipe
 
 The student's own loss is the structure loss on P1 and P2; each --kd method adds its terms
