@@ -17,7 +17,7 @@ import pytest
 from engines import load_backend
 from engines.cli_common import EXIT_OK, EXIT_USAGE, run
 from engines.export import read_onnx_metadata
-from engines.quantize import QUANTISED_OPS, calibration_images, calibration_of, head_nodes
+from engines.quantize import QUANTISED_OPS, calibration_images, calibration_of, head_nodes, verify_frames
 from engines.verify import INT8_MIN_DICE, compare
 
 from .conftest import STUDENT, STUDENT_TEST_SIZE as SIZE, kdas_cache
@@ -83,22 +83,19 @@ def test_int8_metadata_round_trip(built, calib_dir):
 
 
 def test_int8_backend_runs_like_any_onnx(built, calib_dir):
-    import cv2
-
     _, fp32, int8 = built
     b8, b32 = load_backend(int8, device="cpu"), load_backend(fp32, device="cpu")
     assert b8.name == "onnxruntime" and b8.input_size == (SIZE, SIZE) and b8.threshold == b32.threshold
-    # frames of the kind the ranges were calibrated on (INT8's contract: representative data); at
-    # this tiny 64x64 size the student is far from its 256x256 training, so the bounds are loose
-    # (the real 256x256 check is RESULTS.md, "INT8 on CPU": mask Dice .98 on real frames)
-    names = sorted(os.listdir(os.path.join(calib_dir, "images")))[:3]
-    frames = np.stack([cv2.resize(cv2.cvtColor(cv2.imread(os.path.join(calib_dir, "images", n)), cv2.COLOR_BGR2RGB),
-                                  (SIZE, SIZE), interpolation=cv2.INTER_AREA) for n in names])
+    # frames of the kind the ranges were calibrated on (INT8's contract: representative data), picked
+    # as `engines.build --verify` picks them; at this tiny 64x64 size the student is far from its
+    # 256x256 training, so the bounds are loose (the real 256x256 check is RESULTS.md, "INT8 on CPU":
+    # mask Dice .98 on real frames)
+    frames = verify_frames(calib_dir, SIZE, 3)
     p8, p32 = b8.predict(frames), b32.predict(frames)
     assert p8.shape == (3, SIZE, SIZE) and p8.dtype == np.float32 and 0 <= p8.min() <= p8.max() <= 1
-    m8, m32 = p8 > b8.threshold, p32 > b32.threshold
-    assert 2 * (m8 & m32).sum() / max(1, m8.sum() + m32.sum()) >= INT8_MIN_DICE  # the same masks...
-    assert np.abs(p8 - p32).mean() < 0.1  # ...probabilities close on average...
+    agreement = compare(p32, p8, "int8", b32.threshold)
+    assert agreement.dice >= INT8_MIN_DICE  # the same masks...
+    assert agreement.mean_abs_diff < 0.1  # ...probabilities close on average...
     assert len(np.unique(p8)) > 256  # ...and the float head keeps probabilities smooth (not 256 levels)
 
 

@@ -25,7 +25,7 @@ from ..atomic import staged, write_json
 from ..cli_conventions import RunFailure, UsageError, bars_wanted
 from ..checkpoint import build_metadata, file_sha256, load_checkpoint, read_tensors, save_checkpoint
 from ..data.dataset import TrainDataset, resolve_layout, split_by_groups, subset_pairs
-from ..losses import build_distillers, parse_kd_spec, structure_loss
+from ..losses import build_distillers, structure_loss
 from ..losses.structure import boundary_weights
 from ..models import create_model, resolve
 from ..profile import count_params
@@ -215,6 +215,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         if cfg.kd != "none" and not teachers and cached is None:
             raise UsageError(f"--kd {cfg.kd} needs at least one --teacher checkpoint (or --teacher-targets)")
         distillers = build_distillers(cfg.kd, student, [t.model for t in teachers])
+        kd_weights = {d.name: d.weight for d in distillers}  # what --kd resolved to, for the metadata
         if cached is not None:
             live = [d.name for d in distillers if d.teacher_outputs is None]
             if live or not len(distillers):
@@ -383,7 +384,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
                 row["wall_min"] = round(progress["wall_seconds"] / 60, 2)
                 meta = build_metadata(cfg.model, input_size=size, threshold=cfg.threshold, epoch=epoch + 1,
                                       data=data_info, val_metrics=val_metrics, pretrained=pretrained_desc,
-                                      kd=cfg.kd, kd_weights={n: w for n, w in parse_kd_spec(cfg.kd)},
+                                      kd=cfg.kd, kd_weights=kd_weights,
                                       teachers=teacher_info, recipe=cfg.recipe, epochs=cfg.epochs,
                                       selection="best validation mDice" if val_pairs else "last epoch (no validation split)")
                 if improved:
