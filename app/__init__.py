@@ -8,11 +8,6 @@ Research use only - not a medical device.
 
 from __future__ import annotations
 
-from pathlib import Path
+from kdas_core.assets import ASSETS_DIR, DEFAULT_WEIGHTS, DEMO_CLIP  # noqa: F401 (the app's defaults)
 
 DISCLAIMER = "Research use only \u2014 not a medical device"
-
-# The package is installed editable; the bundled demo assets live at the repo root.
-ASSETS_DIR = Path(__file__).resolve().parents[1] / "assets"
-DEFAULT_WEIGHTS = ASSETS_DIR / "weights" / "polyppvt-lite0.safetensors"
-DEMO_CLIP = ASSETS_DIR / "demo.mp4"

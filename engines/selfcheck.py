@@ -526,7 +526,7 @@ def _jsonable(value):
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    from app import DEFAULT_WEIGHTS
+    from kdas_core.assets import DEFAULT_WEIGHTS
 
     p = argparse.ArgumentParser(prog="python -m engines.selfcheck", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", metavar="OUT", help="write the report (one entry per check) as JSON to OUT")

@@ -107,6 +107,73 @@ def run_cli(fn: Callable[[], int | None], prog: str, *, user_errors: tuple[type[
         return EXIT_FAILURE
 
 
+def short_prog(prog: str) -> str:
+    """The name every message of a command starts with: `kdas_core.train`, not `python -m kdas_core.train`."""
+    return prog.removeprefix("python -m ").strip()
+
+
+class Parser(argparse.ArgumentParser):
+    """The argument parser of every KDAS command line.
+
+    - A usage error is one line, `PROG: error: MESSAGE`, and a pointer to --help (the full usage
+      is for --help only), exit 2, the same prefix `run_cli` gives every other error.
+    - `exit_codes=(...)`: the codes this command can return; --help ends with their meanings.
+    - Descriptions and epilogs keep their line breaks (examples stay examples).
+    """
+
+    def __init__(self, *args, exit_codes: tuple[int, ...] | None = None, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+        self.exit_codes = exit_codes
+
+    def format_help(self) -> str:
+        text = super().format_help()
+        if self.exit_codes is not None and "exit status" not in (self.epilog or ""):
+            text = text.rstrip("\n") + "\n\n" + exit_codes_help(*self.exit_codes) + "\n"
+        return text
+
+    def error(self, message: str):  # argparse's hook: never returns
+        prog = short_prog(self.prog)
+        self.exit(EXIT_USAGE, f"{prog}: error: {message}\n(the options: {self.prog} --help)\n")
+
+
+DEVICE_HELP = "cpu, cuda or cuda:N"
+
+
+def device_arg(text: str) -> str:
+    """argparse `type=` for every --device: 'cpu', 'cuda' or 'cuda:N' (whether that device exists
+    is checked when the work starts, by `require_device`)."""
+    t = text.strip().lower()
+    if t in ("cpu", "cuda") or (t.startswith("cuda:") and t[5:].isdigit()):
+        return t
+    raise argparse.ArgumentTypeError(f"expected {DEVICE_HELP}, got {text!r}")
+
+
+def require_device(device: str | None, flag: str = "--device") -> str:
+    """The device to run on: `device` itself when this machine has it, the best one here when None
+    ('cuda' when a CUDA GPU is visible, else 'cpu'). Asking for a GPU that is not here raises
+    UnavailableError (exit 4) with the one message every command gives. Imports torch."""
+    import torch
+
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UnavailableError(f"{flag} {device}: no CUDA GPU is visible on this machine "
+                                   "(torch.cuda.is_available() is False); use --device cpu")
+        index = int(device.split(":", 1)[1]) if ":" in device else 0
+        if index >= torch.cuda.device_count():
+            raise UnavailableError(f"{flag} {device}: this machine has {torch.cuda.device_count()} CUDA "
+                                   f"device(s) (cuda:0..cuda:{torch.cuda.device_count() - 1})")
+    return device
+
+
+def add_progress_flag(parser, default: bool = True, what: str = "progress bars on a terminal") -> None:
+    """--progress / --no-progress, the same pair on every command that shows progress."""
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=default,
+                        help=f"{what} (default: {'on' if default else 'off'})")
+
+
 def positive_int(text: str) -> int:
     """argparse `type=`: an integer >= 1."""
     return _int_at_least(text, 1)
