@@ -249,11 +249,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m kdas_core.ablate", description=__doc__, epilog=_methods_epilog(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("ablation")
-    g.add_argument("--teacher", action="append", metavar="CKPT",
-                   help="teacher checkpoint; repeat for several teachers (mtkd); also evaluated as a reference row")
-    g.add_argument("--teacher-targets", metavar="DIR",
-                   help="cached teacher outputs (kdas_core.teacher_targets) for the output-level methods "
-                        "(kd, kdas, kdas-paper): every row then trains at the cost of plain training")
     g.add_argument("--methods", required=True, metavar="M[,M...]",
                    help="methods to compare, one row each (see the list below); 'none' is added unless --no-baseline")
     g.add_argument("--no-baseline", dest="baseline", action="store_false", help="do not train the 'none' row")
@@ -263,12 +258,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which checkpoint of each run is evaluated (default: best, chosen on the validation split)")
     g.add_argument("--no-teacher-rows", dest="teacher_rows", action="store_false", help="do not evaluate the teachers")
     g.add_argument("--eval-batch-size", type=int, default=4, metavar="B", help="evaluation batch size (default: 4)")
-    add_training_args(p)
+    add_training_args(p, kd="none", kd_flags=("teachers", "teacher_targets"))
     # The shared training flags, re-described for an ablation.
     for action in p._actions:
         if action.dest == "out":
             action.help = "ablation folder: one run per method in OUT/<method>/, and OUT/ablation.md + ablation.json"
             action.metavar = "OUT"
+        elif action.dest == "teachers":
+            action.help += "; also evaluated as a reference row"
         elif action.dest == "resume":
             action.help = "continue an interrupted ablation: finished rows are kept, an interrupted run resumes exactly"
     return p
@@ -277,12 +274,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not args.teacher and not args.teacher_targets:
-        parser.error("give --teacher CKPT (repeatable) or --teacher-targets DIR")
 
     def go() -> None:
         methods = parse_methods(args.methods, args.baseline)  # fail on a typo before anything runs
         cfg = config_from_args(args)
+        if not cfg.teachers and not cfg.teacher_targets:
+            raise UsageError("give --teacher PATH (repeatable) or --teacher-targets DIR (or a --config that has them)")
         sets = test_sets(cfg.data, args.test_data)
         resume = cfg.resume
         cfg = dataclasses.replace(cfg, resume=False)

@@ -11,8 +11,9 @@ from .cli_conventions import run_cli
 RESUME_HINT = "interrupted; checkpoints written so far are complete (use --resume to continue)"
 
 
-def run_training_cli(args: argparse.Namespace, prog: str, check: Callable[[], object] | None = None) -> int:
-    """`train` and `distill`: validate cheaply first, run the loop, report the chosen checkpoint (rank 0)."""
+def run_training_cli(args: argparse.Namespace, prog: str, check: Callable[[object], object] | None = None) -> int:
+    """`train` and `distill`: resolve the configuration (flags over --config), `check(cfg)` it
+    cheaply, run the loop, report the chosen checkpoint (rank 0)."""
 
     def go() -> None:
         from .training.config import config_from_args
@@ -20,7 +21,7 @@ def run_training_cli(args: argparse.Namespace, prog: str, check: Callable[[], ob
 
         cfg = config_from_args(args)
         if check is not None:
-            check()
+            check(cfg)
         result = run_training(cfg)
         if result["is_main"] and not result["finished"]:
             print(f"[kdas] paused at epoch {result['epoch']}/{cfg.epochs} by --time-limit {cfg.time_limit:g}: everything "

@@ -34,31 +34,23 @@ def _methods_epilog() -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m kdas_core.distill", description=__doc__,
                                 epilog=_methods_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group("distillation")
-    g.add_argument("--teacher", action="append", metavar="CKPT",
-                   help="teacher checkpoint (.safetensors from kdas_core.train); repeat for several teachers")
-    g.add_argument("--teacher-targets", metavar="DIR",
-                   help="cached teacher outputs from kdas_core.teacher_targets, instead of running the teachers: "
-                        "distillation at the cost of plain training (kd, kdas, kdas-paper; with --teacher too, "
-                        "the cache must have been made from those checkpoints)")
-    g.add_argument("--kd", default="kdas", metavar="METHOD[,METHOD...]",
-                   help="distillation method(s), see the list below (default: kdas)")
-    add_training_args(p)
+    add_training_args(p, kd="kdas")
     return p
 
 
+def check_teachers(cfg) -> None:
+    """A distillation needs its teachers (flags or --config); an unknown --kd method fails before
+    any model or data is loaded."""
+    from .cli_conventions import UsageError
+    from .losses import parse_kd_spec  # torch: only once the arguments are known to be good
+
+    if not cfg.teachers and not cfg.teacher_targets:
+        raise UsageError("give --teacher PATH (repeatable) or --teacher-targets DIR (or a --config that has them)")
+    parse_kd_spec(cfg.kd)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not args.teacher and not args.teacher_targets:
-        parser.error("give --teacher CKPT (repeatable) or --teacher-targets DIR")
-    # An unknown --kd method fails before any model or data is loaded.
-    def check_kd() -> None:
-        from .losses import parse_kd_spec  # torch: only once the arguments are known to be good
-
-        parse_kd_spec(args.kd)
-
-    return run_training_cli(args, "kdas_core.distill", check=check_kd)
+    return run_training_cli(build_parser().parse_args(argv), "kdas_core.distill", check=check_teachers)
 
 
 if __name__ == "__main__":

@@ -31,9 +31,56 @@ class Encoder(nn.Module):
         self.backbone_name = backbone
         self.body = timm.create_model(backbone, pretrained=False, features_only=True, out_indices=tuple(wanted))
         self.channels: list[int] = self.body.feature_info.channels()
+        self.frozen_stages = 0
+        self.frozen_bn_stats = False
+        self._fixed_bn: list[nn.Module] = []
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         return list(self.body(x))
+
+    def freeze(self, stages: int = 0, bn_stats: bool = False) -> int:
+        """Fix the first `stages` of the four feature stages (0..4), counting from the input and
+        including the stem: every weight the stride-4 .. stride-(2 ** (stages + 1)) features depend
+        on stops learning and its BatchNorm statistics stop moving, so backward stops above them.
+        `bn_stats`: also keep every other BatchNorm of the encoder on its running statistics.
+        `freeze(0)` undoes it. Weights are untouched (a checkpoint does not record the freeze).
+        Returns the number of frozen parameters."""
+        if not 0 <= stages <= 4:
+            raise UsageError(f"--frozen-stages must be 0..4 (the encoder has 4 feature stages), got {stages}")
+        frozen = self._parameters_feeding(stages)
+        for p in self.body.parameters():
+            p.requires_grad_(id(p) not in frozen)
+        bns = [m for m in self.body.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        self._fixed_bn = [m for m in bns if bn_stats or (any(True for _ in m.parameters())
+                                                         and all(id(q) in frozen for q in m.parameters()))]
+        self.frozen_stages, self.frozen_bn_stats = stages, bn_stats
+        self.train(self.training)
+        return sum(p.numel() for p in self.body.parameters() if id(p) in frozen)
+
+    def _parameters_feeding(self, stages: int) -> set[int]:
+        """ids of the parameters that the first `stages` feature maps depend on, found by asking
+        autograd on a small input (so it holds for any timm backbone, whatever its module names)."""
+        if stages == 0:
+            return set()
+        params = list(self.body.parameters())
+        for p in params:
+            p.requires_grad_(True)
+        was_training = self.training
+        self.eval()  # the probe must not move BatchNorm statistics
+        try:
+            with torch.enable_grad():
+                feats = self.body(torch.zeros(1, 3, 64, 64, device=params[0].device))
+                total = sum(f.float().sum() for f in feats[:stages])
+                grads = torch.autograd.grad(total, params, allow_unused=True)
+        finally:
+            self.train(was_training)
+        return {id(p) for p, g in zip(params, grads) if g is not None}
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for m in self._fixed_bn:
+            m.eval()
+        return self
 
     def load_pretrained(self, source: str | None) -> str:
         """Initialise from ImageNet weights. `source`: None/'none', 'timm' (hub), 'offline'

@@ -22,7 +22,7 @@ import os
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
-from ..cli_conventions import UsageError, positive_float, positive_int
+from ..cli_conventions import DEVICE_HELP, UsageError, device_arg, positive_float, positive_int
 from ..presets import DEFAULT_THRESHOLD, PRESETS, image_size_arg, list_models
 
 
@@ -49,16 +49,18 @@ def progressive_spec(s: str) -> tuple[float, float] | None:
     return (r, f)
 
 
-def _opt(default: Any, group: str, help: str, cli: str = "common", **argparse_kwargs) -> Any:
-    """A config field with its command-line description. cli: 'common' (every training command),
-    'distill' (only where teachers exist), or 'none' (set by code, not a flag)."""
-    meta = {"group": group, "help": help, "cli": cli, "argparse": argparse_kwargs}
+def _opt(default: Any, group: str, help: str, cli: str = "common", flag: str | None = None, **argparse_kwargs) -> Any:
+    """A config field with its command-line description. cli: 'common' (every training command) or
+    'kd' (the commands that take teachers: `add_training_args(kd=...)`). `flag`: when the flag is
+    not the field's name (--teacher fills `teachers`)."""
+    meta = {"group": group, "help": help, "cli": cli, "flag": flag, "argparse": argparse_kwargs}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return field(default=default, metadata=meta)
 
 
-WHAT, SCHEDULE, RUN, KD = "what to train", "recipe and schedule", "validation and run", "distillation"
+WHAT, SCHEDULE, RUN, STEP, KD = ("what to train", "recipe and schedule", "validation and run",
+                                 "training step (speed)", "distillation")
 
 
 @dataclass
@@ -115,16 +117,35 @@ class TrainConfig:
                                metavar="N")
     cache_images: bool = _opt(True, RUN, "decode and resize the training images once, into memory "
                               "(about 3*S*S bytes per image), instead of every epoch")
-    device: str | None = _opt(None, RUN, "default: cuda when available", choices=["cpu", "cuda"])
+    device: str | None = _opt(None, RUN, f"{DEVICE_HELP} (default: cuda when a CUDA GPU is visible, else cpu)",
+                              type=device_arg, metavar="DEV")
     amp: bool = _opt(True, RUN, "mixed precision on CUDA")
     resume: bool = _opt(False, RUN, "continue RUN exactly from last.safetensors and its train state")
     time_limit: float | None = _opt(None, RUN, "stop cleanly at the last epoch boundary that fits in MIN minutes "
                                     "(job time limits); the same command with --resume continues",
                                     type=positive_float, metavar="MIN")
     progress: bool = _opt(True, RUN, "progress bars")
-    teachers: list[str] = _opt([], KD, "teacher checkpoint", cli="none")
-    kd: str = _opt("none", KD, "distillation method(s)", cli="none")
-    teacher_targets: str | None = _opt(None, KD, "cached teacher targets (kdas_core.teacher_targets)", cli="none")
+    step: str = _opt("default", STEP, "named set of the step options below: default | baseline (see 'steps' "
+                     "below)", choices=["default", "baseline"])
+    frozen_stages: int = _opt(1, STEP, "encoder stages fixed from the input side, stem included (0..4): 1 = "
+                              "everything the stride-4 features depend on; their weights and BatchNorm statistics "
+                              "stay as pretrained and backward stops above them", type=int, metavar="N")
+    frozen_for: float = _opt(1.0, STEP, "fraction of the epochs the --frozen-stages stay fixed (1: all of "
+                             "training; 0.5: they learn from the middle epoch on)", type=float, metavar="F")
+    frozen_bn_stats: bool = _opt(False, STEP, "keep every encoder BatchNorm on its pretrained running statistics")
+    optimizer_impl: str = _opt("fused", STEP, "AdamW implementation: 'fused' (one kernel for all parameters, "
+                               "CPU and CUDA), 'foreach' (batched), 'auto' (PyTorch's own choice: one parameter "
+                               "at a time on CPU, foreach on CUDA)", choices=["fused", "foreach", "auto"])
+    channels_last: bool = _opt(True, STEP, "channels-last memory format for the model and its inputs")
+    compile: bool = _opt(False, STEP, "torch.compile the step (inductor): the first steps at every new input size "
+                         "compile (minutes on CPU)")
+    teachers: list[str] = _opt([], KD, "teacher checkpoint (.safetensors from kdas_core.train); repeat for several "
+                               "teachers", cli="kd", flag="--teacher", action="append", metavar="PATH")
+    teacher_targets: str | None = _opt(None, KD, "cached teacher outputs from kdas_core.teacher_targets, instead of "
+                                       "running the teachers: distillation at the cost of plain training (kd, kdas, "
+                                       "kdas-paper; with --teacher too, the cache must have been made from those "
+                                       "checkpoints)", cli="kd", metavar="DIR")
+    kd: str = _opt("none", KD, "distillation method(s), see the list below", cli="kd", metavar="METHOD[,METHOD...]")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -142,6 +163,16 @@ RECIPES: dict[str, dict[str, Any]] = {
     "v1": _V1,
     "published": {**_V1, "warmup_epochs": 0.0, "schedule": "constant", "clip_mode": "value",
                   "multiscale_mode": "all", "augment": False},
+}
+
+# Named training-step settings (--step): which speed options a step uses. Like a recipe, a
+# setting is a set of changes to the field defaults, and flags given on the command line override it.
+# `default` is the field defaults; `baseline` is the plain step (nothing frozen, PyTorch's own
+# optimiser loop), kept so `bench_train --compare baseline default` and accuracy checks can replay it.
+STEPS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "baseline": {"frozen_stages": 0, "frozen_for": 1.0, "frozen_bn_stats": False, "optimizer_impl": "auto",
+                 "channels_last": True, "compile": False},
 }
 
 REQUIRED = ("model", "data", "out")
@@ -164,15 +195,22 @@ def recipes_help() -> str:
              "  fast       the defaults shown above (README 'Training recipes')"]
     for name, diff in RECIPES.items():
         if diff:
+            lines.append(f"  {name:<10} " + ", ".join(f"{k}={_show(v, ':' if k == 'progressive' else ',')}"
+                                                      for k, v in diff.items() if base[k] != v))
+    lines += ["", "steps (--step; flags given on the command line override them):",
+              "  default    the step options shown above"]
+    for name, diff in STEPS.items():
+        if diff:
             lines.append(f"  {name:<10} " + ", ".join(f"{k}={_show(v)}" for k, v in diff.items() if base[k] != v))
     return "\n".join(lines)
 
 
-def _show(v: Any) -> str:
+def _show(v: Any, sep: str = ",") -> str:
+    """A value as the flag takes it back (--progressive is R:F, --multiscale R,R,..)."""
     if v is None:
         return "none"
     if isinstance(v, tuple):
-        return ",".join(f"{x:g}" for x in v)
+        return sep.join(f"{x:g}" for x in v)
     return str(v)
 
 
@@ -180,14 +218,21 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def add_training_args(p: argparse.ArgumentParser) -> None:
+def add_training_args(p: argparse.ArgumentParser, kd: str | None = None,
+                      kd_flags: tuple[str, ...] = ("teachers", "teacher_targets", "kd")) -> None:
     """Generate the training flags from `TrainConfig`. Nothing given is put in the namespace
-    (argparse.SUPPRESS), so `config_from_args` knows which values the user chose."""
+    (argparse.SUPPRESS), so `config_from_args` knows which values the user chose and a
+    `--config` file is never overridden by a default.
+
+    `kd`: for the commands that take teachers (distill, ablate, bench_train), the command's own
+    default --kd method; the `kd_flags` fields then become flags too."""
     groups: dict[str, argparse._ArgumentGroup] = {}
     base = defaults()
+    if kd is not None:
+        base["kd"] = kd
     for f in fields(TrainConfig):
         meta = f.metadata
-        if meta["cli"] != "common":
+        if not (meta["cli"] == "common" or (meta["cli"] == "kd" and kd is not None and f.name in kd_flags)):
             continue
         if meta["group"] not in groups:
             groups[meta["group"]] = p.add_argument_group(meta["group"])
@@ -197,14 +242,20 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
         help_text = meta["help"]
         if f.name == "model":
             help_text += f" ({model_help()})"
-        if f.name not in REQUIRED:
-            help_text += f" (default: {_show(default) if not isinstance(default, bool) else ('on' if default else 'off')})"
+        if f.name in REQUIRED:
+            help_text += " (required, or from --config)"
+        elif default not in (None, []):
+            shown = ("on" if default else "off") if isinstance(default, bool) else _show(
+                default, ":" if f.name == "progressive" else ",")
+            help_text += f" (default: {shown})"
         if isinstance(default, bool):
             kwargs["action"] = argparse.BooleanOptionalAction
-        g.add_argument(_flag(f.name), dest=f.name, default=argparse.SUPPRESS, help=help_text, **kwargs)
+        g.add_argument(meta["flag"] or _flag(f.name), dest=f.name, default=argparse.SUPPRESS, help=help_text, **kwargs)
+    if kd is not None:
+        p.set_defaults(_command_defaults={"kd": kd})
     g = groups[RUN]
-    g.add_argument("--config", metavar="RUN/config.json", default=argparse.SUPPRESS,
-                   help="start from the configuration a run wrote (replays it; flags given here override it)")
+    g.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS,
+                   help="a run's config.json: replays that run exactly (flags given here override it)")
     p.epilog = ((p.epilog + "\n\n") if p.epilog else "") + recipes_help()
     p.formatter_class = argparse.RawDescriptionHelpFormatter
 
@@ -233,21 +284,30 @@ def read_config_file(path: str) -> dict[str, Any]:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The run's configuration. Precedence, lowest first: field defaults < the command's own
+    defaults (distill: --kd kdas) < --config RUN/config.json < --recipe / --step < flags given."""
     given = {k: v for k, v in vars(args).items() if not k.startswith("_")}
     values = defaults()
+    values.update(getattr(args, "_command_defaults", {}))
     from_file = read_config_file(given.pop("config")) if "config" in given else {}
     values.update(from_file)
     recipe = given.get("recipe", values["recipe"])
     if "recipe" in given or not from_file:
         values.update(RECIPES[recipe])
         values["recipe"] = recipe
+    step = given.get("step", values["step"])
+    if "step" in given or not from_file:
+        values.update(STEPS[step])
+        values["step"] = step
     names = {f.name for f in fields(TrainConfig)}
     values.update({k: v for k, v in given.items() if k in names})
-    if "teacher" in given:
-        values["teachers"] = list(given["teacher"] or [])
     missing = [_flag(k) for k in REQUIRED if not values.get(k)]
     if missing:
         raise UsageError(f"missing {', '.join(missing)} (give them, or --config RUN/config.json)")
     if not 0 <= values["val_fraction"] < 1:
         raise UsageError(f"--val-fraction must be in [0, 1), got {values['val_fraction']}")
+    if not 0 <= values["frozen_stages"] <= 4:
+        raise UsageError(f"--frozen-stages must be 0..4 (the encoder has 4 feature stages), got {values['frozen_stages']}")
+    if not 0 <= values["frozen_for"] <= 1:
+        raise UsageError(f"--frozen-for must be a fraction in [0, 1], got {values['frozen_for']}")
     return TrainConfig(**values)

@@ -7,20 +7,20 @@ import os
 import torch
 import torch.distributed as dist
 
-from ..cli_conventions import UnavailableError
+from ..cli_conventions import require_device
 
 
 def setup(device_choice: str | None) -> tuple[torch.device, int, int]:
-    """(device, rank, world_size). Initialises the process group when launched by torchrun."""
+    """(device, rank, world_size). Initialises the process group when launched by torchrun
+    (one GPU per process: LOCAL_RANK picks it; a single process takes cuda:N as asked)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    want_cuda = device_choice == "cuda" or (device_choice is None and torch.cuda.is_available())
-    if want_cuda and not torch.cuda.is_available():
-        raise UnavailableError("--device cuda asked for, but PyTorch sees no CUDA GPU here; use --device cpu")
+    device = require_device(device_choice)
+    want_cuda = device.startswith("cuda")
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if want_cuda else "gloo")
     if want_cuda:
-        local = int(os.environ.get("LOCAL_RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", device.split(":")[1] if ":" in device else "0"))
         torch.cuda.set_device(local)
         return torch.device("cuda", local), rank, world
     return torch.device("cpu"), rank, world

@@ -30,6 +30,21 @@ def save_train_state(path: str, optimizer: torch.optim.Optimizer, distillers: to
     save_tensors(path, tensors, meta)
 
 
+def _match_param_layout(optimizer: torch.optim.Optimizer) -> None:
+    """Give every loaded moment the memory layout of its parameter. A file stores tensors
+    contiguous; a channels-last parameter's moments were channels-last when saved. The fused AdamW
+    walks parameter and moments as flat memory, so a layout mismatch would pair the wrong
+    elements: a resumed run would silently learn something else."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            st = optimizer.state.get(p)
+            if not st:
+                continue
+            for key, val in st.items():
+                if torch.is_tensor(val) and val.shape == p.shape and val.stride() != p.stride():
+                    st[key] = torch.empty_like(p, dtype=val.dtype).copy_(val)
+
+
 def load_train_state(path: str, optimizer: torch.optim.Optimizer, distillers: torch.nn.Module,
                      scaler: torch.amp.GradScaler | None = None) -> dict[str, Any]:
     tensors, meta = read_tensors(path)
@@ -41,6 +56,7 @@ def load_train_state(path: str, optimizer: torch.optim.Optimizer, distillers: to
     for idx, vals in meta["scalars"].items():
         state.setdefault(int(idx), {}).update(vals)
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    _match_param_layout(optimizer)
     kd_state = {k[3:]: v for k, v in tensors.items() if k.startswith("kd.")}
     distillers.load_state_dict(kd_state, strict=True)
     if scaler is not None and meta.get("scaler"):

@@ -165,235 +165,399 @@ class RunLog:
             self.tb.close()
 
 
-def run_training(cfg: TrainConfig) -> dict[str, Any]:
-    """Train (or distil) as configured; returns a summary with paths and the best validation score."""
-    from ..evaluation import evaluate_pairs  # late import: evaluation imports heavy optional bits
+# Fields that say how a run is driven, not what it learns: --resume may change them.
+_RUN_CONTROL = {"out", "resume", "time_limit", "progress", "workers", "threads", "cache_images", "val_every",
+                "epochs", "device", "amp", "step", "optimizer_impl", "channels_last", "compile"}
 
-    started = time.time()
-    device, rank, world = distributed.setup(cfg.device)
-    is_main = rank == 0
-    created_out = None
-    try:
-        preset = resolve(cfg.model)
-        size = cfg.image_size or preset.input_size
-        mean, std = list(preset.mean), list(preset.std)
 
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
-        layout = resolve_layout(cfg.data)
-        if not layout.train:
-            raise UsageError(f"{cfg.data}: no training data (TrainDataset/ or images/+masks/)")
-        split = split_by_groups(layout.train, cfg.val_fraction, cfg.groups)
-        train_pairs, val_pairs = split.train, split.val
-        if cfg.subset:
-            train_pairs = subset_pairs(train_pairs, cfg.subset)
+def build_optimizer(cfg: TrainConfig, step_module: nn.Module, student: nn.Module) -> torch.optim.Optimizer:
+    """AdamW over the student (frozen parameters included, so unfreezing later and --resume keep one
+    parameter order; AdamW skips a parameter without a gradient) and the distillers' adapters.
+    The pretrained encoder learns at --lr, the rest at --lr x --decoder-lr-mult."""
+    student_ids = {id(p) for p in student.parameters()}
+    params = [p for p in step_module.parameters() if p.requires_grad or id(p) in student_ids]
+    encoder_ids = {id(p) for p in student.encoder.parameters()}
+    groups = [
+        {"params": [p for p in params if id(p) in encoder_ids], "lr_mult": 1.0, "name": "encoder"},
+        {"params": [p for p in params if id(p) not in encoder_ids], "lr_mult": cfg.decoder_lr_mult,
+         "name": "decoder+heads+adapters"},
+    ]
+    impl = {"fused": {"fused": True}, "foreach": {"foreach": True}, "auto": {}}[cfg.optimizer_impl]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, weight_decay=cfg.weight_decay, **impl)
 
-        if not os.path.isdir(cfg.out):
-            created_out = cfg.out  # removed again if the run fails before writing anything into it
-        os.makedirs(cfg.out, exist_ok=True)
-        last_path = os.path.join(cfg.out, "last.safetensors")
-        best_path = os.path.join(cfg.out, "best.safetensors")
-        state_path = os.path.join(cfg.out, "train_state.safetensors")
-        if cfg.resume and not (os.path.exists(last_path) and os.path.exists(state_path)):
-            raise FileNotFoundError(f"--resume: {cfg.out} has no last.safetensors + train_state.safetensors to resume from")
-        if not cfg.resume and os.path.exists(last_path):
-            raise FileExistsError(f"{cfg.out} already holds a run; use --resume to continue it or choose another --out")
 
-        student = init_student(cfg)
-        pretrained_desc = getattr(student, "pretrained_source", "none")
-        n_params = count_params(student)
-        cached = None
-        if cfg.teacher_targets:
-            from ..teacher_targets import load as load_targets
+def frozen_epochs(cfg: TrainConfig) -> int:
+    """How many epochs, from the first, train with --frozen-stages fixed."""
+    return round(cfg.frozen_for * cfg.epochs) if cfg.frozen_stages else 0
 
-            stored, cached = load_targets(cfg.teacher_targets, layout.train, size,
-                                          [file_sha256(p) for p in cfg.teachers] if cfg.teachers else None,
-                                          select=train_pairs)
-            teachers = []
-        else:
-            teachers = _load_teachers(cfg.teachers, device)
-        if cfg.kd != "none" and not teachers and cached is None:
-            raise UsageError(f"--kd {cfg.kd} needs at least one --teacher checkpoint (or --teacher-targets)")
-        distillers = build_distillers(cfg.kd, student, [t.model for t in teachers])
-        kd_weights = {d.name: d.weight for d in distillers}  # what --kd resolved to, for the metadata
-        if cached is not None:
-            live = [d.name for d in distillers if d.teacher_outputs is None]
-            if live or not len(distillers):
-                raise UsageError(f"--teacher-targets holds the teachers' output maps only; --kd {cfg.kd} "
-                                 + (f"({', '.join(live)}) needs the teachers' features: give --teacher instead"
-                                    if live else "distils nothing: add --kd kdas, kdas-paper or kd"))
-        step_module = TrainStep(student, distillers, teachers, (mean, std)).to(device)
-        # channels_last: faster convolutions on GPUs and, for depthwise convs, ~20 % on CPU too.
-        step_module = step_module.to(memory_format=torch.channels_last)
 
-        params = [p for p in step_module.parameters() if p.requires_grad]
-        encoder_ids = {id(p) for p in student.encoder.parameters()}
-        lr_groups = [
-            {"params": [p for p in params if id(p) in encoder_ids], "lr_mult": 1.0, "name": "encoder"},
-            {"params": [p for p in params if id(p) not in encoder_ids], "lr_mult": cfg.decoder_lr_mult,
-             "name": "decoder+heads+adapters"},
-        ]
-        optimizer = torch.optim.AdamW([g for g in lr_groups if g["params"]], lr=cfg.lr, weight_decay=cfg.weight_decay)
-        use_amp = cfg.amp and device.type == "cuda"
-        amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
-        scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+def apply_freeze(cfg: TrainConfig, student: nn.Module, epoch: int) -> None:
+    """The encoder's frozen stages for `epoch` (0-based): --frozen-stages for the first
+    frozen_epochs(cfg) epochs, none after; --frozen-bn-stats throughout."""
+    stages = cfg.frozen_stages if epoch < frozen_epochs(cfg) else 0
+    enc = student.encoder
+    if (enc.frozen_stages, enc.frozen_bn_stats) != (stages, cfg.frozen_bn_stats):
+        enc.freeze(stages, cfg.frozen_bn_stats)
 
-        progress = {"epoch": 0, "step": 0, "best_score": -1.0, "best_epoch": 0, "train_seconds": 0.0, "wall_seconds": 0.0}
-        if cfg.resume:
-            weights, meta = read_tensors(last_path)
-            student.load_state_dict(weights)
-            progress = {"wall_seconds": 0.0, **load_train_state(state_path, optimizer, distillers, scaler)}
-            pretrained_desc = meta.get("pretrained", pretrained_desc)
-            init_desc = (f"resumed from {last_path} after epoch {progress['epoch']}; "
-                         f"first init {pretrained_desc}")
-        else:
-            init_desc = pretrained_desc
 
+class StepRunner:
+    """One optimiser step of a run, the same in the trainer and in bench_train: forward (autocast
+    on CUDA), the finite-loss check, backward, gradient clipping, the optimiser.
+
+    `mark(phase)`, when given, is called after "forward", "backward" and "optimizer" (bench_train
+    times the phases with it)."""
+
+    def __init__(self, cfg: TrainConfig, step_module: "TrainStep", optimizer: torch.optim.Optimizer,
+                 device: torch.device, world: int = 1):
+        self.cfg, self.module, self.optimizer = cfg, step_module, optimizer
+        self.params = [p for g in optimizer.param_groups for p in g["params"]]
         wrapped: nn.Module = step_module
         if world > 1:
-            wrapped = DistributedDataParallel(step_module, find_unused_parameters=bool(list(distillers.parameters())))
+            wrapped = DistributedDataParallel(step_module,
+                                              find_unused_parameters=bool(list(step_module.distillers.parameters())))
+        self.wrapped = torch.compile(wrapped) if cfg.compile else wrapped
+        self.use_amp = cfg.amp and device.type == "cuda"
+        self.amp_dtype = torch.bfloat16 if self.use_amp and torch.cuda.is_bf16_supported() else torch.float16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)
+        self.device_type = device.type
 
-        dataset = TrainDataset(train_pairs, size, mean, std, augment=cfg.augment, cache=cfg.cache_images,
-                               progress=bars_wanted(cfg.progress and is_main), targets=stored if cached is not None else None)
-        drop_last = len(dataset) >= cfg.batch_size * world * 2
-        per_rank = math.ceil(len(dataset) / world)
-        batches_per_epoch = per_rank // cfg.batch_size if drop_last else math.ceil(per_rank / cfg.batch_size)
-        if cfg.steps_per_epoch:
-            batches_per_epoch = min(batches_per_epoch, cfg.steps_per_epoch)
-        # 'all' takes an optimiser step at every scale of every batch (the published code).
-        steps_per_batch = len(cfg.multiscale) if cfg.multiscale_mode == "all" else 1
-        steps_per_epoch = batches_per_epoch * steps_per_batch
-        total_steps = steps_per_epoch * cfg.epochs
-        warmup = int(cfg.warmup_epochs * steps_per_epoch)
-        small_epochs = round(cfg.progressive[1] * cfg.epochs) if cfg.progressive else 0
+    def __call__(self, image: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor | None = None,
+                 where: str = "", mark=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if self.cfg.channels_last:
+            image = image.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device_type, dtype=self.amp_dtype, enabled=self.use_amp):
+            loss, terms = self.wrapped(image, mask, targets)
+        if mark:
+            mark("forward")
+        if not torch.isfinite(loss):
+            raise RunFailure(f"loss became {loss.item()}{where}: terms "
+                             f"{({k: float(v) for k, v in terms.items()})}; lower --lr?")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if mark:
+            mark("backward")
+        if self.cfg.clip_grad > 0:
+            self.scaler.unscale_(self.optimizer)
+            if self.cfg.clip_mode == "value":
+                torch.nn.utils.clip_grad_value_(self.params, self.cfg.clip_grad)
+            else:
+                torch.nn.utils.clip_grad_norm_(self.params, self.cfg.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if mark:
+            mark("optimizer")
+        return loss, terms
 
-        data_info = {"root": os.path.abspath(cfg.data), "n_train": len(train_pairs), "n_val": len(val_pairs),
-                     "val_fraction": cfg.val_fraction, "subset": cfg.subset, "groups": cfg.groups,
-                     "n_groups": split.n_groups, "test_sets": {n: len(p) for n, p in layout.tests.items()}}
-        teacher_info = [{"path": os.path.abspath(t.path), "preset": t.meta["preset"], "sha256": file_sha256(t.path)}
-                        for t in teachers]
-        if cached is not None:
-            teacher_info = [{k: t[k] for k in ("path", "preset", "sha256")} | {"via": "cached targets",
-                            "tta": cached["key"]["tta"]} for t in cached["teachers"]]
-        if is_main:
-            write_json(os.path.join(cfg.out, "config.json"), {**cfg.to_dict(), "resolved": {
-                "image_size": size, "mean": mean, "std": std, "device": str(device), "world_size": world,
-                "amp": str(amp_dtype) if use_amp else "off", "pretrained": pretrained_desc,
-                "steps_per_epoch": steps_per_epoch, "params_student": n_params, "teachers": teacher_info,
-                "data": data_info}})
-            log = RunLog(cfg.out, cfg.resume)
-            print(f"[kdas] {cfg.model} ({n_params / 1e6:.2f} M params, init: "
-                  f"{init_desc}) on {device}, {split.describe()}"
-                  f"{f' (then --subset {cfg.subset}: {len(train_pairs)} train)' if cfg.subset else ''}; "
-                  f"{layout.describe_tests()}; {size}px, recipe {cfg.recipe}, kd={cfg.kd}, "
-                  f"{_epochs_plan(progress['epoch'], cfg.epochs, cfg.resume)}", flush=True)
 
+def build_step(cfg: TrainConfig, student: nn.Module, distillers: nn.ModuleList, teachers: list[Teacher],
+               norm: tuple, device: torch.device, world: int = 1, epoch: int = 0) -> StepRunner:
+    """Student + distillers + teachers as one training step with its optimiser, the encoder frozen
+    as `epoch` asks and the memory format of --channels-last."""
+    apply_freeze(cfg, student, epoch)
+    step_module = TrainStep(student, distillers, teachers, norm).to(device)
+    if cfg.channels_last:
+        # Faster convolutions on GPUs and, for depthwise convs, on CPU too (oneDNN).
+        step_module = step_module.to(memory_format=torch.channels_last)
+    return StepRunner(cfg, step_module, build_optimizer(cfg, step_module, student), device, world)
+
+
+def check_resume_config(cfg: TrainConfig, config_path: str) -> None:
+    """--resume continues the run RUN holds: refuse a command that would train something else
+    (another model, data, schedule or loss), naming each difference; how the run is driven
+    (--epochs, --time-limit, threads, speed options that keep the math) may change."""
+    from .config import STEPS, read_config_file
+
+    if not os.path.isfile(config_path):
+        return  # a run folder from before config.json existed: nothing to compare with
+    # A field a run's config lacks predates its option: that run trained as the baseline step does.
+    saved = {**STEPS["baseline"], **read_config_file(config_path)}
+    now = cfg.to_dict()
+    differ = []
+    for k, v in now.items():
+        if k in _RUN_CONTROL or k not in saved:
+            continue
+        old = saved[k]
+        old = list(old) if isinstance(old, tuple) else old
+        if k in _PATHS:
+            old, v = _same_paths(old), _same_paths(v)
+        if old != v:
+            differ.append(f"{k}: run {_show_value(old)}, now {_show_value(v)}")
+    if differ:
+        raise UsageError(f"--resume: {cfg.out} was trained differently from what this command asks ("
+                         + "; ".join(differ) + "). Resume with the run's own settings "
+                         f"(--config {config_path} --resume), or train a new run with another --out")
+
+
+_PATHS = {"data", "teachers", "teacher_targets", "pretrained", "groups"}
+
+
+def _same_paths(v: Any) -> Any:
+    """Paths compared as the files they name (a relative and an absolute spelling are one run)."""
+    if isinstance(v, list):
+        return [_same_paths(x) for x in v]
+    return os.path.realpath(v) if isinstance(v, str) and os.path.exists(v) else v
+
+
+def _show_value(v: Any) -> str:
+    if isinstance(v, list):
+        return ",".join(f"{x:g}" if isinstance(x, float) else str(x) for x in v)
+    return repr(v) if isinstance(v, str) else str(v)
+
+
+@dataclass
+class Run:
+    """Everything a training run holds once set up: what `run_training` loops over."""
+
+    cfg: TrainConfig
+    device: torch.device
+    rank: int
+    world: int
+    size: int
+    mean: list[float]
+    std: list[float]
+    train_pairs: list
+    val_pairs: list
+    paths: dict[str, str]
+    student: nn.Module
+    teachers: list[Teacher]
+    distillers: nn.ModuleList
+    runner: StepRunner
+    dataset: TrainDataset
+    progress: dict[str, Any]
+    batches_per_epoch: int
+    total_steps: int
+    warmup: int
+    small_epochs: int
+    drop_last: bool
+    meta_common: dict[str, Any]
+    log: "RunLog | None" = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_run(cfg: TrainConfig) -> Run:
+    """Data split, student (fresh or from --resume), teachers or cached targets, the step and its
+    optimiser, the dataset; writes config.json and prints the plan (rank 0)."""
+    device, rank, world = distributed.setup(cfg.device)
+    is_main = rank == 0
+    preset = resolve(cfg.model)
+    size = cfg.image_size or preset.input_size
+    mean, std = list(preset.mean), list(preset.std)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if world > 1 and cfg.frozen_stages and frozen_epochs(cfg) < cfg.epochs:
+        raise UsageError("--frozen-for below 1 (stages that start learning mid-run) is not supported with several "
+                         "processes (DDP fixes the trained parameters at start); use --frozen-for 1 or 0")
+    layout = resolve_layout(cfg.data)
+    if not layout.train:
+        raise UsageError(f"{cfg.data}: no training data (TrainDataset/ or images/+masks/)")
+    split = split_by_groups(layout.train, cfg.val_fraction, cfg.groups)
+    train_pairs, val_pairs = split.train, split.val
+    if cfg.subset:
+        train_pairs = subset_pairs(train_pairs, cfg.subset)
+
+    paths = {k: os.path.join(cfg.out, f) for k, f in (("last", "last.safetensors"), ("best", "best.safetensors"),
+                                                      ("state", "train_state.safetensors"), ("config", "config.json"))}
+    if cfg.resume and not (os.path.exists(paths["last"]) and os.path.exists(paths["state"])):
+        raise FileNotFoundError(f"--resume: {cfg.out} has no last.safetensors + train_state.safetensors to resume from")
+    if not cfg.resume and os.path.exists(paths["last"]):
+        raise FileExistsError(f"{cfg.out} already holds a run; use --resume to continue it or choose another --out")
+    if cfg.resume:
+        check_resume_config(cfg, paths["config"])
+    os.makedirs(cfg.out, exist_ok=True)
+
+    student = init_student(cfg)
+    pretrained_desc = getattr(student, "pretrained_source", "none")
+    n_params = count_params(student)
+    cached = stored = None
+    if cfg.teacher_targets:
+        from ..teacher_targets import load as load_targets
+
+        stored, cached = load_targets(cfg.teacher_targets, layout.train, size,
+                                      [file_sha256(p) for p in cfg.teachers] if cfg.teachers else None,
+                                      select=train_pairs)
+        teachers = []
+    else:
+        teachers = _load_teachers(cfg.teachers, device)
+    if cfg.kd != "none" and not teachers and cached is None:
+        raise UsageError(f"--kd {cfg.kd} needs at least one --teacher checkpoint (or --teacher-targets)")
+    distillers = build_distillers(cfg.kd, student, [t.model for t in teachers])
+    if cached is not None:
+        live = [d.name for d in distillers if d.teacher_outputs is None]
+        if live or not len(distillers):
+            raise UsageError(f"--teacher-targets holds the teachers' output maps only; --kd {cfg.kd} "
+                             + (f"({', '.join(live)}) needs the teachers' features: give --teacher instead"
+                                if live else "distils nothing: add --kd kdas, kdas-paper or kd"))
+
+    progress = {"epoch": 0, "step": 0, "best_score": -1.0, "best_epoch": 0, "train_seconds": 0.0, "wall_seconds": 0.0}
+    if cfg.resume:
+        weights, meta = read_tensors(paths["last"])
+        student.load_state_dict(weights)
+        pretrained_desc = meta.get("pretrained", pretrained_desc)
+    runner = build_step(cfg, student, distillers, teachers, (mean, std), device, world)
+    if cfg.resume:
+        progress = {"wall_seconds": 0.0, **load_train_state(paths["state"], runner.optimizer, distillers,
+                                                             runner.scaler)}
+        init_desc = f"resumed from {paths['last']} after epoch {progress['epoch']}; first init {pretrained_desc}"
+    else:
+        init_desc = pretrained_desc
+
+    dataset = TrainDataset(train_pairs, size, mean, std, augment=cfg.augment, cache=cfg.cache_images,
+                           progress=bars_wanted(cfg.progress and is_main), targets=stored if cached is not None else None)
+    drop_last = len(dataset) >= cfg.batch_size * world * 2
+    per_rank = math.ceil(len(dataset) / world)
+    batches_per_epoch = per_rank // cfg.batch_size if drop_last else math.ceil(per_rank / cfg.batch_size)
+    if cfg.steps_per_epoch:
+        batches_per_epoch = min(batches_per_epoch, cfg.steps_per_epoch)
+    # 'all' takes an optimiser step at every scale of every batch (the published code).
+    steps_per_epoch = batches_per_epoch * (len(cfg.multiscale) if cfg.multiscale_mode == "all" else 1)
+
+    data_info = {"root": os.path.abspath(cfg.data), "n_train": len(train_pairs), "n_val": len(val_pairs),
+                 "val_fraction": cfg.val_fraction, "subset": cfg.subset, "groups": cfg.groups,
+                 "n_groups": split.n_groups, "test_sets": {n: len(p) for n, p in layout.tests.items()}}
+    teacher_info = [{"path": os.path.abspath(t.path), "preset": t.meta["preset"], "sha256": file_sha256(t.path)}
+                    for t in teachers]
+    if cached is not None:
+        teacher_info = [{k: t[k] for k in ("path", "preset", "sha256")} | {"via": "cached targets",
+                        "tta": cached["key"]["tta"]} for t in cached["teachers"]]
+    meta_common = dict(input_size=size, threshold=cfg.threshold, data=data_info, pretrained=pretrained_desc,
+                       kd=cfg.kd, kd_weights={d.name: d.weight for d in distillers}, teachers=teacher_info,
+                       recipe=cfg.recipe, epochs=cfg.epochs,
+                       selection="best validation mDice" if val_pairs else "last epoch (no validation split)")
+    run = Run(cfg, device, rank, world, size, mean, std, train_pairs, val_pairs, paths, student, teachers, distillers,
+              runner, dataset, progress, batches_per_epoch, steps_per_epoch * cfg.epochs,
+              int(cfg.warmup_epochs * steps_per_epoch),
+              round(cfg.progressive[1] * cfg.epochs) if cfg.progressive else 0, drop_last, meta_common)
+    if is_main:
+        write_json(paths["config"], {**cfg.to_dict(), "resolved": {
+            "image_size": size, "mean": mean, "std": std, "device": str(device), "world_size": world,
+            "amp": str(runner.amp_dtype) if runner.use_amp else "off", "pretrained": pretrained_desc,
+            "steps_per_epoch": steps_per_epoch, "params_student": n_params,
+            "params_frozen_at_start": sum(p.numel() for p in student.parameters() if not p.requires_grad),
+            "teachers": teacher_info, "data": data_info}})
+        run.log = RunLog(cfg.out, cfg.resume)
+        frozen = (f", encoder stages 1..{cfg.frozen_stages} fixed for epochs 1..{frozen_epochs(cfg)}"
+                  if frozen_epochs(cfg) else "")
+        print(f"[kdas] {cfg.model} ({n_params / 1e6:.2f} M params, init: "
+              f"{init_desc}) on {device}, {split.describe()}"
+              f"{f' (then --subset {cfg.subset}: {len(train_pairs)} train)' if cfg.subset else ''}; "
+              f"{layout.describe_tests()}; {size}px, recipe {cfg.recipe}, step {cfg.step}{frozen}, kd={cfg.kd}, "
+              f"{_epochs_plan(progress['epoch'], cfg.epochs, cfg.resume)}", flush=True)
+    return run
+
+
+def train_one_epoch(run: Run, epoch: int) -> dict[str, Any]:
+    """One pass over the training images; returns the epoch's log row (loss terms and their shares)."""
+    cfg, progress, device = run.cfg, run.progress, run.device
+    # Seeding per epoch makes an epoch depend only on (seed, epoch, weights): --resume is exact.
+    _seed_everything(cfg.seed * 100003 + epoch)
+    gen = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
+    sampler = (DistributedSampler(run.dataset, seed=cfg.seed) if run.world > 1
+               else RandomSampler(run.dataset, generator=gen))
+    if run.world > 1:
+        sampler.set_epoch(epoch)
+    loader = DataLoader(run.dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
+                        drop_last=run.drop_last, pin_memory=device.type == "cuda",
+                        generator=gen, persistent_workers=False)
+    apply_freeze(cfg, run.student, epoch)
+    run.runner.module.train()
+    for t in run.teachers:
+        t.model.eval()
+    sums: dict[str, float] = {}
+    n_seen, steps_done, lr, t0 = 0, 0, cfg.lr, time.time()
+    size_rate = cfg.progressive[0] if epoch < run.small_epochs else 1.0
+    bar = _progress(loader, run.batches_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}", cfg.progress and run.is_main)
+    for i, batch in enumerate(bar):
+        if i >= run.batches_per_epoch:
+            break
+        scales = cfg.multiscale if cfg.multiscale_mode == "all" else [random.choice(cfg.multiscale)]
+        # Moved once per batch; 'all' rescales the same batch for each of its steps.
+        image_b = batch["image"].to(device, non_blocking=True)
+        mask_b = batch["mask"].to(device, non_blocking=True)
+        targets_b = batch["targets"].to(device, non_blocking=True) if "targets" in batch else None
+        for rate in scales:
+            lr = cfg.lr * _lr_factor(progress["step"], run.total_steps, run.warmup, cfg.schedule)
+            for g in run.runner.optimizer.param_groups:
+                g["lr"] = lr * g.get("lr_mult", 1.0)
+            image, mask = _rescale(image_b, mask_b, rate * size_rate)
+            targets = targets_b  # cached teacher maps: the same resize as the image
+            if targets is not None and targets.shape[-2:] != image.shape[-2:]:
+                targets = F.interpolate(targets, size=image.shape[-2:], mode="bilinear", align_corners=True)
+            loss, terms = run.runner(image, mask, targets, where=f" at epoch {epoch + 1}, step {i + 1}")
+            progress["step"] += 1
+            steps_done += 1
+            n_seen += image.shape[0]
+            for k, v in {"loss": loss, **terms}.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix(loss=f"{sums['loss'] / max(1, steps_done):.4f}", lr=f"{lr:.1e}",
+                            img_s=f"{n_seen * run.world / max(1e-6, time.time() - t0):.1f}")
+    if hasattr(bar, "close"):
+        bar.close()
+    epoch_seconds = time.time() - t0
+    progress["train_seconds"] += epoch_seconds
+    row: dict[str, Any] = {"epoch": epoch + 1, "lr": lr, "seconds": round(epoch_seconds, 1),
+                           "img_per_s": round(n_seen * run.world / max(1e-6, epoch_seconds), 2),
+                           "train_side": int(round(run.size * size_rate / 32) * 32) if size_rate != 1.0 else run.size}
+    means = {k: distributed.mean_across(v / max(1, steps_done), device) for k, v in sums.items()}
+    row.update({f"train_{k}": v for k, v in means.items()})
+    # Each term's share of the total loss: a reader sees at once whether one term dominates.
+    if len(means) > 2:
+        row.update({f"share_{k}": round(v / means["loss"], 4) for k, v in means.items()
+                    if k != "loss" and means["loss"]})
+    progress["epoch"] = epoch + 1
+    return row
+
+
+def validate(run: Run) -> dict[str, float]:
+    """The student on the held-out split: mDice, mIoU, the papers' mDice_mean256, MAE."""
+    from ..evaluation import evaluate_pairs  # late import: evaluation imports heavy optional bits
+
+    summary, _ = evaluate_pairs(run.student, run.val_pairs, run.size, run.mean, run.std, run.cfg.threshold,
+                                str(run.device), batch_size=max(1, run.cfg.batch_size // 2), desc="validate",
+                                progress=bars_wanted(run.cfg.progress))
+    return {k: float(summary[k]) for k in ("mDice", "mIoU", "mDice_mean256", "MAE") if k in summary}
+
+
+def save_epoch(run: Run, val_metrics: dict[str, float], improved: bool) -> None:
+    """last (and, when validation improved, best) checkpoint and the exact train state."""
+    progress = run.progress
+    meta = build_metadata(run.cfg.model, epoch=progress["epoch"], val_metrics=val_metrics, **run.meta_common)
+    if improved:
+        progress["best_score"] = val_metrics.get("mDice", progress["best_score"])
+        progress["best_epoch"] = progress["epoch"]
+        save_checkpoint(run.paths["best"], run.student, meta)
+    save_checkpoint(run.paths["last"], run.student, meta)
+    save_train_state(run.paths["state"], run.runner.optimizer, run.distillers, progress, run.runner.scaler)
+
+
+def run_training(cfg: TrainConfig) -> dict[str, Any]:
+    """Train (or distil) as configured; returns a summary with paths and the best validation score."""
+    started = time.time()
+    created_out = None if os.path.isdir(cfg.out) else cfg.out  # removed again if the run fails before writing
+    try:
+        run = setup_run(cfg)
+        progress = run.progress
         longest_epoch = 0.0
         setup_seconds = time.time() - started  # model, data split and image cache: part of the wall time
         for epoch in range(progress["epoch"], cfg.epochs):
             epoch_started = time.time() - setup_seconds
             setup_seconds = 0.0
-            # Seeding per epoch makes an epoch depend only on (seed, epoch, weights): --resume is exact.
-            _seed_everything(cfg.seed * 100003 + epoch)
-            gen = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
-            sampler = (DistributedSampler(dataset, seed=cfg.seed) if world > 1 else RandomSampler(dataset, generator=gen))
-            if world > 1:
-                sampler.set_epoch(epoch)
-            loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
-                                drop_last=drop_last, pin_memory=device.type == "cuda",
-                                generator=gen, persistent_workers=False)
-            step_module.train()
-            for t in teachers:
-                t.model.eval()
-            sums: dict[str, float] = {}
-            n_seen, t0 = 0, time.time()
-            size_rate = cfg.progressive[0] if epoch < small_epochs else 1.0
-            bar = _progress(loader, batches_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}", cfg.progress and is_main)
-            steps_done = 0
-            for i, batch in enumerate(bar):
-                if i >= batches_per_epoch:
-                    break
-                scales = cfg.multiscale if cfg.multiscale_mode == "all" else [random.choice(cfg.multiscale)]
-                # Moved once per batch; 'all' rescales the same batch for each of its steps.
-                image_b = batch["image"].to(device, non_blocking=True)
-                mask_b = batch["mask"].to(device, non_blocking=True)
-                targets_b = batch["targets"].to(device, non_blocking=True) if "targets" in batch else None
-                for rate in scales:
-                    lr = cfg.lr * _lr_factor(progress["step"], total_steps, warmup, cfg.schedule)
-                    for g in optimizer.param_groups:
-                        g["lr"] = lr * g.get("lr_mult", 1.0)
-                    image, mask = _rescale(image_b, mask_b, rate * size_rate)
-                    targets = targets_b  # cached teacher maps: the same resize as the image
-                    if targets is not None and targets.shape[-2:] != image.shape[-2:]:
-                        targets = F.interpolate(targets, size=image.shape[-2:], mode="bilinear", align_corners=True)
-                    image = image.contiguous(memory_format=torch.channels_last)
-                    with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                        loss, terms = wrapped(image, mask, targets)
-                    if not torch.isfinite(loss):
-                        raise RunFailure(f"loss became {loss.item()} at epoch {epoch + 1}, step {i + 1}: "
-                                                 f"terms {({k: float(v) for k, v in terms.items()})}; lower --lr?")
-                    optimizer.zero_grad(set_to_none=True)
-                    scaler.scale(loss).backward()
-                    if cfg.clip_grad > 0:
-                        scaler.unscale_(optimizer)
-                        if cfg.clip_mode == "value":
-                            torch.nn.utils.clip_grad_value_(params, cfg.clip_grad)
-                        else:
-                            torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
-                    scaler.step(optimizer)
-                    scaler.update()
-                    progress["step"] += 1
-                    steps_done += 1
-                    n_seen += image.shape[0]
-                    for k, v in {"loss": loss, **terms}.items():
-                        sums[k] = sums.get(k, 0.0) + float(v.detach())
-                if hasattr(bar, "set_postfix"):
-                    bar.set_postfix(loss=f"{sums['loss'] / max(1, steps_done):.4f}", lr=f"{lr:.1e}",
-                                    img_s=f"{n_seen * world / max(1e-6, time.time() - t0):.1f}")
-            if hasattr(bar, "close"):
-                bar.close()
-            steps_done = max(1, steps_done)
-            epoch_seconds = time.time() - t0
-            progress["train_seconds"] += epoch_seconds
-            row: dict[str, Any] = {"epoch": epoch + 1, "lr": lr, "seconds": round(epoch_seconds, 1),
-                                   "img_per_s": round(n_seen * world / max(1e-6, epoch_seconds), 2),
-                                   "train_side": int(round(size * size_rate / 32) * 32) if size_rate != 1.0 else size}
-            means = {k: distributed.mean_across(v / steps_done, device) for k, v in sums.items()}
-            row.update({f"train_{k}": v for k, v in means.items()})
-            # Each term's share of the total loss: a reader sees at once whether one term dominates.
-            if len(means) > 2:
-                row.update({f"share_{k}": round(v / means["loss"], 4) for k, v in means.items()
-                            if k != "loss" and means["loss"]})
-            progress["epoch"] = epoch + 1
-
-            if is_main:
+            row = train_one_epoch(run, epoch)
+            if run.is_main:
                 val_metrics: dict[str, float] = {}
-                is_last = epoch + 1 == cfg.epochs
-                if val_pairs and ((epoch + 1) % cfg.val_every == 0 or is_last):
-                    summary, _ = evaluate_pairs(student, val_pairs, size, mean, std, cfg.threshold, str(device),
-                                                batch_size=max(1, cfg.batch_size // 2), desc="validate",
-                                                progress=bars_wanted(cfg.progress))
-                    val_metrics = {k: float(summary[k]) for k in ("mDice", "mIoU", "mDice_mean256", "MAE") if k in summary}
+                if run.val_pairs and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs):
+                    val_metrics = validate(run)
                     row.update({f"val_{k}": v for k, v in val_metrics.items()})
                     improved = val_metrics["mDice"] > progress["best_score"]
-                elif not val_pairs:
-                    improved = True  # no validation split: best = last, said in the metadata
                 else:
-                    improved = False
+                    improved = not run.val_pairs  # no validation split: best = last, said in the metadata
                 progress["wall_seconds"] += time.time() - epoch_started
                 row["wall_min"] = round(progress["wall_seconds"] / 60, 2)
-                meta = build_metadata(cfg.model, input_size=size, threshold=cfg.threshold, epoch=epoch + 1,
-                                      data=data_info, val_metrics=val_metrics, pretrained=pretrained_desc,
-                                      kd=cfg.kd, kd_weights=kd_weights,
-                                      teachers=teacher_info, recipe=cfg.recipe, epochs=cfg.epochs,
-                                      selection="best validation mDice" if val_pairs else "last epoch (no validation split)")
-                if improved:
-                    progress["best_score"] = val_metrics.get("mDice", progress["best_score"])
-                    progress["best_epoch"] = epoch + 1
-                    save_checkpoint(best_path, student, meta)
-                save_checkpoint(last_path, student, meta)
-                save_train_state(state_path, optimizer, distillers, progress, scaler)
-                log.write(row)
+                save_epoch(run, val_metrics, improved)
+                run.log.write(row)
                 msg = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
                 print(f"[kdas] {msg}{'  *best*' if improved else ''}", flush=True)
             distributed.barrier()
@@ -401,14 +565,15 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
                 # Stop before an epoch that would not fit, judged by the slowest epoch so far.
                 now = time.time()
                 longest_epoch = max(longest_epoch, now - epoch_started)
-                if distributed.any_across(now - started + longest_epoch > cfg.time_limit * 60, device):
+                if distributed.any_across(now - started + longest_epoch > cfg.time_limit * 60, run.device):
                     break
 
-        if is_main:
-            log.close()
-        return {"is_main": is_main, "out": cfg.out, "best": best_path, "last": last_path, "best_val_mDice": progress["best_score"],
-                "best_epoch": progress["best_epoch"], "train_seconds": progress["train_seconds"],
-                "params": n_params, "epoch": progress["epoch"], "finished": progress["epoch"] >= cfg.epochs}
+        if run.is_main:
+            run.log.close()
+        return {"is_main": run.is_main, "out": cfg.out, "best": run.paths["best"], "last": run.paths["last"],
+                "best_val_mDice": progress["best_score"], "best_epoch": progress["best_epoch"],
+                "train_seconds": progress["train_seconds"], "params": count_params(run.student),
+                "epoch": progress["epoch"], "finished": progress["epoch"] >= cfg.epochs}
     except BaseException:
         if created_out and os.path.isdir(created_out) and not os.listdir(created_out):
             try:
