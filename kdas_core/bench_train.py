@@ -5,7 +5,7 @@ Examples:
   python -m kdas_core.bench_train --model polyppvt-lite0 --data ../shared/data/polyp-352 --image-size 256 --batch-size 8
   python -m kdas_core.bench_train --model polyppvt-lite0 --data DATA --image-size 256 --batch-size 8 \\
       --compare baseline default --json results/bench_train_compare.json   # two step settings, interleaved
-  python -m kdas_core.bench_train --model polyppvt-lite0 --data DATA --frozen-stages 2 --compare default baseline
+  python -m kdas_core.bench_train --model polyppvt-lite0 --data DATA --frozen-stages 1 --compare default baseline
   python -m kdas_core.bench_train --model polyppvt-lite0 --data DATA --device cuda --json gpu.json
   python -m kdas_core.bench_train --kd-cost --teacher T.safetensors --teacher-targets TARGETS --kd kdas \\
       --model polyppvt-lite0 --data DATA --json results/kd_cost.json   # plain vs live teacher vs cached, interleaved
@@ -25,7 +25,6 @@ is reported apart (`warmup_seconds`), never inside the timed steps.
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import random
 import statistics
@@ -48,9 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=positive_int, default=20, metavar="N", help="timed optimiser steps (default: 20)")
     g.add_argument("--warmup", type=nonnegative_int, default=3, metavar="N", help="untimed steps first (default: 3)")
     g.add_argument("--json", metavar="PATH", help="write the figures as JSON")
-    g.add_argument("--compare", nargs=2, metavar=("A", "B"), choices=sorted(STEPS),
-                   help=f"time two step settings ({', '.join(sorted(STEPS))}) step by step in turn; "
-                        "ends with B's speedup over A")
+    g.add_argument("--compare", nargs=2, metavar=("A", "B"),
+                   help=f"time two step settings step by step in turn, ending with B's speedup over A; each is a "
+                        f"--step name ({', '.join(sorted(STEPS))}), optionally with training flags after a colon, "
+                        "comma-separated: default:--frozen-stages=1,--no-frozen-fold")
     g.add_argument("--kd-cost", action="store_true",
                    help="time plain training, --kd with the live --teacher and --kd with --teacher-targets in one run, "
                         "step by step in turn (so the ratios hold on a busy machine)")
@@ -242,8 +242,36 @@ def _describe(r: dict) -> str:
             f"{r['threads']} threads, workers {r['workers']}, {r['steps']} timed steps")
 
 
+def _variant_args(parser: argparse.ArgumentParser, argv: list[str], item: str) -> argparse.Namespace:
+    """The command line of one --compare item: the command's flags, then --step NAME and the item's
+    own flags (which win)."""
+    name, _, extra = item.partition(":")
+    if name not in STEPS:
+        raise UsageError(f"--compare {item}: {name!r} is not a step setting (choose from {', '.join(sorted(STEPS))})")
+    own = [a for a in extra.split(",") if a]
+    if any(not a.startswith("--") for a in own):
+        raise UsageError(f"--compare {item}: after the colon come training flags, e.g. {name}:--frozen-stages=1")
+    rest, skip = [], 0
+    for i, a in enumerate(argv):  # drop --compare and its two values
+        if skip:
+            skip -= 1
+        elif a == "--compare":
+            skip = 2
+        else:
+            rest.append(a)
+    try:
+        ns = parser.parse_args([*rest, "--step", name, *own])
+    except SystemExit as exc:
+        raise UsageError(f"--compare {item}: the flags after the colon are not valid training flags") from exc
+    if not hasattr(ns, "out"):
+        ns.out = "-"
+    return ns
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if not hasattr(args, "out"):
         args.out = "-"
 
@@ -265,11 +293,7 @@ def main(argv: list[str] | None = None) -> int:
                 a, b = args.compare
                 if a == b:
                     raise UsageError(f"--compare {a} {b}: give two different step settings")
-                cfgs = {}
-                for name in (a, b):
-                    ns = copy.copy(args)
-                    ns.step = name
-                    cfgs[name] = config_from_args(ns)
+                cfgs = {item: config_from_args(_variant_args(parser, argv, item)) for item in (a, b)}
                 r = compare(cfgs, args.steps, args.warmup)
                 print(_describe(r) + f", {a} and {b} step by step in turn (speedup: {b} over {a})")
                 for name in (a, b):

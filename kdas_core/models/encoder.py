@@ -38,11 +38,13 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         return list(self.body(x))
 
-    def freeze(self, stages: int = 0, bn_stats: bool = False) -> int:
+    def freeze(self, stages: int = 0, bn_stats: bool = False, fold: bool = True) -> int:
         """Fix the first `stages` of the four feature stages (0..4), counting from the input and
         including the stem: every weight the stride-4 .. stride-(2 ** (stages + 1)) features depend
         on stops learning and its BatchNorm statistics stop moving, so backward stops above them.
         `bn_stats`: also keep every other BatchNorm of the encoder on its running statistics.
+        `fold`: run each frozen BatchNorm folded into the convolution before it (the same function,
+        one pass less over the largest activations; the modules and their weights stay as they are).
         `freeze(0)` undoes it. Weights are untouched (a checkpoint does not record the freeze).
         Returns the number of frozen parameters."""
         if not 0 <= stages <= 4:
@@ -55,6 +57,10 @@ class Encoder(nn.Module):
                                                          and all(id(q) in frozen for q in m.parameters()))]
         self.frozen_stages, self.frozen_bn_stats = stages, bn_stats
         self.train(self.training)
+        _unfold(self.body)
+        if fold and frozen:
+            for conv, bn in self._conv_bn_pairs(frozen):
+                _fold(conv, bn)
         return sum(p.numel() for p in self.body.parameters() if id(p) in frozen)
 
     def _parameters_feeding(self, stages: int) -> set[int]:
@@ -75,6 +81,40 @@ class Encoder(nn.Module):
         finally:
             self.train(was_training)
         return {id(p) for p, g in zip(params, grads) if g is not None}
+
+    def _conv_bn_pairs(self, frozen: set[int]) -> list[tuple[nn.Conv2d, nn.Module]]:
+        """(conv, BatchNorm) pairs of the frozen part where the BatchNorm's input is exactly the
+        convolution's output, found by tracing a small input through the encoder."""
+        outputs: dict[int, tuple[nn.Module, torch.Tensor]] = {}
+        pairs: list[tuple[nn.Conv2d, nn.Module]] = []
+
+        def after_conv(mod, _inp, out):
+            outputs[id(out)] = (mod, out)  # the tensor is kept, so its id cannot be reused
+
+        def before_bn(mod, inp):
+            hit = outputs.get(id(inp[0]))
+            if hit is not None and hit[1] is inp[0]:
+                pairs.append((hit[0], mod))
+
+        hooks = []
+        for m in self.body.modules():
+            params = list(m.parameters(recurse=False))
+            if not params or not all(id(q) in frozen for q in params):
+                continue
+            if type(m) is nn.Conv2d:
+                hooks.append(m.register_forward_hook(after_conv))
+            elif isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+                hooks.append(m.register_forward_pre_hook(before_bn))
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                self.body(torch.zeros(1, 3, 64, 64, device=next(self.body.parameters()).device))
+        finally:
+            for h in hooks:
+                h.remove()
+            self.train(was_training)
+        return pairs
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -132,3 +172,49 @@ def _read_state_file(path: str) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict):
         raise UsageError(f"--pretrained {path}: expected a state dict of tensors")
     return obj
+
+
+def _fold(conv: nn.Conv2d, bn: nn.Module) -> None:
+    """Run `conv` then the (eval-mode) `bn` as one convolution: conv's forward uses weights scaled by
+    the BatchNorm (recomputed whenever a weight, a statistic, the device or the layout changes),
+    bn's forward keeps only what follows the normalisation (timm's BatchNormAct2d: drop + act)."""
+    cache: dict[str, object] = {"key": None}
+
+    def folded_weights():
+        key = tuple((t.data_ptr(), t._version, t.device, t.stride()) for t in
+                    (conv.weight, bn.running_mean, bn.running_var) + ((bn.weight,) if bn.weight is not None else ()))
+        if cache["key"] != key:
+            with torch.no_grad():
+                scale = torch.rsqrt(bn.running_var + bn.eps)
+                if bn.weight is not None:
+                    scale = scale * bn.weight
+                shift = -bn.running_mean * scale
+                if bn.bias is not None:
+                    shift = shift + bn.bias
+                if conv.bias is not None:
+                    shift = shift + conv.bias * scale
+                w = conv.weight * scale.view(-1, 1, 1, 1)
+                cache.update(key=key, w=w.contiguous(memory_format=torch.channels_last)
+                             if conv.weight.is_contiguous(memory_format=torch.channels_last) else w, b=shift)
+        return cache["w"], cache["b"]
+
+    def conv_forward(x: torch.Tensor) -> torch.Tensor:
+        w, b = folded_weights()
+        return conv._conv_forward(x, w, b)
+
+    def bn_forward(x: torch.Tensor) -> torch.Tensor:
+        for name in ("drop", "act"):  # timm's BatchNormAct2d: normalise, then drop, then act
+            if hasattr(bn, name):
+                x = getattr(bn, name)(x)
+        return x
+
+    conv.forward, bn.forward = conv_forward, bn_forward
+    conv._kdas_folded = bn._kdas_folded = True
+
+
+def _unfold(body: nn.Module) -> None:
+    """Undo every `_fold` under `body`: the modules' own forward again."""
+    for m in body.modules():
+        if getattr(m, "_kdas_folded", False):
+            del m.forward
+            del m._kdas_folded

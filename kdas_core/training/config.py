@@ -127,11 +127,13 @@ class TrainConfig:
     progress: bool = _opt(True, RUN, "progress bars")
     step: str = _opt("default", STEP, "named set of the step options below: default | baseline (see 'steps' "
                      "below)", choices=["default", "baseline"])
-    frozen_stages: int = _opt(1, STEP, "encoder stages fixed from the input side, stem included (0..4): 1 = "
-                              "everything the stride-4 features depend on; their weights and BatchNorm statistics "
-                              "stay as pretrained and backward stops above them", type=int, metavar="N")
+    frozen_stages: int = _opt(2, STEP, "encoder stages fixed from the input side, stem included (0..4): 1 = "
+                              "everything the stride-4 features depend on, 2 = the stride-8 ones too; their "
+                              "weights and BatchNorm statistics stay as pretrained and backward stops above them", type=int, metavar="N")
     frozen_for: float = _opt(1.0, STEP, "fraction of the epochs the --frozen-stages stay fixed (1: all of "
                              "training; 0.5: they learn from the middle epoch on)", type=float, metavar="F")
+    frozen_fold: bool = _opt(True, STEP, "run each frozen BatchNorm folded into the convolution before it (the "
+                             "same function, one pass less over the largest activations)")
     frozen_bn_stats: bool = _opt(False, STEP, "keep every encoder BatchNorm on its pretrained running statistics")
     optimizer_impl: str = _opt("fused", STEP, "AdamW implementation: 'fused' (one kernel for all parameters, "
                                "CPU and CUDA), 'foreach' (batched), 'auto' (PyTorch's own choice: one parameter "
@@ -171,7 +173,7 @@ RECIPES: dict[str, dict[str, Any]] = {
 # optimiser loop), kept so `bench_train --compare baseline default` and accuracy checks can replay it.
 STEPS: dict[str, dict[str, Any]] = {
     "default": {},
-    "baseline": {"frozen_stages": 0, "frozen_for": 1.0, "frozen_bn_stats": False, "optimizer_impl": "auto",
+    "baseline": {"frozen_stages": 0, "frozen_for": 1.0, "frozen_fold": False, "frozen_bn_stats": False, "optimizer_impl": "auto",
                  "channels_last": True, "compile": False},
 }
 

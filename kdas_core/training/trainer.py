@@ -167,7 +167,7 @@ class RunLog:
 
 # Fields that say how a run is driven, not what it learns: --resume may change them.
 _RUN_CONTROL = {"out", "resume", "time_limit", "progress", "workers", "threads", "cache_images", "val_every",
-                "epochs", "device", "amp", "step", "optimizer_impl", "channels_last", "compile"}
+                "epochs", "device", "amp", "step", "optimizer_impl", "channels_last", "compile", "frozen_fold"}
 
 
 def build_optimizer(cfg: TrainConfig, step_module: nn.Module, student: nn.Module) -> torch.optim.Optimizer:
@@ -197,7 +197,7 @@ def apply_freeze(cfg: TrainConfig, student: nn.Module, epoch: int) -> None:
     stages = cfg.frozen_stages if epoch < frozen_epochs(cfg) else 0
     enc = student.encoder
     if (enc.frozen_stages, enc.frozen_bn_stats) != (stages, cfg.frozen_bn_stats):
-        enc.freeze(stages, cfg.frozen_bn_stats)
+        enc.freeze(stages, cfg.frozen_bn_stats, fold=cfg.frozen_fold)
 
 
 class StepRunner:
@@ -438,7 +438,7 @@ def setup_run(cfg: TrainConfig) -> Run:
             "params_frozen_at_start": sum(p.numel() for p in student.parameters() if not p.requires_grad),
             "teachers": teacher_info, "data": data_info}})
         run.log = RunLog(cfg.out, cfg.resume)
-        frozen = (f", encoder stages 1..{cfg.frozen_stages} fixed for epochs 1..{frozen_epochs(cfg)}"
+        frozen = (f", first {cfg.frozen_stages} encoder stage(s) frozen in epochs 1..{frozen_epochs(cfg)}"
                   if frozen_epochs(cfg) else "")
         print(f"[kdas] {cfg.model} ({n_params / 1e6:.2f} M params, init: "
               f"{init_desc}) on {device}, {split.describe()}"
