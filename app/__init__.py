@@ -8,6 +8,6 @@ Research use only - not a medical device.
 
 from __future__ import annotations
 
-from kdas_core.assets import ASSETS_DIR, DEFAULT_WEIGHTS, DEMO_CLIP  # noqa: F401 (the app's defaults)
+from kdas_core.io.assets import ASSETS_DIR, DEFAULT_WEIGHTS, DEMO_CLIP  # noqa: F401 (the app's defaults)
 
 DISCLAIMER = "Research use only \u2014 not a medical device"

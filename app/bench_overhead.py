@@ -35,9 +35,9 @@ from pathlib import Path
 
 import numpy as np
 
-from kdas_core.atomic import write_json
-from kdas_core.cli_conventions import nonnegative_int, positive_int
-from kdas_core.presets import DEFAULT_THRESHOLD, image_size_arg
+from kdas_core.io.atomic import write_json
+from kdas_core.cli.conventions import nonnegative_int, positive_int
+from kdas_core.models.presets import DEFAULT_THRESHOLD, image_size_arg
 
 from .errors import AppError
 
@@ -96,7 +96,8 @@ def make_real_clip(path: str, images: str, width: int, height: int, frames: int,
     every frame differs like real video. Written at run time, never committed (patient data)."""
     import cv2
 
-    from kdas_core.data.dataset import IMAGE_EXTS, read_image
+    from kdas_core.data import IMAGE_EXTS
+    from kdas_core.data.dataset import read_image
 
     folder = Path(images)
     if (folder / "images").is_dir():

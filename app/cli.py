@@ -7,7 +7,7 @@ import os
 import sys
 
 from engines import BACKENDS, CHOICES
-from kdas_core.cli_conventions import (EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE,
+from kdas_core.cli.conventions import (EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE,
                                       add_deprecated_alias, exit_codes_help, positive_int)
 
 from . import DEFAULT_WEIGHTS, DEMO_CLIP, DISCLAIMER

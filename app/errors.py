@@ -5,11 +5,11 @@ dialog. The message names the thing and says what to do.
 """
 
 
-from kdas_core.cli_conventions import EXIT_USAGE
+from kdas_core.cli.conventions import EXIT_USAGE
 
 
 class AppError(RuntimeError):
-    """`exit_code`: what `python -m app` exits with (kdas_core.cli_conventions): bad input (2) unless
+    """`exit_code`: what `python -m app` exits with (kdas_core.cli.conventions): bad input (2) unless
     the raiser says otherwise (1 a runtime failure, 4 a backend or display not available here)."""
 
     def __init__(self, message: str, exit_code: int = EXIT_USAGE):

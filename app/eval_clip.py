@@ -177,8 +177,8 @@ def _table(res: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from engines import CHOICES
-    from kdas_core.atomic import write_json
-    from kdas_core.cli_conventions import positive_int
+    from kdas_core.io.atomic import write_json
+    from kdas_core.cli.conventions import positive_int
 
     from . import DEFAULT_WEIGHTS
     from .cli import _smooth_spec, add_cue_arguments, add_weights_argument, cue_spec, resolve_model

@@ -16,7 +16,7 @@ import sys
 import threading
 from dataclasses import dataclass, field
 
-from kdas_core.atomic import write_json
+from kdas_core.io.atomic import write_json
 
 from .errors import AppError
 from .pipeline.analysis import AnalysisSettings

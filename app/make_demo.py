@@ -14,7 +14,7 @@ from fractions import Fraction
 
 import av
 
-from kdas_core.atomic import staged
+from kdas_core.io.atomic import staged
 
 
 def write_clip(out: str, frames: int = 250, size: int = 352, fps: int = 25, seed: int = 0, crf: int = 22,

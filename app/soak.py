@@ -20,7 +20,7 @@ import tempfile
 import time
 
 from engines import CHOICES
-from kdas_core.atomic import write_json
+from kdas_core.io.atomic import write_json
 
 from . import DEFAULT_WEIGHTS, DEMO_CLIP
 from .errors import AppError

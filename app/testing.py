@@ -16,7 +16,7 @@ def make_clip(path: str, frames: int = 30, size: int = 160, fps: int = 25, seed:
 
 def make_checkpoint(path: str, input_size: int = 128, preset: str = "polyppvt-lite0") -> str:
     """A random-init checkpoint with real metadata: exercises every code path, segments nothing."""
-    from kdas_core.checkpoint import build_metadata, save_checkpoint
+    from kdas_core.io.checkpoint import build_metadata, save_checkpoint
     from kdas_core.models import create_model
 
     save_checkpoint(str(path), create_model(preset), build_metadata(preset, input_size=input_size))

@@ -42,6 +42,18 @@ def fallback_chain(after: str, device: str | None = None) -> list[str]:
     return [b for b in rest if not (device == "cpu" and b in GPU_ONLY)]
 
 
+def open_for_scoring(path: str, backend: str, *, device: str | None, image_size: int | None,
+                     threads: int | None) -> Backend:
+    """`kdas_core.evaluate`'s way in (the `kdas_core.runtimes` entry point): `load_backend`, with a
+    model-file or backend problem reported as the user error it is."""
+    from kdas_core.cli.conventions import UsageError
+
+    try:
+        return load_backend(path, backend=backend, device=device, image_size=image_size, threads=threads)
+    except BackendError as exc:
+        raise UsageError(str(exc)) from exc
+
+
 def load_backend(
     path: str | ModelSource,
     backend: str = "auto",
@@ -82,7 +94,8 @@ def load_backend(
         except BackendError as exc:
             skipped.append(f"{name} skipped: {exc}")
             continue
-        b.notes[:0] = [f"auto picked {name}: {_WHY[name]}"] + skipped + local
+        why = b.why_auto or f"the first of {', '.join(chain)} that could run it"
+        b.notes[:0] = [f"auto picked {name}: {why}"] + skipped + local
         return b
     raise BackendError(f"{src.path}: no backend could run it:\n  " + "\n  ".join(skipped))
 
@@ -91,13 +104,6 @@ def check_model_file(path: str | ModelSource, kind: str | None = None) -> None:
     """ModelFileError when `path` cannot be a KDAS model whichever backend runs it (unreadable
     safetensors/ONNX, no KDAS metadata). Reads headers only; engines are checked by TensorRT."""
     ModelSource.of(path, kind).check()
-
-
-_WHY = {
-    "tensorrt": "a TensorRT engine built for this GPU is the fastest option",
-    "onnxruntime": "ONNX Runtime runs the fused, graph-optimised export; on CPU it beats PyTorch eager",
-    "torch": "PyTorch runs the checkpoint directly (slowest, but needs no export)",
-}
 
 
 def _open(name: str, src: ModelSource, opts: dict, notes: list[str]) -> Backend:

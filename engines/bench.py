@@ -11,9 +11,9 @@ import time
 import numpy as np
 
 from . import CHOICES, load_backend
-from kdas_core.atomic import write_json
-from kdas_core.cli_conventions import add_deprecated_alias
-from kdas_core.presets import image_size_arg
+from kdas_core.io.atomic import write_json
+from kdas_core.cli.conventions import add_deprecated_alias
+from kdas_core.models.presets import image_size_arg
 
 from .cli_common import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE, UnavailableError, exit_codes_help, run
 
@@ -52,7 +52,7 @@ class _ModelSpec(argparse.Action):
     spellings --model PATH and --model preset:NAME still work for one release, with a notice."""
 
     def __call__(self, parser, namespace, value, option_string=None):
-        from kdas_core.presets import PRESETS
+        from kdas_core.models.presets import PRESETS
 
         if option_string == "--model" and value not in PRESETS and not value.startswith("polyppvt:"):
             new = f"--model {value[len('preset:'):]}" if value.startswith("preset:") else f"--weights {value}"
@@ -126,7 +126,7 @@ def preset_checkpoint(spec: str) -> str:
     """`preset:NAME` -> a cached random-init checkpoint of that preset (speed tests only)."""
     import torch
 
-    from kdas_core.checkpoint import build_metadata, save_checkpoint
+    from kdas_core.io.checkpoint import build_metadata, save_checkpoint
     from kdas_core.models import create_model
 
     from .cache import cache_dir

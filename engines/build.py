@@ -8,8 +8,8 @@ import os
 import shutil
 import sys
 
-from kdas_core.atomic import staged
-from kdas_core.presets import image_size_arg
+from kdas_core.io.atomic import staged
+from kdas_core.models.presets import image_size_arg
 
 from . import ENGINE_SUFFIXES
 from .cli_common import EXIT_CODES_HELP, EXIT_OK, UnavailableError, VerifyError, run
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if not os.path.isfile(args.weights):  # before importing torch: a typo fails fast
         raise FileNotFoundError(f"{args.weights}: no such checkpoint file")
-    from kdas_core.checkpoint import read_metadata
+    from kdas_core.io.checkpoint import read_metadata
 
     from .backends.onnxruntime_backend import cached_onnx_for_checkpoint
 

@@ -1,4 +1,4 @@
-"""`engines.build`, `engines.bench` and `engines.selfcheck` run under kdas_core.cli_conventions.run_cli
+"""`engines.build`, `engines.bench` and `engines.selfcheck` run under kdas_core.cli.conventions.run_cli
 (the one exit-code table and policy for every CLI); this module adds what is engines' own: the
 VerifyError type (exit 3), BackendError as bad input, and the `engines` logger."""
 
@@ -8,7 +8,7 @@ import logging
 import sys
 from typing import Callable
 
-from kdas_core.cli_conventions import (  # noqa: F401 (re-exported: one table for every CLI)
+from kdas_core.cli.conventions import (  # noqa: F401 (re-exported: one table for every CLI)
     EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE, EXIT_VERIFY, UnavailableError,
     exit_codes_help, run_cli,
 )
@@ -22,7 +22,7 @@ class VerifyError(RuntimeError):
 
 
 def run(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
-    """`main(argv)` under the one exit-code policy (kdas_core.cli_conventions.run_cli), with
+    """`main(argv)` under the one exit-code policy (kdas_core.cli.conventions.run_cli), with
     BackendError as bad input (2) and VerifyError as a disagreement (3)."""
     from .errors import BackendError
 

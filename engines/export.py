@@ -25,8 +25,8 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from kdas_core.atomic import staged
-from kdas_core.cli_conventions import name_some
+from kdas_core.io.atomic import staged
+from kdas_core.cli.conventions import name_some
 
 from .errors import BackendError
 

@@ -26,9 +26,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from kdas_core.atomic import write_json
-from kdas_core.cli_conventions import name_some
-from kdas_core.presets import DEFAULT_THRESHOLD, image_size_arg
+from kdas_core.io.atomic import write_json
+from kdas_core.cli.conventions import name_some
+from kdas_core.models.presets import DEFAULT_THRESHOLD, image_size_arg
 
 from .cli_common import EXIT_OK, EXIT_VERIFY, run
 from .errors import BackendError
@@ -96,7 +96,7 @@ def exit_code(results: list[dict]) -> int:
 
 class SelfCheck:
     def __init__(self, weights: str, size: int | None, device: str, out_dir: str, runs: int, log: Callable[[str], None]):
-        from kdas_core.checkpoint import read_metadata
+        from kdas_core.io.checkpoint import read_metadata
 
         self.weights, self.device, self.out_dir, self.runs, self.log = weights, device, out_dir, runs, log
         self.size = int(size or read_metadata(weights)["input_size"])
@@ -417,7 +417,7 @@ class SelfCheck:
     def check_trt_failed_verify(self) -> tuple[str, dict]:
         import torch
 
-        from kdas_core.checkpoint import read_metadata, save_checkpoint
+        from kdas_core.io.checkpoint import read_metadata, save_checkpoint
         from kdas_core.models import create_model
 
         from . import build
@@ -526,7 +526,7 @@ def _jsonable(value):
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    from kdas_core.assets import DEFAULT_WEIGHTS
+    from kdas_core.io.assets import DEFAULT_WEIGHTS
 
     p = argparse.ArgumentParser(prog="python -m engines.selfcheck", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", metavar="OUT", help="write the report (one entry per check) as JSON to OUT")

@@ -73,8 +73,7 @@ class ModelSource:
 
     def _read_meta(self) -> dict[str, Any]:
         if self.kind == "checkpoint":
-            from kdas_core import checkpoint
-
+            from kdas_core.io import checkpoint
             try:
                 return checkpoint.read_metadata(self.path)
             except checkpoint.CheckpointError as exc:
@@ -96,8 +95,7 @@ class ModelSource:
     def sha256(self) -> str:
         """The file's SHA-256 (hex), computed on first use."""
         if self._sha256 is None:
-            from kdas_core import checkpoint
-
+            from kdas_core.io import checkpoint
             self._sha256 = checkpoint.file_sha256(self.path)
         return self._sha256
 

@@ -21,7 +21,7 @@ import threading
 import time
 from typing import Any, Callable
 
-from kdas_core.atomic import write_bytes
+from kdas_core.io.atomic import write_bytes
 
 from .cache import cache_dir
 from .errors import BackendError
@@ -59,7 +59,7 @@ def build_engine(
     """Build, write `<out_dir>/<cache key>.engine` + `.json` sidecar (`verified: false`); returns
     the engine path. Not indexed in the cache until `publish_engine` (after a passing verify).
     BackendError for anything TensorRT refuses, with what TensorRT logged."""
-    from kdas_core.checkpoint import file_sha256
+    from kdas_core.io.checkpoint import file_sha256
 
     trt = import_trt()
     cudart = import_cudart()

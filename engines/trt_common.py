@@ -15,7 +15,7 @@ import sys
 import threading
 from typing import Any
 
-from kdas_core.atomic import write_json
+from kdas_core.io.atomic import write_json
 
 from .errors import BackendError
 

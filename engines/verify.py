@@ -112,7 +112,7 @@ def demo_frames(size: int, count: int = 24) -> np.ndarray:
     import av
     import cv2
 
-    from kdas_core.assets import DEMO_CLIP
+    from kdas_core.io.assets import DEMO_CLIP
 
     if not DEMO_CLIP.is_file():
         raise FileNotFoundError(f"{DEMO_CLIP}: the demo clip is missing; pass --verify-frames DIR, or regenerate it with `python -m app.make_demo`")

@@ -26,10 +26,10 @@ import re
 import sys
 import time
 
-from .atomic import write_json, write_text
-from .cli_common import run_cli
-from .cli_conventions import UsageError
-from .training.config import add_training_args, config_from_args
+from kdas_core.io.atomic import write_json, write_text
+from kdas_core.cli.training import run_cli
+from kdas_core.cli.conventions import UsageError
+from kdas_core.training.config import add_training_args, config_from_args
 
 RESULT_FILE = "ablation_result.json"
 
@@ -37,7 +37,7 @@ RESULT_FILE = "ablation_result.json"
 def parse_methods(spec: str, baseline: bool = True) -> list[tuple[str, str]]:
     """'kdas,kdas+cwd:0.5' -> [('none', 'none'), ('kdas', 'kdas'), ('kdas+cwd:0.5', 'kdas,cwd:0.5')]:
     (row label, --kd spec). Every name is checked against the registry."""
-    from .losses import parse_kd_spec
+    from kdas_core.losses import parse_kd_spec
 
     rows = [("none", "none")] if baseline else []
     for label in filter(None, (s.strip() for s in spec.split(","))):
@@ -55,7 +55,7 @@ def run_dir_name(label: str) -> str:
 
 
 def test_sets(data: str, test_data: list[str] | None) -> dict[str, list]:
-    from .data import resolve_layout
+    from kdas_core.data import resolve_layout
 
     sets: dict[str, list] = {}
     for root in test_data or [data]:
@@ -81,8 +81,8 @@ def evaluate_checkpoint(path: str, sets: dict[str, list], device: str, batch_siz
     """Per test set for one checkpoint: what the evaluator reports on the raw probabilities
     (thresholded mDice/mIoU, ...) plus the papers' metric, mDice/mIoU over 256 thresholds of
     min-max normalised maps (`mDice_mean256_minmax`, `mIoU_mean256_minmax`)."""
-    from .checkpoint import load_checkpoint
-    from .evaluation import evaluate_pairs
+    from kdas_core.io.checkpoint import load_checkpoint
+    from kdas_core.evaluation.scoring import evaluate_pairs
 
     model, meta = load_checkpoint(path, device=device)
     out = {}
@@ -176,7 +176,7 @@ def run_ablation(cfg, methods: list[tuple[str, str]], out: str, sets: dict[str, 
                  checkpoint: str = "best", teacher_rows: bool = True, eval_batch_size: int = 4,
                  command: str = "") -> dict:
     """Train + evaluate every (label, kd) in `methods` with the base TrainConfig `cfg`."""
-    from .training.trainer import run_training
+    from kdas_core.training.trainer import run_training
 
     deadline = time.time() + cfg.time_limit * 60 if cfg.time_limit else None
     os.makedirs(out, exist_ok=True)
@@ -239,10 +239,10 @@ def _cuda() -> bool:
 
 
 def _methods_epilog() -> str:
-    from .kd_methods import KD_METHODS  # torch-free: --help answers at once
+    from kdas_core.losses.catalog import kd_methods  # torch-free: --help answers at once
 
     lines = ["methods (--methods a,b,c; 'a+b:0.5' trains one row with both, b weighted 0.5):"]
-    return "\n".join(lines + [f"  {name:<10} {summary}" for name, summary in KD_METHODS.items()])
+    return "\n".join(lines + [f"  {name:<10} {summary}" for name, summary in kd_methods().items()])
 
 
 def build_parser() -> argparse.ArgumentParser:

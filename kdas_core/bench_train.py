@@ -31,11 +31,11 @@ import statistics
 import sys
 import time
 
-from .atomic import write_json
-from .cli_common import run_cli
-from .cli_conventions import (EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE, Parser,
+from kdas_core.io.atomic import write_json
+from kdas_core.cli.training import run_cli
+from kdas_core.cli.conventions import (EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE, Parser,
                               UsageError, nonnegative_int, positive_int)
-from .training.config import STEPS, add_training_args, config_from_args
+from kdas_core.training.config import STEPS, add_training_args, config_from_args
 
 PHASES = ("data", "forward", "backward", "optimizer")
 
@@ -68,9 +68,9 @@ class _Variant:
     def __init__(self, cfg, device, preset, size, pairs, teachers, targets=None):
         import torch
 
-        from .data.dataset import TrainDataset
-        from .losses import build_distillers
-        from .training.trainer import build_step, init_student
+        from kdas_core.data.dataset import TrainDataset
+        from kdas_core.losses import build_distillers
+        from kdas_core.training.trainer import build_step, init_student
 
         self.cfg, self.device = cfg, device
         student = init_student(cfg)
@@ -98,7 +98,7 @@ class _Variant:
             return next(self.it)
 
     def step(self, sync, timed: bool) -> None:
-        from .training.trainer import _rescale
+        from kdas_core.training.trainer import _rescale
 
         marks = [("start", _now(sync))]
         batch = self._next_batch()
@@ -148,9 +148,9 @@ def _setup(cfg):
     """(device, sync, preset, size, layout, training pairs) of a benchmark, threads applied."""
     import torch
 
-    from .cli_conventions import require_device
-    from .data.dataset import resolve_layout, split_by_groups
-    from .models import resolve
+    from kdas_core.cli.conventions import require_device
+    from kdas_core.data.dataset import resolve_layout, split_by_groups
+    from kdas_core.models import resolve
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -180,7 +180,7 @@ def _header(cfg, device, size, steps: int) -> dict:
 def measure(cfg, steps: int, warmup: int) -> dict:
     """Time `steps` training steps of `cfg`: per-phase medians (ms), images/s, an epoch's estimate."""
     device, sync, preset, size, layout, pairs = _setup(cfg)
-    from .training.trainer import _load_teachers
+    from kdas_core.training.trainer import _load_teachers
 
     v = _Variant(cfg, device, preset, size, pairs, _load_teachers(cfg.teachers, device))
     _interleave({"only": v}, sync, steps, warmup)
@@ -192,7 +192,7 @@ def compare(cfgs: dict, steps: int, warmup: int) -> dict:
     batches; `speedup` is the last one's images/s over the first one's."""
     first = next(iter(cfgs.values()))
     device, sync, preset, size, layout, pairs = _setup(first)
-    from .training.trainer import _load_teachers
+    from kdas_core.training.trainer import _load_teachers
 
     teachers = _load_teachers(first.teachers, device)
     variants = {name: _Variant(c, device, preset, size, pairs, teachers) for name, c in cfgs.items()}
@@ -207,9 +207,9 @@ def compare(cfgs: dict, steps: int, warmup: int) -> dict:
 def kd_cost(cfg, steps: int, warmup: int) -> dict:
     """Seconds per optimiser step for plain training, live-teacher KD and cached-target KD, measured
     in one process, one step of each in turn, from the same initial weights and batches."""
-    from .checkpoint import file_sha256
-    from .teacher_targets import load as load_targets
-    from .training.trainer import _load_teachers
+    from kdas_core.io.checkpoint import file_sha256
+    from kdas_core.data.targets import load as load_targets
+    from kdas_core.training.trainer import _load_teachers
 
     device, sync, preset, size, layout, pairs = _setup(cfg)
     stored, _ = load_targets(cfg.teacher_targets, layout.train, size, [file_sha256(p) for p in cfg.teachers],

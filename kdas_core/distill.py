@@ -19,15 +19,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .cli_common import run_training_cli
-from .training.config import add_training_args
+from kdas_core.cli.training import run_training_cli
+from kdas_core.training.config import add_training_args
 
 
 def _methods_epilog() -> str:
-    from .kd_methods import KD_METHODS  # torch-free: --help answers at once
+    from kdas_core.losses.catalog import kd_methods  # torch-free: --help answers at once
 
     lines = ["--kd methods (combine with commas, weight with a colon: --kd kdas,cwd:0.5):"]
-    lines += [f"  {name:<10} {summary}" for name, summary in KD_METHODS.items()]
+    lines += [f"  {name:<10} {summary}" for name, summary in kd_methods().items()]
     return "\n".join(lines)
 
 
@@ -41,8 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
 def check_teachers(cfg) -> None:
     """A distillation needs its teachers (flags or --config); an unknown --kd method fails before
     any model or data is loaded."""
-    from .cli_conventions import UsageError
-    from .losses import parse_kd_spec  # torch: only once the arguments are known to be good
+    from kdas_core.cli.conventions import UsageError
+    from kdas_core.losses import parse_kd_spec  # torch: only once the arguments are known to be good
 
     if not cfg.teachers and not cfg.teacher_targets:
         raise UsageError("give --teacher PATH (repeatable) or --teacher-targets DIR (or a --config that has them)")

@@ -1,7 +1,7 @@
 """Evaluate a model on polyp test sets: `python -m kdas_core.evaluate --weights MODEL --data DIR`.
 
 This module is the command line only, and imports nothing heavy, so `--help` and argument errors
-answer at once; the work is in `kdas_core.evaluation` (`evaluate_pairs`, `evaluate_backend`, ...),
+answer at once; the work is in `kdas_core.evaluation.scoring` (`evaluate_pairs`, `evaluate_backend`, ...),
 whose names are also reachable from here for existing callers.
 """
 
@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .cli_conventions import default_workers, run_cli
-from .presets import TTA_MODES, image_size_arg
+from kdas_core.cli.conventions import default_workers, run_cli
+from kdas_core.models.presets import TTA_MODES, image_size_arg
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,9 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--weights", required=True, metavar="MODEL",
                    help="checkpoint (.safetensors) from kdas_core.train/distill, or an export (.onnx, .engine) from engines.build")
-    p.add_argument("--backend", choices=("auto", "tensorrt", "onnxruntime", "torch"),
-                   help="run through this engines backend (default: PyTorch in-process for a checkpoint, onnxruntime for "
-                        ".onnx, tensorrt for an engine: the file itself is scored, never a fallback)")
+    p.add_argument("--backend", metavar="NAME",
+                   help="run through this backend of the engines package: auto or one of its backends, listed in "
+                        "`python -m engines.bench --help` (default: PyTorch in-process for a checkpoint, onnxruntime "
+                        "for .onnx, tensorrt for an engine: the file itself is scored, never a fallback)")
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads for the onnxruntime/torch backend (default: the runtime's)")
     p.add_argument("--workers", type=int, default=default_workers(), metavar="N",
                    help="processes computing the full-resolution metrics (default: the usable cores, at most 8; "
@@ -101,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _train_default(name: str):
     """A training default (one home: kdas_core.training.config), so that --split val holds out
     exactly what a training run with default flags held out."""
-    from .training.config import defaults
+    from kdas_core.training.config import defaults
 
     return defaults()[name]
 
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def go() -> int:
-        from .evaluation import run
+        from kdas_core.evaluation.scoring import run
 
         return run(args)
 
@@ -119,10 +120,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def __getattr__(name: str):
     """`kdas_core.evaluate.evaluate_pairs` and friends, loaded on first use (they need torch)."""
-    from . import evaluation
+    from kdas_core.evaluation import scoring
 
     try:
-        return getattr(evaluation, name)
+        return getattr(scoring, name)
     except AttributeError:
         raise AttributeError(f"module 'kdas_core.evaluate' has no attribute {name!r}") from None
 

@@ -7,39 +7,16 @@ why our teacher counts 10.8 GMACs at 352² where the Polyp-PVT/KDAS papers print
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from .presets import image_size_arg
-
-if TYPE_CHECKING:  # torch only once the arguments are parsed: --help answers at once
-    import torch
-
-
-def count_params(model: "torch.nn.Module") -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def count_macs(model: "torch.nn.Module", size: int = 352) -> int:
-    """MACs of one forward pass of the fused prediction (P1 + P2) for a 1x3xSxS input."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model.predict_logits(torch.zeros(1, 3, size, size))
-    finally:
-        model.train(was_training)
-    return counter.get_total_flops() // 2
+from kdas_core.models.cost import count_macs, count_params
+from kdas_core.models.presets import image_size_arg
 
 
 def main(argv: list[str] | None = None) -> int:
     """python -m kdas_core.profile [--image-size S] MODEL_OR_CKPT ...: params and GMACs per model."""
     import argparse
 
-    from .cli_conventions import add_deprecated_alias, run_cli
-    from .presets import list_models
+    from kdas_core.cli.conventions import add_deprecated_alias, run_cli
+    from kdas_core.models.presets import list_models
 
     p = argparse.ArgumentParser(prog="python -m kdas_core.profile",
                                 description="Parameters and GMACs (FlopCounterMode, FLOPs/2) of presets or checkpoints.")
@@ -51,9 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     def go() -> int:
-        from .atomic import write_json
-        from .checkpoint import load_checkpoint
-        from .models import create_model
+        from kdas_core.io.atomic import write_json
+        from kdas_core.io.checkpoint import load_checkpoint
+        from kdas_core.models import create_model
 
         rows = {}
         for name in args.models:  # a typo (unknown preset, not a checkpoint) is a UsageError: one line, exit 2

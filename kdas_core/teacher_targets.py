@@ -30,36 +30,16 @@ refused by name.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import sys
 import time
 from pathlib import Path
 
 
-from .cli_common import run_cli
-from .cli_conventions import UsageError
-from .presets import TTA_MODES, image_size_arg, image_size_problem
-
-FORMAT = "kdas-teacher-targets/1"
-FILE = "targets.safetensors"
-STRIDE = 8  # the decoder's P1/P2 logits are predicted at 1/8 of the input size
-ROTATION_FILL_LOGIT = -10.0  # what a teacher says about the black corners a rotation brings in
-
-
-class TeacherTargetsError(UsageError):
-    """Targets that cannot be used for this run; the message says which key differs."""
-
-
-def data_digest(pairs: list[tuple[str, str]]) -> str:
-    """SHA-1 over the training images' stems and bytes (independent of paths and timestamps)."""
-    h = hashlib.sha1()
-    for image, _ in sorted(pairs, key=lambda p: Path(p[0]).stem):
-        h.update(Path(image).stem.encode() + b"\0")
-        with open(image, "rb") as f:
-            h.update(f.read())
-    return h.hexdigest()
-
+from kdas_core.cli.training import run_cli
+from kdas_core.cli.conventions import UsageError
+from kdas_core.data.targets import FILE, FORMAT, STRIDE, data_digest, save
+from kdas_core.models.presets import TTA_MODES, image_size_arg, image_size_problem
 
 TEACHER_SIZES = ("train", "native")
 
@@ -74,9 +54,9 @@ def compute(teachers: list[str], data: str, size: int, tta: str = "none", batch_
     import torch
     import torch.nn.functional as F
 
-    from .checkpoint import file_sha256, load_checkpoint
-    from .data.dataset import _normalise, read_image, resolve_layout
-    from .data.transforms import to_tensor
+    from kdas_core.io.checkpoint import file_sha256, load_checkpoint
+    from kdas_core.data.dataset import _normalise, read_image, resolve_layout
+    from kdas_core.data.transforms import to_tensor
 
     problem = image_size_problem(size)
     if problem:
@@ -93,7 +73,7 @@ def compute(teachers: list[str], data: str, size: int, tta: str = "none", batch_
     out = torch.empty(len(pairs), 2, size // STRIDE, size // STRIDE, dtype=torch.float16)
     started = time.time()
     bar = None
-    from .cli_conventions import bars_wanted
+    from kdas_core.cli.conventions import bars_wanted
 
     if bars_wanted(progress):  # on a terminal; a log gets the summary line at the end
         from tqdm.auto import tqdm
@@ -133,62 +113,9 @@ def compute(teachers: list[str], data: str, size: int, tta: str = "none", batch_
     return out, meta
 
 
-def save(out_dir: str, targets, meta: dict) -> str:
-    from .checkpoint import save_tensors
-
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, FILE)
-    save_tensors(path, {"targets": targets}, meta)
-    return path
-
-
-def load(path: str, pairs: list[tuple[str, str]], size: int, teacher_sha256: list[str] | None = None,
-         select: list[tuple[str, str]] | None = None):
-    """(targets as float16 (N, 2, S/8, S/8), metadata); refuses stale ones. `pairs`: all the
-    training images the file was made for (the key is checked on them); the rows returned are
-    aligned with `select` (a part of `pairs`, e.g. the training side of the split), or `pairs`."""
-    from .checkpoint import CheckpointError, read_tensors
-
-    file = os.path.join(path, FILE) if os.path.isdir(path) else path
-    if not os.path.isfile(file):
-        raise TeacherTargetsError(f"--teacher-targets {path}: no {FILE} (make it with python -m kdas_core.teacher_targets)")
-    try:
-        tensors, meta = read_tensors(file)
-    except CheckpointError as exc:
-        raise TeacherTargetsError(f"--teacher-targets {path}: {exc}") from None
-    if meta.get("format") != FORMAT or "targets" not in tensors:
-        raise TeacherTargetsError(f"--teacher-targets {path}: not a teacher-targets file (format {meta.get('format')!r})")
-    key = meta["key"]
-    if key["image_size"] != size:
-        raise TeacherTargetsError(f"--teacher-targets {path}: made at {key['image_size']} px, this run trains at {size} px; "
-                                  f"make targets with --image-size {size}")
-    if teacher_sha256 is not None and sorted(teacher_sha256) != key["teachers"]:
-        raise TeacherTargetsError(f"--teacher-targets {path}: made from other teacher checkpoints than the --teacher "
-                                  f"given ({', '.join(t['path'] for t in meta['teachers'])})")
-    digest = data_digest(pairs)
-    if digest != key["data_sha1"]:
-        raise TeacherTargetsError(f"--teacher-targets {path}: made for other training images (made from "
-                                  f"{meta.get('data_root')}); make them again for this --data")
-    index = {s: i for i, s in enumerate(meta["stems"])}
-    order = [index[Path(p[0]).stem] for p in (pairs if select is None else select)]
-    return tensors["targets"][order], meta
-
-
-def upsample(stored, size: int):
-    """Stored (…, 2, S/8, S/8) float16 -> float32 (…, 2, S, S), as the teacher upsamples P1/P2."""
-    import torch.nn.functional as F
-
-    x = stored.float()
-    squeeze = x.dim() == 3
-    if squeeze:
-        x = x[None]
-    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-    return x[0] if squeeze else x
-
-
 def build_parser() -> argparse.ArgumentParser:
-    from .training.config import defaults
-    from .presets import Preset
+    from kdas_core.training.config import defaults
+    from kdas_core.models.presets import Preset
 
     PRESET_SIZE = Preset.input_size  # the presets' size, used when training keeps the preset's
 
@@ -217,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     def go() -> None:
         import torch
 
-        from .checkpoint import read_metadata
+        from kdas_core.io.checkpoint import read_metadata
 
         for t in args.teacher:
             read_metadata(t)  # a bad checkpoint fails before any work

@@ -18,9 +18,9 @@ import json
 import os
 import sys
 
-from .cli_common import run_cli
-from .cli_conventions import UsageError
-from .atomic import staged, write_json
+from kdas_core.cli.training import run_cli
+from kdas_core.cli.conventions import UsageError
+from kdas_core.io.atomic import staged, write_json
 
 
 def read_curve(run: str) -> list[tuple[float, float]]:

@@ -16,8 +16,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .cli_common import run_training_cli
-from .training.config import add_training_args
+from kdas_core.cli.training import run_training_cli
+from kdas_core.training.config import add_training_args
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,7 +11,7 @@ from kdas_core.ablate import main, markdown_table, parse_methods, run_dir_name
 
 @pytest.fixture(scope="module")
 def tiny_setup(tmp_path_factory):
-    from kdas_core.checkpoint import build_metadata, save_checkpoint
+    from kdas_core.io.checkpoint import build_metadata, save_checkpoint
     from kdas_core.data.synthetic import write_dataset
     from kdas_core.models import create_model
 

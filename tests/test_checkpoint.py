@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from kdas_core.checkpoint import CheckpointError, build_metadata, load_checkpoint, read_metadata, save_checkpoint
+from kdas_core.io.checkpoint import CheckpointError, build_metadata, load_checkpoint, read_metadata, save_checkpoint
 from kdas_core.models import create_model
 
 

@@ -49,8 +49,8 @@ def _raiser(exc):
 def test_one_exit_code_table_for_kdas_core_engines_and_app():
     from app.errors import AppError
     from engines.cli_common import run as engines_run
-    from kdas_core.cli_common import run_cli
-    from kdas_core.cli_conventions import (EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_UNAVAILABLE, EXIT_USAGE,
+    from kdas_core.cli.training import run_cli
+    from kdas_core.cli.conventions import (EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_UNAVAILABLE, EXIT_USAGE,
                                           UnavailableError)
 
     cases = [(FileNotFoundError("x: no such file"), EXIT_USAGE), (UnavailableError("no GPU"), EXIT_UNAVAILABLE),
@@ -66,8 +66,8 @@ def test_only_our_own_input_errors_are_user_errors(capsys):
     our named input errors are one line and exit 2 (issue 15)."""
     from engines.cli_common import VerifyError, run as engines_run
     from engines.errors import BackendError
-    from kdas_core.checkpoint import CheckpointError
-    from kdas_core.cli_conventions import EXIT_FAILURE, EXIT_USAGE, EXIT_VERIFY, RunFailure, UsageError, run_cli
+    from kdas_core.io.checkpoint import CheckpointError
+    from kdas_core.cli.conventions import EXIT_FAILURE, EXIT_USAGE, EXIT_VERIFY, RunFailure, UsageError, run_cli
     from kdas_core.data.dataset import DatasetError
 
     for exc in (UsageError("--epochs must be > 0"), CheckpointError("x.safetensors: not a checkpoint"),
@@ -92,7 +92,7 @@ def test_only_our_own_input_errors_are_user_errors(capsys):
 def test_deprecated_alias_stores_into_the_new_flag_and_warns(capsys):
     import argparse
 
-    from kdas_core.cli_conventions import add_deprecated_alias
+    from kdas_core.cli.conventions import add_deprecated_alias
 
     p = argparse.ArgumentParser(prog="prog")
     p.add_argument("--image-size", dest="size", type=int, default=1)
@@ -105,7 +105,7 @@ def test_deprecated_alias_stores_into_the_new_flag_and_warns(capsys):
 
 
 def test_a_cut_list_says_how_many_more(tmp_path):
-    from kdas_core.cli_conventions import name_some
+    from kdas_core.cli.conventions import name_some
     from kdas_core.data.dataset import DatasetError, find_pairs
 
     assert name_some(["a", "b"], 5) == "a, b"

@@ -226,3 +226,28 @@ def test_real_tiny_models_all_methods_train_step():
     # Adapters are persistent: a state dict round-trip rebuilds the same modules.
     again = build_distillers(",".join(METHODS), student, [teacher])
     again.load_state_dict(distillers.state_dict(), strict=True)
+
+
+def test_the_torch_free_catalog_is_the_registry_read_from_the_source():
+    """`--help` lists the methods without importing torch, from the same class attributes the
+    registry uses: adding a method class is the only edit."""
+    from kdas_core.losses.base import available
+    from kdas_core.losses.catalog import kd_methods
+
+    assert kd_methods() == available()
+    assert {"kd", "kdas", "kdas-paper", "at", "cwd"} <= set(kd_methods())
+
+
+def test_a_distiller_without_its_own_name_and_summary_is_refused():
+    from kdas_core.losses.base import Distiller, register
+
+    class Unnamed(Distiller):
+        name = "kd"  # taken
+        summary = "x"
+
+    class Silent(Distiller):
+        name = "silent-test-method"
+
+    for cls in (Unnamed, Silent):
+        with pytest.raises(TypeError, match="summary"):
+            register(cls)

@@ -45,7 +45,7 @@ def cache_root(tmp_path_factory):
 def ckpt(tmp_path_factory, cache_root):
     import torch
 
-    from kdas_core.checkpoint import build_metadata, save_checkpoint
+    from kdas_core.io.checkpoint import build_metadata, save_checkpoint
     from kdas_core.models import create_model
 
     path = str(tmp_path_factory.getbasetemp() / "ckpt" / "student.safetensors")
@@ -102,7 +102,7 @@ def test_onnx_matches_pytorch(onnx_path, torch_ref, batch):
 def test_onnx_graph_contract(onnx_path, ckpt):
     import onnx
 
-    from kdas_core.checkpoint import file_sha256
+    from kdas_core.io.checkpoint import file_sha256
 
     model = onnx.load(onnx_path)
     onnx.checker.check_model(model, full_check=True)
@@ -155,7 +155,7 @@ def test_auto_on_checkpoint_reuses_cached_export(ckpt, cache_root, onnx_path):
 def test_opening_a_checkpoint_reads_its_metadata_and_hashes_it_once(ckpt, onnx_path, tmp_path, monkeypatch):
     """auto -> tensorrt (looks up a cached engine: needs metadata and hash) -> onnxruntime (the
     cached export: needs them again): one ModelSource, so each is done once for the checkpoint."""
-    import kdas_core.checkpoint as checkpoint
+    import kdas_core.io.checkpoint as checkpoint
     from engines.backends import tensorrt_backend
 
     calls = {"read_metadata": [], "file_sha256": []}
@@ -199,6 +199,25 @@ def test_auto_order_falls_through_to_torch(ckpt, monkeypatch):
     assert b.notes[0].startswith("auto picked torch")
     skipped = [n for n in b.notes if "skipped" in n]
     assert skipped[0].startswith("tensorrt skipped: no GPU here") and skipped[1].startswith("onnxruntime skipped: onnxruntime broken")
+
+
+def test_a_new_backend_needs_only_its_name_in_backends_and_its_branch(ckpt, monkeypatch):
+    """As docs/ARCHITECTURE.md says: a backend class, its name in engines.BACKENDS and a branch in
+    engines._open; `auto` then tries it in that order and says why it picked it."""
+    from engines.backends.base import Backend
+
+    class Mine(Backend):
+        name = "mine"
+
+    def _open(name, src, opts, notes):
+        if name == "mine":
+            return Mine(src.path, 64, 0.5)
+        raise BackendError(f"{name} off (test)")
+
+    monkeypatch.setattr(engines, "BACKENDS", ("mine", *engines.BACKENDS))
+    monkeypatch.setattr(engines, "_open", _open)
+    b = load_backend(ckpt, device="cpu")
+    assert b.name == "mine" and b.notes[0].startswith("auto picked mine: the first of mine")
 
 
 def test_auto_prefers_tensorrt_when_available_but_skips_without_engine(ckpt, monkeypatch):
@@ -822,7 +841,7 @@ def test_bench_compare_runs_each_model_at_its_own_size_and_says_so(ckpt, capsys)
     preset is the comparison issue 12 asks for): the table names every row's size."""
     from engines.bench import main
 
-    import kdas_core.checkpoint as kc
+    import kdas_core.io.checkpoint as kc
 
     size = int(kc.read_metadata(ckpt)["input_size"])
     argv = ["--compare", "--weights", ckpt, "--model", "polyppvt-lite0", "--backend", "torch", "--device", "cpu",

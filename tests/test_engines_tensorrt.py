@@ -27,7 +27,7 @@ SIZE = 128
 def ckpt(tmp_path_factory):
     import torch
 
-    from kdas_core.checkpoint import build_metadata, save_checkpoint
+    from kdas_core.io.checkpoint import build_metadata, save_checkpoint
     from kdas_core.models import create_model
 
     os.environ["KDAS_CACHE_DIR"] = str(tmp_path_factory.mktemp("kdas-cache"))

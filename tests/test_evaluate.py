@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from kdas_core.checkpoint import build_metadata, save_checkpoint
+from kdas_core.io.checkpoint import build_metadata, save_checkpoint
 from kdas_core.data import find_pairs, resolve_layout
 from kdas_core.data.synthetic import write_dataset
 from kdas_core.evaluate import evaluate_pairs, main
@@ -119,7 +119,7 @@ def test_cli_user_errors_exit_2_with_a_clear_message(tmp_path, capsys, checkpoin
 
 
 def test_cli_bad_options(tmp_path, capsys, checkpoint, synth_root):
-    with pytest.raises(SystemExit) as exc:  # the one image-size rule, checked while parsing (kdas_core.presets)
+    with pytest.raises(SystemExit) as exc:  # the one image-size rule, checked while parsing (kdas_core.models.presets)
         main(["--weights", str(checkpoint), "--data", str(synth_root), "--image-size", "70"])
     assert exc.value.code == 2 and "--image-size: must be a multiple of 32" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
@@ -216,7 +216,7 @@ def test_onnx_file_scores_as_its_checkpoint(tmp_path, capsys, student_onnx, synt
 
 def test_evaluate_backend_matches_evaluate_pairs_and_any_worker_count(student_onnx, synth_root):
     from engines import load_backend
-    from kdas_core.checkpoint import load_checkpoint
+    from kdas_core.io.checkpoint import load_checkpoint
     from kdas_core.evaluate import evaluate_backend
 
     ckpt, onnx_path, _ = student_onnx
@@ -267,7 +267,7 @@ def test_split_val_scores_exactly_the_training_runs_validation_images(tmp_path, 
 def test_flip_tta_is_mirror_consistent_and_refused_for_exports(tmp_path, capsys, checkpoint, synth_root, student_onnx):
     """With --tta flip a mirrored image gets the mirrored prediction, so every per-image score is
     the same on a mirrored copy of the set; without TTA an (untrained, asymmetric) model differs."""
-    from kdas_core.checkpoint import load_checkpoint
+    from kdas_core.io.checkpoint import load_checkpoint
 
     model, meta = load_checkpoint(str(checkpoint), "cpu")
     pairs = resolve_layout(synth_root).tests["Synthetic"]

@@ -1,7 +1,7 @@
 """Metrics: known values, empty-mask conventions, the toolbox mean-over-256-thresholds variant, and
 Sm / Em / wFm / MAE against values worked by hand on tiny maps and against an independent oracle
 written out here from the definitions (the MATLAB toolbox's S-measure, E-measure and WFb.m, pixel
-by pixel). kdas_core.metrics computes those four with pysodmetrics, so pysodmetrics on the other
+by pixel). kdas_core.evaluation.metrics computes those four with pysodmetrics, so pysodmetrics on the other
 side would compare the library with itself."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 from scipy.ndimage import distance_transform_edt
 from scipy.signal import convolve2d
 
-from kdas_core.metrics import (
+from kdas_core.evaluation.metrics import (
     THRESHOLDS_256,
     SegMetrics,
     dice_iou_at,

@@ -47,7 +47,7 @@ def test_presets_carry_normalisation():
 
 
 def test_macs_scale_with_resolution_and_model_size():
-    from kdas_core.profile import count_macs
+    from kdas_core.models.cost import count_macs
 
     small = create_model("polyppvt-lite0")
     assert 3.5 < count_macs(small, 256) / count_macs(small, 128) < 4.5

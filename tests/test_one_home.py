@@ -8,7 +8,7 @@ import stat
 
 import pytest
 
-from kdas_core.atomic import staged, write_json
+from kdas_core.io.atomic import staged, write_json
 
 
 def test_staged_writes_whole_files_or_none(tmp_path):
@@ -33,7 +33,7 @@ def test_staged_writes_whole_files_or_none(tmp_path):
 @pytest.mark.parametrize("text,ok", [("256", True), ("32", True), ("2048", True), ("352", True),
                                      ("250", False), ("0", False), ("-32", False), ("2080", False), ("x", False)])
 def test_one_image_size_rule_for_every_flag(text, ok):
-    from kdas_core.presets import image_size_arg
+    from kdas_core.models.presets import image_size_arg
 
     if ok:
         assert image_size_arg(text) == int(text)
@@ -57,8 +57,8 @@ def test_every_image_size_flag_uses_the_rule(capsys):
 
 
 def test_new_checkpoints_take_the_one_threshold_default():
-    from kdas_core.checkpoint import build_metadata
-    from kdas_core.presets import DEFAULT_THRESHOLD
+    from kdas_core.io.checkpoint import build_metadata
+    from kdas_core.models.presets import DEFAULT_THRESHOLD
     from kdas_core.training.config import defaults
 
     assert build_metadata("polyppvt-lite0")["threshold"] == DEFAULT_THRESHOLD

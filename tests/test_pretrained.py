@@ -64,7 +64,7 @@ def test_pretrained_path_of_wrong_model_is_refused(tmp_path):
 
     path = tmp_path / "resnet.safetensors"
     save_file(timm.create_model("resnet18").state_dict(), str(path))
-    from kdas_core.cli_conventions import UsageError
+    from kdas_core.cli.conventions import UsageError
 
     with pytest.raises(UsageError, match="unmatched"):  # the user's file, so one line and exit 2, no traceback
         create_model("polyppvt-lite0", pretrained=str(path))

@@ -174,7 +174,7 @@ def test_missing_required_flags_are_named():
 # --- step variants ----------------------------------------------------------------------------
 
 def test_multiscale_all_takes_a_step_per_scale(syn, tmp_path):
-    from kdas_core.checkpoint import read_tensors
+    from kdas_core.io.checkpoint import read_tensors
 
     run = tmp_path / "all"
     args = [a for a in FAST if a not in ("--multiscale", "1")]

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from kdas_core import distill, teacher_targets
-from kdas_core.checkpoint import build_metadata, save_checkpoint
+from kdas_core.data import targets as targets_file
+from kdas_core.io.checkpoint import build_metadata, save_checkpoint
 from kdas_core.data import resolve_layout
 from kdas_core.data.dataset import TrainDataset
 from kdas_core.data.transforms import TrainAugment
@@ -38,7 +39,7 @@ def setup(tmp_path_factory):
 def _targets(setup, tmp_path, tta="none"):
     data, path, _ = setup
     stored, meta = teacher_targets.compute([str(path)], str(data), SIZE, tta=tta, progress=False)
-    teacher_targets.save(str(tmp_path), stored, meta)
+    targets_file.save(str(tmp_path), stored, meta)
     return stored, meta
 
 
@@ -46,7 +47,7 @@ def test_cached_loss_equals_the_live_teacher_loss_without_augmentation(setup, tm
     data, path, teacher = setup
     pairs = resolve_layout(data).train
     stored, _ = _targets(setup, tmp_path)
-    loaded, _ = teacher_targets.load(str(tmp_path), pairs, SIZE)
+    loaded, _ = targets_file.load(str(tmp_path), pairs, SIZE)
     ds = TrainDataset(pairs, SIZE, MEAN, STD, augment=False, targets=loaded)
     batch = [ds[i] for i in range(4)]
     image = torch.stack([b["image"] for b in batch])
@@ -93,7 +94,7 @@ def test_native_teacher_size_runs_each_teacher_at_its_own_size(setup, tmp_path):
     save_checkpoint(str(big), teacher, build_metadata("polyppvt-lite0", input_size=96))
     native, meta = teacher_targets.compute([str(big)], str(data), SIZE, teacher_size="native", progress=False)
     at_train, _ = teacher_targets.compute([str(big)], str(data), SIZE, teacher_size="train", progress=False)
-    assert meta["key"]["teacher_sizes"] == [96] and native.shape[-1] == SIZE // teacher_targets.STRIDE
+    assert meta["key"]["teacher_sizes"] == [96] and native.shape[-1] == SIZE // targets_file.STRIDE
     first = resolve_layout(data).train[0][0]
     x = _normalise(to_tensor(read_image(first), None, 96)[0], MEAN, STD)[None]
     with torch.no_grad():
@@ -123,10 +124,10 @@ def test_stale_targets_are_refused(setup, tmp_path):
     data, path, _ = setup
     pairs = resolve_layout(data).train
     _targets(setup, tmp_path)
-    with pytest.raises(teacher_targets.TeacherTargetsError, match="made at 64 px"):
-        teacher_targets.load(str(tmp_path), pairs, 96)
-    with pytest.raises(teacher_targets.TeacherTargetsError, match="other teacher"):
-        teacher_targets.load(str(tmp_path), pairs, SIZE, teacher_sha256=["0" * 64])
+    with pytest.raises(targets_file.TeacherTargetsError, match="made at 64 px"):
+        targets_file.load(str(tmp_path), pairs, 96)
+    with pytest.raises(targets_file.TeacherTargetsError, match="other teacher"):
+        targets_file.load(str(tmp_path), pairs, SIZE, teacher_sha256=["0" * 64])
     changed = tmp_path / "changed"
     import shutil
 
@@ -134,8 +135,8 @@ def test_stale_targets_are_refused(setup, tmp_path):
     first = sorted((changed / "TrainDataset" / "images").iterdir())[0]
     img = cv2.imread(str(first))
     cv2.imwrite(str(first), 255 - img)
-    with pytest.raises(teacher_targets.TeacherTargetsError, match="other training images"):
-        teacher_targets.load(str(tmp_path), resolve_layout(changed).train, SIZE)
+    with pytest.raises(targets_file.TeacherTargetsError, match="other training images"):
+        targets_file.load(str(tmp_path), resolve_layout(changed).train, SIZE)
 
 
 def test_distill_with_targets_runs_and_feature_methods_refuse_them(setup, tmp_path, capsys):

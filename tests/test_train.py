@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from kdas_core import distill, evaluate, train
-from kdas_core.checkpoint import read_metadata, read_tensors
+from kdas_core.io.checkpoint import read_metadata, read_tensors
 
 FAST = ["--image-size", "64", "--batch-size", "4", "--workers", "0", "--no-progress", "--pretrained", "none",
         "--steps-per-epoch", "3", "--multiscale", "0.75,1"]

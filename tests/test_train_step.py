@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from kdas_core import bench_train, distill, train
-from kdas_core.checkpoint import read_tensors
+from kdas_core.io.checkpoint import read_tensors
 from kdas_core.models import create_model
 from kdas_core.training import trainer
 from kdas_core.training.config import STEPS, add_training_args, config_from_args
@@ -65,7 +65,7 @@ def test_frozen_stages_get_no_gradient_keep_their_statistics_and_the_rest_learns
 
 
 def test_freeze_out_of_range_is_a_named_error():
-    from kdas_core.cli_conventions import UsageError
+    from kdas_core.cli.conventions import UsageError
 
     m = create_model("polyppvt-lite0", pretrained=None)
     with pytest.raises(UsageError, match="--frozen-stages"):

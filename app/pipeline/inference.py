@@ -21,7 +21,7 @@ from typing import Callable
 
 import numpy as np
 
-from kdas_core.cli_conventions import EXIT_FAILURE, EXIT_UNAVAILABLE
+from kdas_core.cli.conventions import EXIT_FAILURE, EXIT_UNAVAILABLE
 
 from ..errors import AppError
 from .channels import Closed

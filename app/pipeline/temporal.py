@@ -23,6 +23,8 @@ from dataclasses import dataclass, fields
 import cv2
 import numpy as np
 
+from kdas_core.evaluation.metrics import dice_from_counts
+
 THUMB = 16
 
 
@@ -126,10 +128,8 @@ class TemporalFilter:
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
     """Dice of two {0, 255} or bool masks of one size; 1.0 when both are empty."""
-    na, nb = cv2.countNonZero(_u8(a)), cv2.countNonZero(_u8(b))
-    if na + nb == 0:
-        return 1.0
-    return 2.0 * cv2.countNonZero(cv2.bitwise_and(_u8(a), _u8(b))) / (na + nb)
+    a, b = _u8(a), _u8(b)
+    return dice_from_counts(cv2.countNonZero(cv2.bitwise_and(a, b)), cv2.countNonZero(a), cv2.countNonZero(b))
 
 
 def _u8(m: np.ndarray) -> np.ndarray:

@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 
-from kdas_core.cli_conventions import EXIT_UNAVAILABLE
+from kdas_core.cli.conventions import EXIT_UNAVAILABLE
 
 from ..errors import AppError
 

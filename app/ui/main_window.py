@@ -24,8 +24,8 @@ from PyQt6.QtWidgets import (
     QWidget,
 )
 
-from kdas_core.atomic import write_json
-from kdas_core.presets import DEFAULT_THRESHOLD
+from kdas_core.io.atomic import write_json
+from kdas_core.models.presets import DEFAULT_THRESHOLD
 
 from .. import DISCLAIMER
 from ..errors import AppError
@@ -506,7 +506,7 @@ class MainWindow(QMainWindow):
             self.threshold_slider.setValue(round(info.threshold * 100))
             self.threshold_slider.blockSignals(False)
             self._update_slider_labels()
-        if self.video.message().startswith("Loading"):
+        if self.video.message() == loading_message(self.model_path):  # the window's own placeholder, not an event
             self.video.set_message("" if self.reader else "Open a video file (Ctrl+O) or a camera (Ctrl+K)")
 
     def _on_notice(self, notice: Notice) -> None:

@@ -13,7 +13,8 @@ class Backend:
 
     Attributes: `name` ("tensorrt" | "onnxruntime" | "torch"), `input_size` (H, W), `threshold`
     (from the checkpoint / exported metadata), `notes` (what happened while choosing and loading:
-    fallbacks, skipped backends), `path` (the file it runs).
+    fallbacks, skipped backends), `path` (the file it runs), `why_auto` (one line: what it is good
+    for, said when `auto` picks it).
 
     Threading: construction reads and validates files (an ONNX Runtime CPU session, which is
     thread-agnostic, is created right away so a bad file fails at load time). Anything bound to
@@ -24,6 +25,8 @@ class Backend:
     """
 
     name = "base"
+    # Why `auto` would pick this backend when the ones before it in engines.BACKENDS could not run.
+    why_auto = ""
 
     def __init__(self, path: str, input_size: int, threshold: float, meta: dict | None = None):
         self.path = path

@@ -123,6 +123,7 @@ def gpu_provider_options(have: list[str], device: str | None, trt_fp16: bool, ca
 
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
+    why_auto = "ONNX Runtime runs the fused, graph-optimised export; on CPU it beats PyTorch eager"
 
     def __init__(
         self,

@@ -118,6 +118,7 @@ def pick_indexed_engine(index_dir: str, preset: str, source_sha256: str, here: d
 
 class TensorRTBackend(Backend):
     name = "tensorrt"
+    why_auto = "a TensorRT engine built for this GPU is the fastest option"
 
     def __init__(self, path: "str | ModelSource", device: str | None = None, cuda_graph: bool | None = None, **_ignored):
         src = ModelSource.of(path, "engine")

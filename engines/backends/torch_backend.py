@@ -13,7 +13,7 @@ from .base import Backend
 
 def load_torch_checkpoint(path: str):
     """(model, meta) with any checkpoint problem turned into a BackendError."""
-    from kdas_core.checkpoint import CheckpointError, load_checkpoint
+    from kdas_core.io.checkpoint import CheckpointError, load_checkpoint
 
     try:
         return load_checkpoint(path, "cpu")
@@ -23,6 +23,7 @@ def load_torch_checkpoint(path: str):
 
 class TorchBackend(Backend):
     name = "torch"
+    why_auto = "PyTorch runs the checkpoint directly (slowest, but needs no export)"
 
     def __init__(self, path: "str | ModelSource", device: str | None = None, image_size: int | None = None, threads: int | None = None):
         path = ModelSource.of(path, "checkpoint").path

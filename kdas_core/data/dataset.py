@@ -19,10 +19,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..cli_conventions import UsageError, name_some
-from .transforms import TrainAugment, to_tensor
+from kdas_core.cli.conventions import UsageError, name_some
+from kdas_core.data import IMAGE_EXTS
+from kdas_core.data.transforms import TrainAugment, to_tensor
 
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"}
 Pair = tuple[str, str]
 
 
@@ -132,7 +132,7 @@ def split_by_groups(pairs: list[Pair], val_fraction: float, groups: str = "auto"
     until it holds round(N * val_fraction) images; a group that would overshoot that by more
     than 10 % is passed over. With groups='none' every image is its own group, which is the
     plain hashed-stem split of earlier versions (same validation images)."""
-    from .groups import assign_groups
+    from kdas_core.data.groups import assign_groups
 
     if not 0 <= val_fraction < 1:
         raise UsageError(f"--val-fraction must be in [0, 1), got {val_fraction}")
@@ -200,7 +200,7 @@ class TrainDataset(Dataset):
 
     def __init__(self, pairs: list[Pair], size: int, mean, std, augment: bool = True, cache: bool = False,
                  progress: bool = False, targets: torch.Tensor | None = None):
-        """`targets`: cached teacher maps aligned with `pairs` (N, 2, S/8, S/8), see teacher_targets."""
+        """`targets`: cached teacher maps aligned with `pairs` (N, 2, S/8, S/8), see kdas_core.data.targets."""
         if not pairs:
             raise DatasetError("empty training set")
         self.pairs, self.size, self.mean, self.std = pairs, size, mean, std
@@ -223,7 +223,7 @@ class TrainDataset(Dataset):
         mask_t = mask_b.float()
         sample = {}
         if self.targets is not None:
-            from ..teacher_targets import ROTATION_FILL_LOGIT, upsample
+            from kdas_core.data.targets import ROTATION_FILL_LOGIT, upsample
 
             t = upsample(self.targets[i], self.size)
             if self.augment is not None:
@@ -254,7 +254,7 @@ class EvalDataset(Dataset):
 
 
 def _maybe_progress(it, enabled: bool, desc: str):
-    from ..cli_conventions import bars_wanted
+    from kdas_core.cli.conventions import bars_wanted
 
     if not bars_wanted(enabled):
         return it

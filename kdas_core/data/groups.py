@@ -32,9 +32,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from ..atomic import staged
-from ..cli_conventions import UsageError
-from .dataset import IMAGE_EXTS, DatasetError  # dataset imports this module only inside a function
+from kdas_core.io.atomic import staged
+from kdas_core.cli.conventions import UsageError
+from kdas_core.data.dataset import IMAGE_EXTS, DatasetError  # dataset imports this module only inside a function
 
 DUPLICATE = 0.90
 SEQUENCE = 0.50

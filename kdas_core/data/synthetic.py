@@ -331,7 +331,7 @@ def write_dataset(out: str | Path, n_train: int, n_test: int, size: int, seed: i
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..cli_conventions import add_deprecated_alias, nonnegative_int
+    from kdas_core.cli.conventions import add_deprecated_alias, nonnegative_int
 
     p = argparse.ArgumentParser(
         prog="python -m kdas_core.data.synthetic",
@@ -367,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..cli_conventions import EXIT_USAGE
+    from kdas_core.cli.conventions import EXIT_USAGE
 
     args = build_parser().parse_args(argv)
     if args.size < 32:

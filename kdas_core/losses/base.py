@@ -15,12 +15,13 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..kd_methods import KD_METHODS
-from ..cli_conventions import UsageError
+from kdas_core.losses.catalog import NONE_SUMMARY
+from kdas_core.cli.conventions import UsageError
 
 
 class Distiller(nn.Module):
-    """Base class. Subclasses set `name`, a one-line `summary`, and implement `forward`."""
+    """Base class. Subclasses set `name`, a one-line `summary` (both plain string literals: the
+    torch-free `catalog` reads them from the source) and their hyperparameters, and implement `forward`."""
 
     name: str = "base"
     summary: str = ""
@@ -43,7 +44,8 @@ _REGISTRY: dict[str, type[Distiller]] = {}
 
 
 def register(cls: type[Distiller]) -> type[Distiller]:
-    cls.summary = KD_METHODS[cls.name]  # one home for the summaries: the torch-free catalog
+    if not cls.summary or cls.name in _REGISTRY:
+        raise TypeError(f"distiller {cls.__name__}: needs its own `name` and a one-line `summary` (got {cls.name!r})")
     _REGISTRY[cls.name] = cls
     return cls
 
@@ -51,7 +53,7 @@ def register(cls: type[Distiller]) -> type[Distiller]:
 def available() -> dict[str, str]:
     """name -> one-line summary, for --help."""
     _import_all()
-    return {"none": KD_METHODS["none"], **{k: v.summary for k, v in sorted(_REGISTRY.items())}}
+    return {"none": NONE_SUMMARY, **{k: v.summary for k, v in sorted(_REGISTRY.items())}}
 
 
 def parse_kd_spec(spec: str) -> list[tuple[str, float]]:
@@ -78,4 +80,4 @@ def build_distillers(spec: str, student: nn.Module, teachers: list[nn.Module]) -
 
 def _import_all() -> None:
     # Importing the package registers every method module.
-    from . import methods  # noqa: F401
+    from kdas_core.losses import methods  # noqa: F401

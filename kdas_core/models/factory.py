@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..presets import IMAGENET_MEAN, IMAGENET_STD, PRESETS, Preset, list_models, resolve  # noqa: F401 (re-exported)
-from .polyp_pvt import PolypPVT
+from kdas_core.models.presets import IMAGENET_MEAN, IMAGENET_STD, PRESETS, Preset, list_models, resolve  # noqa: F401 (re-exported)
+from kdas_core.models.polyp_pvt import PolypPVT
 
 
 def create_model(name: str, pretrained: str | None = None) -> PolypPVT:

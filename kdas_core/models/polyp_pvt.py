@@ -6,8 +6,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .decoder import PolypPVTDecoder
-from .encoder import Encoder
+from kdas_core.models.decoder import PolypPVTDecoder
+from kdas_core.models.encoder import Encoder
 
 
 class PolypPVT(nn.Module):

@@ -22,8 +22,8 @@ import os
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
-from ..cli_conventions import DEVICE_HELP, UsageError, device_arg, positive_float, positive_int
-from ..presets import DEFAULT_THRESHOLD, PRESETS, image_size_arg, list_models
+from kdas_core.cli.conventions import DEVICE_HELP, UsageError, device_arg, positive_float, positive_int
+from kdas_core.models.presets import DEFAULT_THRESHOLD, PRESETS, image_size_arg, list_models
 
 
 def scales(s: str) -> tuple[float, ...]:

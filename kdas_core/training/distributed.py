@@ -7,7 +7,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from ..cli_conventions import require_device
+from kdas_core.cli.conventions import require_device
 
 
 def setup(device_choice: str | None) -> tuple[torch.device, int, int]:

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import read_tensors, save_tensors
+from kdas_core.io.checkpoint import read_tensors, save_tensors
 
 
 def save_train_state(path: str, optimizer: torch.optim.Optimizer, distillers: torch.nn.Module,

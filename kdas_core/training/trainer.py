@@ -21,17 +21,17 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
-from ..atomic import staged, write_json
-from ..cli_conventions import RunFailure, UsageError, bars_wanted
-from ..checkpoint import build_metadata, file_sha256, load_checkpoint, read_tensors, save_checkpoint
-from ..data.dataset import TrainDataset, resolve_layout, split_by_groups, subset_pairs
-from ..losses import build_distillers, structure_loss
-from ..losses.structure import boundary_weights
-from ..models import create_model, resolve
-from ..profile import count_params
-from . import distributed
-from .config import TrainConfig
-from .state import load_train_state, save_train_state
+from kdas_core.io.atomic import staged, write_json
+from kdas_core.cli.conventions import RunFailure, UsageError, bars_wanted
+from kdas_core.io.checkpoint import build_metadata, file_sha256, load_checkpoint, read_tensors, save_checkpoint
+from kdas_core.data.dataset import TrainDataset, resolve_layout, split_by_groups, subset_pairs
+from kdas_core.losses import build_distillers, structure_loss
+from kdas_core.losses.structure import boundary_weights
+from kdas_core.models import create_model, resolve
+from kdas_core.models.cost import count_params
+from kdas_core.training import distributed
+from kdas_core.training.config import TrainConfig
+from kdas_core.training.state import load_train_state, save_train_state
 
 
 @dataclass
@@ -265,7 +265,7 @@ def check_resume_config(cfg: TrainConfig, config_path: str) -> None:
     """--resume continues the run RUN holds: refuse a command that would train something else
     (another model, data, schedule or loss), naming each difference; how the run is driven
     (--epochs, --time-limit, threads, speed options that keep the math) may change."""
-    from .config import STEPS, read_config_file
+    from kdas_core.training.config import STEPS, read_config_file
 
     if not os.path.isfile(config_path):
         return  # a run folder from before config.json existed: nothing to compare with
@@ -373,7 +373,7 @@ def setup_run(cfg: TrainConfig) -> Run:
     n_params = count_params(student)
     cached = stored = None
     if cfg.teacher_targets:
-        from ..teacher_targets import load as load_targets
+        from kdas_core.data.targets import load as load_targets
 
         stored, cached = load_targets(cfg.teacher_targets, layout.train, size,
                                       [file_sha256(p) for p in cfg.teachers] if cfg.teachers else None,
@@ -513,7 +513,7 @@ def train_one_epoch(run: Run, epoch: int) -> dict[str, Any]:
 
 def validate(run: Run) -> dict[str, float]:
     """The student on the held-out split: mDice, mIoU, the papers' mDice_mean256, MAE."""
-    from ..evaluation import evaluate_pairs  # late import: evaluation imports heavy optional bits
+    from kdas_core.evaluation.scoring import evaluate_pairs  # late import: evaluation imports heavy optional bits
 
     summary, _ = evaluate_pairs(run.student, run.val_pairs, run.size, run.mean, run.std, run.cfg.threshold,
                                 str(run.device), batch_size=max(1, run.cfg.batch_size // 2), desc="validate",

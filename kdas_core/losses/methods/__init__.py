@@ -1,3 +1,3 @@
 """Every `--kd` method registers itself on import. One module per method; shared helpers in common."""
 
-from . import at, cwd, grd, hlfd, kd, kdas, mtkd, skd  # noqa: F401
+from kdas_core.losses.methods import at, cwd, grd, hlfd, kd, kdas, mtkd, skd  # noqa: F401

@@ -9,13 +9,14 @@ have no channel axis, so no adapter is needed; the student map is resized to the
 
 from __future__ import annotations
 
-from ..base import Distiller, register
-from .common import attention_distance, mean_over_teachers, scaled
+from kdas_core.losses.base import Distiller, register
+from kdas_core.losses.methods.common import attention_distance, mean_over_teachers, scaled
 
 
 @register
 class AT(Distiller):
     name = "at"
+    summary = 'attention transfer: MSE of L2-normalised channel-mean |F|^2 maps, 4 encoder stages (beta=1000)'
 
     def __init__(self, student, teachers, weight: float = 1.0, p: float = 2.0, beta: float = 1000.0):
         super().__init__(student, teachers, weight)

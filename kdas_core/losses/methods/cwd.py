@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from ..base import Distiller, register
-from .common import mean_over_teachers, pair, per_teacher_adapters, scaled, softmax_kl
+from kdas_core.losses.base import Distiller, register
+from kdas_core.losses.methods.common import mean_over_teachers, pair, per_teacher_adapters, scaled, softmax_kl
 
 FEATURES = ("cfm", "sam")
 LOGITS = ("p1_low", "p2_low")
@@ -24,6 +24,8 @@ LOGITS = ("p1_low", "p2_low")
 @register
 class CWD(Distiller):
     name = "cwd"
+    summary = ('channel-wise KD: KL of per-channel spatial softmax (tau=4) on P1/P2 logits and CFM/SAM features '
+               '(1x1 adapters)')
 
     def __init__(self, student, teachers, weight: float = 1.0, tau: float = 4.0, feature_weight: float = 1.0):
         super().__init__(student, teachers, weight)

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..base import Distiller, register
-from .common import cosine_matrix, map_channels, mean_over_teachers, per_teacher_adapters, resize_to, scaled
+from kdas_core.losses.base import Distiller, register
+from kdas_core.losses.methods.common import cosine_matrix, map_channels, mean_over_teachers, per_teacher_adapters, resize_to, scaled
 
 OFFSETS = (1, 3, 5, 9, 27)
 EMBEDDING = "sam"
@@ -82,6 +82,8 @@ def matched_nodes(s: torch.Tensor, t: torch.Tensor, masks) -> list[tuple[torch.T
 @register
 class GRD(Distiller):
     name = "grd"
+    summary = ('graph relation KD: SAM affinities at offsets 1/3/5/9/27 (x10) + instance graph of mask '
+               'components (nodes, edges x0.1) + 32-node cross-image bank')
 
     def __init__(self, student, teachers, weight: float = 1.0, affinity_weight: float = 10.0,
                  node_weight: float = 0.1, edge_weight: float = 0.1, bank_size: int = 32, bank_sample: int = 12):

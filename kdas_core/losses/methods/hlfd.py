@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from ..base import Distiller, register
-from .common import (attention_distance, binary_kd, concat_resized, fused_logits, map_channels,
+from kdas_core.losses.base import Distiller, register
+from kdas_core.losses.methods.common import (attention_distance, binary_kd, concat_resized, fused_logits, map_channels,
                      mean_over_teachers, pair, scaled, softmax_kl)
 
 FEEDBACK_MAPS = ("cim", "sam")  # student decoder maps that learn the teacher's final output
@@ -40,6 +40,8 @@ TEACHER_DECODER = ("cim", "cfm", "sam")
 @register
 class HLFD(Distiller):
     name = "hlfd"
+    summary = ('HLFD: stage 1 <- combined middle stages, stages 2-3 <- deepest (attention p=4); decoder maps <- '
+               'combined decoder maps / output (KL tau=4)')
 
     def __init__(self, student, teachers, weight: float = 1.0, p: float = 4.0, tau: float = 4.0,
                  pixel_weight: float = 0.1, feature_weight: float = 0.9):

@@ -8,13 +8,14 @@ teacher's same head, at input resolution.
 
 from __future__ import annotations
 
-from ..base import Distiller, register
-from .common import binary_kd, mean_over_teachers, scaled
+from kdas_core.losses.base import Distiller, register
+from kdas_core.losses.methods.common import binary_kd, mean_over_teachers, scaled
 
 
 @register
 class KD(Distiller):
     name = "kd"
+    summary = 'Hinton KD per pixel: tau^2 * two-class KL(sigmoid(zT/tau) || sigmoid(zS/tau)) on P1 and P2, tau=4'
     teacher_outputs = ("p1", "p2")
 
     def __init__(self, student, teachers, weight: float = 1.0, tau: float = 4.0):

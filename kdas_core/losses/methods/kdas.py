@@ -38,8 +38,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..base import Distiller, register
-from .common import mean_over_teachers, resize_to, scaled, standardise
+from kdas_core.losses.base import Distiller, register
+from kdas_core.losses.methods.common import mean_over_teachers, resize_to, scaled, standardise
 
 
 def self_attention_map(x: torch.Tensor) -> torch.Tensor:
@@ -102,6 +102,8 @@ class _KDASBase(Distiller):
 @register
 class KDAS(_KDASBase):
     name = "kdas"
+    summary = ('KDAS, scale-free: SGM on probabilities (P1+P2) + attention KL on standardised logits; (1-a)*seg '
+               '+ a*w*KD, a=0.3, tau=2, w=0.5 (chosen on validation; kdas:1 = paper weights)')
     attn_space, sgm_space = "std", "prob"
     # Chosen on the validation split (seed 0, the comparison's 8-epoch schedule): weight 0.5 gave
     # validation mDice .8767 against .8674 for 1 (RESULTS.md, "Parts 3 + 4"); never on test.
@@ -111,4 +113,5 @@ class KDAS(_KDASBase):
 @register
 class KDASPaper(_KDASBase):
     name = "kdas-paper"
+    summary = 'KDAS as published: raw-logit SGM on P1 only + attention KL on P1/P2; (1-a)*seg + a*KD, a=0.3, tau=2'
     sgm_heads = ("p1",)

@@ -32,9 +32,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..base import Distiller, register
-from .common import binary_kl, fused_logits, pair, per_teacher_adapters, resize_to, scaled, standardise
-from ...cli_conventions import UsageError
+from kdas_core.losses.base import Distiller, register
+from kdas_core.losses.methods.common import binary_kl, fused_logits, pair, per_teacher_adapters, resize_to, scaled, standardise
+from kdas_core.cli.conventions import UsageError
 
 
 def dice_loss(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -86,6 +86,8 @@ def teacher_weights(t_logits: list[torch.Tensor], mask: torch.Tensor, rule: str,
 @register
 class MTKD(Distiller):
     name = "mtkd"
+    summary = ('multi-teacher KD (repeat --teacher, train --subset k/K): Dice+Lovasz replace seg loss, KL to '
+               'Dice-weighted ensemble (tau=4), standardised feature MSE')
 
     seg_weight = 0.0  # Dice + Lovasz below are the supervised loss
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from ..base import Distiller, register
-from .common import cosine_matrix, get_map, mean_over_teachers, scaled
+from kdas_core.losses.base import Distiller, register
+from kdas_core.losses.methods.common import cosine_matrix, get_map, mean_over_teachers, scaled
 
 MAPS = ("features.3", "sam")
 
@@ -27,6 +27,8 @@ def pairwise_similarity(x, grid):
 @register
 class SKD(Distiller):
     name = "skd"
+    summary = ('structured KD, pair-wise: MSE of cosine-similarity matrices of pooled nodes (<=16x16), last '
+               'stage and SAM')
 
     def __init__(self, student, teachers, weight: float = 1.0, max_grid: int = 16):
         super().__init__(student, teachers, weight)

@@ -4,7 +4,7 @@ kept free of torch so that `--help` answers at once).
 `evaluate_pairs(...)` is the reusable core (the trainer calls it for validation each epoch):
 images are resized to the model's input size, the probability map sigmoid(P1 + P2) is resized
 bilinearly back to each mask's ORIGINAL size, and metrics are computed there (see
-kdas_core.metrics for the definitions and their sources). `evaluate_backend(...)` does the same
+kdas_core.evaluation.metrics for the definitions and their sources). `evaluate_backend(...)` does the same
 for an exported model (ONNX, TensorRT engine) through the engines backend interface: the same
 uint8 frames (resized as above), the same resize back and the same metrics, so fp32, INT8 and
 the checkpoint are scored by one code path.
@@ -27,13 +27,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from .checkpoint import load_checkpoint, read_metadata
-from .atomic import staged, write_json
-from .cli_conventions import UsageError, bars_wanted
-from .data.dataset import EvalDataset, Pair, eval_collate, read_pair, resolve_layout, split_by_groups
-from .data.transforms import to_tensor
-from .metrics import SUMMARY_KEYS, SegMetrics
-from .presets import TTA_MODES
+from kdas_core.io.checkpoint import load_checkpoint, read_metadata
+from kdas_core.io.atomic import staged, write_json
+from kdas_core.cli.conventions import UsageError, bars_wanted
+from kdas_core.data.dataset import EvalDataset, Pair, eval_collate, read_pair, resolve_layout, split_by_groups
+from kdas_core.data.transforms import to_tensor
+from kdas_core.evaluation.metrics import SUMMARY_KEYS, SegMetrics
+from kdas_core.models.presets import TTA_MODES
 
 # ---------------------------------------------------------------- overlays
 
@@ -188,7 +188,7 @@ def evaluate_pairs(model: torch.nn.Module, pairs: list[Pair], size: int, mean, s
     summary: {"mDice", "mIoU", "mDice_mean256", "mIoU_mean256", "Sm", "Em", "wFm", "MAE", "n"}.
     The model runs in eval mode under no_grad (its previous train/eval mode is restored on return);
     `device` is where the batches go (the model must already be there). `minmax`: the toolbox's
-    per-map min-max normalisation (see kdas_core.metrics). `num_workers`: data-loading processes;
+    per-map min-max normalisation (see kdas_core.evaluation.metrics). `num_workers`: data-loading processes;
     `workers`: metric processes (identical numbers, faster on large masks). `tta="flip"`: the
     logits averaged with those of the horizontally flipped image, flipped back (as
     `teacher_targets --tta flip` averages a teacher), at twice the cost.
@@ -358,15 +358,21 @@ def _validation_set(layout, args: argparse.Namespace) -> dict[str, list[Pair]]:
     return {"validation": split.val}
 
 
-def _open_backend(args: argparse.Namespace):
-    """An engines backend for --weights (import deferred: plain checkpoint runs do not need it).
-    Without --backend an export runs on its own runtime: `auto` could fall back to the source
-    checkpoint, and the numbers would then not be those of the file asked for."""
-    from engines import BackendError, load_backend
+RUNTIMES_GROUP = "kdas_core.runtimes"  # entry points: callables that open an exported model for scoring
 
-    try:
-        default = "onnxruntime" if args.weights.lower().endswith(".onnx") else "tensorrt"
-        return load_backend(args.weights, backend=args.backend or default, device=args.device,
-                            image_size=args.image_size, threads=args.threads)
-    except BackendError as exc:
-        raise UsageError(str(exc)) from exc
+
+def _open_backend(args: argparse.Namespace):
+    """A backend for an exported model (ONNX, TensorRT engine) --weights. Runtimes sit in a layer
+    above this package (`engines`), so they are found through the `kdas_core.runtimes` entry point
+    (pyproject.toml) rather than imported by name. Without --backend an export runs on its own
+    runtime: `auto` could fall back to the source checkpoint, and the numbers would then not be
+    those of the file asked for."""
+    from importlib.metadata import entry_points
+
+    found = sorted(entry_points(group=RUNTIMES_GROUP), key=lambda e: e.name)
+    if not found:
+        raise UsageError(f"{args.weights}: scoring an exported model needs the runtimes of this project's "
+                         "`engines` package, which is not installed; run `pip install -e .` in the repository")
+    default = "onnxruntime" if args.weights.lower().endswith(".onnx") else "tensorrt"
+    return found[0].load()(args.weights, backend=args.backend or default, device=args.device,
+                           image_size=args.image_size, threads=args.threads)

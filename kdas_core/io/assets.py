@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-ASSETS_DIR = Path(__file__).resolve().parents[1] / "assets"
+ASSETS_DIR = Path(__file__).resolve().parents[2] / "assets"  # kdas_core/io/assets.py -> the repository root
 DEFAULT_WEIGHTS = ASSETS_DIR / "weights" / "polyppvt-lite0.safetensors"
 DEFAULT_TEACHER = ASSETS_DIR / "weights" / "polyppvt-lite2-teacher.safetensors"
 DEMO_CLIP = ASSETS_DIR / "demo.mp4"

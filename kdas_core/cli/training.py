@@ -1,12 +1,12 @@
 """The training command lines' shared runner (`train`, `distill`); the exit-code rules of every
-KDAS command are kdas_core.cli_conventions.run_cli."""
+KDAS command are kdas_core.cli.conventions.run_cli."""
 
 from __future__ import annotations
 
 import argparse
 from typing import Callable
 
-from .cli_conventions import run_cli
+from kdas_core.cli.conventions import run_cli
 
 RESUME_HINT = "interrupted; checkpoints written so far are complete (use --resume to continue)"
 
@@ -16,8 +16,8 @@ def run_training_cli(args: argparse.Namespace, prog: str, check: Callable[[objec
     cheaply, run the loop, report the chosen checkpoint (rank 0)."""
 
     def go() -> None:
-        from .training.config import config_from_args
-        from .training.trainer import run_training
+        from kdas_core.training.config import config_from_args
+        from kdas_core.training.trainer import run_training
 
         cfg = config_from_args(args)
         if check is not None:

@@ -16,11 +16,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from . import __version__
-from .models import create_model, resolve
-from .atomic import staged
-from .cli_conventions import UsageError
-from .presets import DEFAULT_THRESHOLD
+from kdas_core import __version__
+from kdas_core.models import create_model, resolve
+from kdas_core.io.atomic import staged
+from kdas_core.cli.conventions import UsageError
+from kdas_core.models.presets import DEFAULT_THRESHOLD
 
 FORMAT = "kdas-checkpoint/1"
 METADATA_KEY = "kdas"
@@ -51,7 +51,7 @@ def build_metadata(model_name: str, **extra: Any) -> dict[str, Any]:
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str]) -> None:
-    """A crash never leaves half a checkpoint (kdas_core.atomic)."""
+    """A crash never leaves half a checkpoint (kdas_core.io.atomic)."""
     with staged(path, suffix=".safetensors") as tmp:
         save_file(tensors, tmp, metadata=metadata)
 

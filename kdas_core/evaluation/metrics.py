@@ -50,6 +50,8 @@ from typing import Callable
 import numpy as np
 from py_sod_metrics import MAE, Emeasure, Smeasure, WeightedFmeasure
 
+from kdas_core.models.presets import DEFAULT_THRESHOLD
+
 # k/255 computed as a division (not k * (1/255)) so a map read from an 8-bit PNG (values k/255)
 # meets its own threshold exactly, as in MATLAB.
 THRESHOLDS_256 = np.arange(256, dtype=np.float64) / 255.0
@@ -94,7 +96,14 @@ def _dice_iou(tp, n_pred, n_gt):
     return dice, iou
 
 
-def dice_iou_at(prob: np.ndarray, mask: np.ndarray, threshold: float = 0.5) -> tuple[float, float]:
+def dice_from_counts(overlap: int, n_a: int, n_b: int) -> float:
+    """Dice of two masks from their pixel counts (overlap, each mask's area); both empty -> 1.
+    The one Dice formula of the project: callers that count pixels their own fast way (the
+    viewer's flicker meter, export verification) pass the counts here."""
+    return float(_dice_iou(overlap, n_a, n_b)[0])
+
+
+def dice_iou_at(prob: np.ndarray, mask: np.ndarray, threshold: float = DEFAULT_THRESHOLD) -> tuple[float, float]:
     """Dice and IoU of `prob >= threshold` against `mask` (both empty -> 1, 1)."""
     return _dice_iou_at(*_check(prob, mask), threshold)
 
@@ -138,7 +147,7 @@ def _structure_measures(prob, mask):
             "wFm": float(wfm.weighted_fms[-1]), "MAE": float(mae.maes[-1])}
 
 
-def image_metrics(prob: np.ndarray, mask: np.ndarray, threshold: float = 0.5, minmax: bool = False) -> dict[str, float]:
+def image_metrics(prob: np.ndarray, mask: np.ndarray, threshold: float = DEFAULT_THRESHOLD, minmax: bool = False) -> dict[str, float]:
     """All per-image metrics: Dice, IoU, Dice_mean256, IoU_mean256, Sm, Em, wFm, MAE."""
     prob, mask = _check(prob, mask)
     if minmax:
@@ -184,7 +193,7 @@ class SegMetrics:
     `summary()` and `rows` count only finished images.
     """
 
-    def __init__(self, threshold: float = 0.5, minmax: bool = False, workers: int = 1):
+    def __init__(self, threshold: float = DEFAULT_THRESHOLD, minmax: bool = False, workers: int = 1):
         if not 0.0 <= threshold <= 1.0:
             raise ValueError(f"threshold must be in [0, 1], got {threshold}")
         if workers < 1:

@@ -1,0 +1,1 @@
+"""Shared pieces of every command line: exit codes, error types, argument types and the training runner."""

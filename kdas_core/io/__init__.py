@@ -1,0 +1,1 @@
+"""Files: checkpoints (safetensors + metadata), whole-or-nothing writes, the bundled asset paths."""
