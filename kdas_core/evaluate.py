@@ -119,7 +119,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def __getattr__(name: str):
-    """`kdas_core.evaluate.evaluate_pairs` and friends, loaded on first use (they need torch)."""
+    """`kdas_core.evaluate.evaluate_pairs` and friends, loaded on first use (they need torch).
+    Dunder lookups are answered at once: the import system asks `from kdas_core.evaluate import
+    main` (what the `kdas-evaluate` console script does) for `__path__`, which must not load torch."""
+    if name.startswith("__"):
+        raise AttributeError(name)
     from kdas_core.evaluation import scoring
 
     try:

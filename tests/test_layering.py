@@ -78,3 +78,18 @@ def test_bundled_asset_paths_point_at_the_repository():
     assert ASSETS_DIR == ROOT / "assets"
     for path in (DEFAULT_WEIGHTS, DEFAULT_TEACHER, DEMO_CLIP):
         assert path.is_file(), path
+
+
+def test_console_scripts_start_without_torch():
+    """`kdas-evaluate --help` must answer as fast as `python -m kdas_core.evaluate --help`: the
+    console scripts' `from MODULE import main` loads nothing heavy."""
+    import subprocess
+    import sys
+    import tomllib
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    code = "; ".join(f"from {target.split(':')[0]} import {target.split(':')[1]}" for target in scripts.values())
+    out = subprocess.run([sys.executable, "-c", code + "; import sys; print('torch' in sys.modules)"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False", f"a console script imports torch before parsing: {sorted(scripts)}"
