@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from kdas_core.cli.conventions import default_workers, run_cli
+from kdas_core.cli.conventions import DEVICE_HELP, default_workers, device_arg, run_cli
 from kdas_core.models.presets import TTA_MODES, image_size_arg
 
 
@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
             "  python -m kdas_core.evaluate --weights runs/teacher/best.safetensors --data ../shared/data/polyp-352 \\\n"
             "      --split val --minmax        # the validation split, in the papers' metric\n\n"
             "exit codes: 0 success; 2 missing/corrupt model file, bad data folder or bad option\n"
-            "(also: a backend that cannot run the file here);\n"
+            "(also: a backend that cannot run the file here); 4 --device cuda without a visible GPU;\n"
             "1 unexpected error (a bug: please report the traceback)."
         ),
     )
@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, metavar="DIR", help="PraNet root (TestDataset/<name>/...) or a folder with images/ and masks/")
     p.add_argument("--json", metavar="OUT", help="write the summary JSON here")
     p.add_argument("--csv", metavar="PATH", help="per-image CSV (default: beside --json as <json stem>_per_image.csv)")
-    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available, else cpu")
+    p.add_argument("--device", type=device_arg, metavar="DEV", help=f"{DEVICE_HELP} (default: a CUDA GPU when one is visible, else cpu)")
     p.add_argument("--save-overlays", metavar="DIR", help="write picture sheets for people to look at (see below)")
     p.add_argument("--threshold", type=float, metavar="T", help="binarisation threshold for mDice/mIoU (default: from the checkpoint, usually 0.5)")
     p.add_argument("--image-size", type=image_size_arg, metavar="S", help="model input size in pixels, a multiple of 32 (default: from the checkpoint)")

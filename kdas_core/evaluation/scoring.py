@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 
 from kdas_core.io.checkpoint import load_checkpoint, read_metadata
 from kdas_core.io.atomic import staged, write_json
-from kdas_core.cli.conventions import UsageError, bars_wanted
+from kdas_core.cli.conventions import UsageError, bars_wanted, require_device
 from kdas_core.data.dataset import EvalDataset, Pair, eval_collate, read_pair, resolve_layout, split_by_groups
 from kdas_core.data.transforms import to_tensor
 from kdas_core.evaluation.metrics import SUMMARY_KEYS, SegMetrics
@@ -251,12 +251,6 @@ def format_table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def _pick_device(requested: str | None) -> str:
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA GPU is visible to PyTorch here; use --device cpu")
-    return requested or ("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def _write_csv(path: Path, rows: list[dict]) -> None:
     with staged(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
@@ -282,7 +276,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--tta {args.tta} runs a checkpoint (.safetensors) in PyTorch; an exported model or "
                          "--backend scores the file as it is deployed, without test-time augmentation")
     if args.backend is None and not exported:
-        device = _pick_device(args.device)
+        device = require_device(args.device)
         read_metadata(args.weights)  # cheap checks first (checkpoint metadata, data folders), then the model load
     layout = resolve_layout(args.data)
     sets = _validation_set(layout, args) if args.split == "val" else layout.evaluation_sets()
