@@ -28,7 +28,7 @@ import time
 
 from kdas_core.io.atomic import write_json, write_text
 from kdas_core.cli.training import run_cli
-from kdas_core.cli.conventions import UsageError
+from kdas_core.cli.conventions import Parser, UsageError
 from kdas_core.training.config import add_training_args, config_from_args
 
 RESULT_FILE = "ablation_result.json"
@@ -246,7 +246,7 @@ def _methods_epilog() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m kdas_core.ablate", description=__doc__, epilog=_methods_epilog(),
+    p = Parser(exit_codes=(0, 1, 2, 4, 130), prog="python -m kdas_core.ablate", description=__doc__, epilog=_methods_epilog(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("ablation")
     g.add_argument("--methods", required=True, metavar="M[,M...]",

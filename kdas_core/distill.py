@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from kdas_core.cli.conventions import Parser
 from kdas_core.cli.training import run_training_cli
 from kdas_core.training.config import add_training_args
 
@@ -32,7 +33,7 @@ def _methods_epilog() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m kdas_core.distill", description=__doc__,
+    p = Parser(exit_codes=(0, 1, 2, 4, 130), prog="python -m kdas_core.distill", description=__doc__,
                                 epilog=_methods_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     add_training_args(p, kd="kdas")
     return p

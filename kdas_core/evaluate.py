@@ -10,12 +10,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from kdas_core.cli.conventions import DEVICE_HELP, default_workers, device_arg, run_cli
+from kdas_core.cli.conventions import DEVICE_HELP, Parser, default_workers, device_arg, run_cli
 from kdas_core.models.presets import TTA_MODES, image_size_arg
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(exit_codes=(0, 1, 2, 4, 130), 
         prog="python -m kdas_core.evaluate",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=(
@@ -52,10 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
             "  python -m kdas_core.evaluate --weights deploy/best-256-int8.onnx --data ../shared/data/polyp \\\n"
             "      --threads 2 --json results/int8.json\n"
             "  python -m kdas_core.evaluate --weights runs/teacher/best.safetensors --data ../shared/data/polyp-352 \\\n"
-            "      --split val --minmax        # the validation split, in the papers' metric\n\n"
-            "exit codes: 0 success; 2 missing/corrupt model file, bad data folder or bad option\n"
-            "(also: a backend that cannot run the file here); 4 --device cuda without a visible GPU;\n"
-            "1 unexpected error (a bug: please report the traceback)."
+            "      --split val --minmax        # the validation split, in the papers' metric"
         ),
     )
     p.add_argument("--weights", required=True, metavar="MODEL",

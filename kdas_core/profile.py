@@ -13,12 +13,10 @@ from kdas_core.models.presets import image_size_arg
 
 def main(argv: list[str] | None = None) -> int:
     """python -m kdas_core.profile [--image-size S] MODEL_OR_CKPT ...: params and GMACs per model."""
-    import argparse
-
-    from kdas_core.cli.conventions import add_deprecated_alias, run_cli
+    from kdas_core.cli.conventions import Parser, add_deprecated_alias, run_cli
     from kdas_core.models.presets import list_models
 
-    p = argparse.ArgumentParser(prog="python -m kdas_core.profile",
+    p = Parser(exit_codes=(0, 1, 2), prog="python -m kdas_core.profile",
                                 description="Parameters and GMACs (FlopCounterMode, FLOPs/2) of presets or checkpoints.")
     p.add_argument("models", nargs="+", metavar="MODEL", help=f"preset ({', '.join(list_models())}) or a .safetensors checkpoint")
     p.add_argument("--image-size", dest="size", type=image_size_arg, default=352, metavar="S",

@@ -37,7 +37,7 @@ from pathlib import Path
 
 
 from kdas_core.cli.training import run_cli
-from kdas_core.cli.conventions import UsageError
+from kdas_core.cli.conventions import Parser, UsageError
 from kdas_core.data.targets import FILE, FORMAT, STRIDE, data_digest, save
 from kdas_core.models.presets import TTA_MODES, image_size_arg, image_size_problem
 
@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     PRESET_SIZE = Preset.input_size  # the presets' size, used when training keeps the preset's
 
-    p = argparse.ArgumentParser(prog="python -m kdas_core.teacher_targets", description=__doc__,
+    p = Parser(exit_codes=(0, 1, 2, 4, 130), prog="python -m kdas_core.teacher_targets", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", action="append", required=True, metavar="CKPT",
                    help="teacher checkpoint; repeat to average several teachers")

@@ -19,7 +19,7 @@ import os
 import sys
 
 from kdas_core.cli.training import run_cli
-from kdas_core.cli.conventions import UsageError
+from kdas_core.cli.conventions import Parser, UsageError
 from kdas_core.io.atomic import staged, write_json
 
 
@@ -104,7 +104,7 @@ def plot(result: dict, labels: tuple[str, str], path: str, w: int = 900, h: int 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m kdas_core.time_to_accuracy", description=__doc__,
+    p = Parser(exit_codes=(0, 1, 2), prog="python -m kdas_core.time_to_accuracy", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--baseline", required=True, metavar="RUN", help="run folder of the reference recipe")
     p.add_argument("--candidate", required=True, metavar="RUN", help="run folder of the recipe under test")

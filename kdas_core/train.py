@@ -18,10 +18,11 @@ import sys
 
 from kdas_core.cli.training import run_training_cli
 from kdas_core.training.config import add_training_args
+from kdas_core.cli.conventions import Parser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m kdas_core.train", description=__doc__,
+    p = Parser(exit_codes=(0, 1, 2, 4, 130), prog="python -m kdas_core.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_training_args(p)
     return p

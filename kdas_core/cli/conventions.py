@@ -40,7 +40,7 @@ _MEANING = {
 def exit_codes_help(*codes: int) -> str:
     """The `exit status` paragraph of one command's --help: only the codes it can return."""
     codes = codes or tuple(_MEANING)
-    return "exit status (same meaning for every kdas command, see README 'Command-line conventions'):\n" + "\n".join(
+    return "exit status (same meaning for every kdas command, docs/cli.md):\n" + "\n".join(
         f"  {c:<4} {_MEANING[c]}" for c in codes)
 
 

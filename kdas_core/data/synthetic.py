@@ -331,9 +331,9 @@ def write_dataset(out: str | Path, n_train: int, n_test: int, size: int, seed: i
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from kdas_core.cli.conventions import add_deprecated_alias, nonnegative_int
+    from kdas_core.cli.conventions import Parser, add_deprecated_alias, nonnegative_int
 
-    p = argparse.ArgumentParser(
+    p = Parser(exit_codes=(0, 1, 2), 
         prog="python -m kdas_core.data.synthetic",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=(
