@@ -184,3 +184,12 @@ def test_folded_frozen_batchnorm_computes_the_same_features_and_leaves_the_weigh
     assert all(torch.equal(weights[k], v) for k, v in m.state_dict().items())
     m.encoder.freeze(0)
     assert not any(getattr(q, "_kdas_folded", False) for q in m.modules())
+
+
+def test_a_run_on_all_training_images_reports_its_last_epoch_not_a_validation_score(syn, tmp_path, capsys):
+    run = tmp_path / "refit"
+    assert train.main(["--model", "polyppvt-lite0", "--data", str(syn), "--out", str(run), "--epochs", "1",
+                       "--val-fraction", "0", *FAST]) == 0
+    out = capsys.readouterr().out
+    assert "the model is the last epoch" in out and str(run / "last.safetensors") in out
+    assert "-1.0000" not in out

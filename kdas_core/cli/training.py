@@ -23,12 +23,17 @@ def run_training_cli(args: argparse.Namespace, prog: str, check: Callable[[objec
         if check is not None:
             check(cfg)
         result = run_training(cfg)
-        if result["is_main"] and not result["finished"]:
+        if not result["is_main"]:
+            return
+        if cfg.val_fraction > 0:
+            chosen = (f"best validation mDice {result['best_val_mDice']:.4f} at epoch {result['best_epoch']} "
+                      f"-> {result['best']}")
+        else:  # all training images, no validation split: nothing chooses, the last epoch is the model
+            chosen = f"no validation split (--val-fraction 0): the model is the last epoch -> {result['last']}"
+        if not result["finished"]:
             print(f"[kdas] paused at epoch {result['epoch']}/{cfg.epochs} by --time-limit {cfg.time_limit:g}: everything "
-                  f"is saved, run the same command with --resume to continue; best validation mDice so far "
-                  f"{result['best_val_mDice']:.4f} at epoch {result['best_epoch']} -> {result['best']}")
-        elif result["is_main"]:
-            print(f"[kdas] done: best validation mDice {result['best_val_mDice']:.4f} at epoch {result['best_epoch']} "
-                  f"-> {result['best']}")
+                  f"is saved, run the same command with --resume to continue; {chosen.replace('best', 'best so far', 1)}")
+        else:
+            print(f"[kdas] done: {chosen}")
 
     return run_cli(go, prog, interrupted=RESUME_HINT)
