@@ -252,6 +252,9 @@ def add_training_args(p: argparse.ArgumentParser, kd: str | None = None,
             help_text += f" (default: {shown})"
         if isinstance(default, bool):
             kwargs["action"] = argparse.BooleanOptionalAction
+        elif "metavar" not in kwargs and "choices" not in kwargs:  # one placeholder style: N, F, not EPOCHS
+            kind = getattr(kwargs.get("type"), "__name__", "")
+            kwargs["metavar"] = "N" if "int" in kind else "F" if "float" in kind else "VALUE"
         g.add_argument(meta["flag"] or _flag(f.name), dest=f.name, default=argparse.SUPPRESS, help=help_text, **kwargs)
     if kd is not None:
         p.set_defaults(_command_defaults={"kd": kd})
