@@ -362,7 +362,10 @@ class SelfCheck:
         # The app opens a checkpoint with image_size None: the checkpoint's own size. At another
         # --image-size only an explicit lookup at that size can find the engines.
         image_size = None if self.size == self.checkpoint_size else self.size
-        b = load_backend(self.weights, backend="auto", device=self.device, image_size=image_size)
+        try:
+            b = load_backend(self.weights, backend="auto", device=self.device, image_size=image_size)
+        except BackendError as exc:
+            raise CheckFailed(f"load_backend(auto) opened no backend, so not an engine built here: {exc}") from exc
         try:
             name, path, notes = b.name, os.path.abspath(b.path), list(b.notes)
         finally:

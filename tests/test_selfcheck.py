@@ -163,7 +163,7 @@ def test_auto_finds_check_passes_only_for_an_engine_of_this_export(ckpt, tmp_pat
 
     checker = _checker(ckpt, tmp_path)
     checker.engines = {"fp32": indexed("other-export", "ee" * 32)}
-    with pytest.raises(CheckFailed, match="not an engine built here"):
+    with pytest.raises(CheckFailed, match="not an engine built here"):  # auto went past TensorRT
         checker.check_trt_auto_finds()
     checker.engines = {"fp32": indexed("this-export", export.sha256)}
     text, details = checker.check_trt_auto_finds()
@@ -207,3 +207,21 @@ def test_usage_errors(tmp_path, ckpt):  # noqa: F811
         with pytest.raises(SystemExit) as exc:
             main(["--weights", ckpt, *bad])
         assert exc.value.code == EXIT_USAGE
+
+
+def test_rendered_demo_frames_are_the_demo_clips_frames():
+    """Without PyAV the clip's generator stands in for the clip: same seed, same length, same pictures."""
+    av = pytest.importorskip("av", reason="PyAV is not installed: nothing to decode the clip with to compare")
+    import numpy as np
+
+    from engines.verify import DEMO_CLIP_FRAMES, DEMO_CLIP_SEED
+    from kdas_core.assets import DEMO_CLIP
+    from kdas_core.data.synthetic import render_clip
+
+    with av.open(str(DEMO_CLIP)) as container:
+        stream = container.streams.video[0]
+        frames, width = stream.frames, stream.width
+        decoded = next(container.decode(video=0)).to_ndarray(format="rgb24")
+    assert frames == DEMO_CLIP_FRAMES
+    rendered, _mask = next(render_clip(1, width, DEMO_CLIP_SEED))
+    assert np.abs(decoded.astype(np.int16) - rendered).mean() < 5  # H.264 at crf 22, nothing more
