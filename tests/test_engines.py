@@ -619,6 +619,10 @@ def test_trt_extras_pin_one_cuda_major_each():
         assert set(reqs) == {f"tensorrt-cu{major}", "cuda-bindings"}, name  # never the bare `tensorrt` metapackage
         bindings = reqs["cuda-bindings"].specifier
         assert bindings.contains(f"{major}.9.0") and not bindings.contains(f"{major + 1}.0.0") and not bindings.contains(f"{major - 1}.9.0")
+    trt12 = Requirement(next(r for r in extras["trt-cu12"] if r.startswith("tensorrt"))).specifier
+    assert trt12.contains("10.16.1.11") and not trt12.contains("11.0.0")  # TensorRT 10: unpinned it resolves to 11
+    # The default PyPI torch (a CUDA 13 build) requires cuda-bindings>=13.0.3,<14: [trt-cu13] allows exactly those.
+    assert Requirement(next(r for r in extras["trt-cu13"] if r.startswith("cuda-bindings"))).specifier.contains("13.0.3")
     assert extras["trt"] == ["kdas[trt-cu12]"]
     assert not any(Requirement(r).name == "tensorrt" for reqs in extras.values() for r in reqs)
     assert recommended_extra(12040) == "trt-cu12" and recommended_extra(12090) == "trt-cu12"
