@@ -97,7 +97,8 @@ examples:
 
 exit codes:
   0  every check that ran passed (skipped ones do not count)
-  2  usage error: missing or unreadable checkpoint, unwritable --json
+  2  usage error: missing or unreadable checkpoint, unwritable --json, no --verify-frames or
+     --train-data folder (a missing GPU or package is never an error: those checks are skipped)
   3  at least one check failed (see its reason)
 """
 
