@@ -25,8 +25,8 @@ embedded as ONNX metadata (kdas.*), so apps hold no pre/post-processing constant
 TensorRT (--format tensorrt, extra [trt-cu12] or [trt-cu13] matching the driver, NVIDIA GPU):
 builds an engine from that ONNX with a strongly typed network (FP16 comes from an FP16 ONNX:
 works on TensorRT 10 and 11), batch 1-4, a timing cache, and names the engine by model, export
-revision, GPU, compute capability, SM count, TensorRT version, precision, input size and max
-batch, with a JSON sidecar. Builds take minutes; progress is printed. The engine enters the
+revision, the ONNX file's hash, GPU, compute capability, SM count, TensorRT version, precision,
+input size and max batch, with a JSON sidecar. Builds take minutes; progress is printed. The engine enters the
 cache index (where load_backend(checkpoint) finds it) only after --verify passed.
 
 INT8 (--precision int8 --calibration DIR, ONNX only): static QDQ quantisation of the fp32 export

@@ -114,8 +114,8 @@ def build_engine(
     seconds = time.perf_counter() - t0
     write_bytes(timing_path, bytes(config.get_timing_cache().serialize()))
 
-    source_sha = meta["source_sha256"] or file_sha256(onnx_path)
-    key = engine_cache_key(model_id(meta["preset"], source_sha), here, precision, size, max_batch, meta["export_revision"])
+    source_sha, onnx_sha = meta["source_sha256"] or file_sha256(onnx_path), file_sha256(onnx_path)
+    key = engine_cache_key(model_id(meta["preset"], source_sha), here, precision, size, max_batch, meta["export_revision"], onnx_sha)
     engine_path = os.path.join(out_dir, key + ".engine")
     write_bytes(engine_path, bytes(serialized))
     sidecar: dict[str, Any] = {
@@ -133,7 +133,7 @@ def build_engine(
         "max_batch": max_batch,
         "export_revision": meta["export_revision"],
         "onnx": os.path.abspath(onnx_path),
-        "onnx_sha256": file_sha256(onnx_path),
+        "onnx_sha256": onnx_sha,
         "checkpoint": os.path.abspath(checkpoint or meta["source_path"]),
         "source_sha256": source_sha,
         "build_seconds": round(seconds, 1),

@@ -17,6 +17,7 @@ from typing import Any
 
 from kdas_core.io.atomic import write_json
 
+from .cache import engine_cache_key  # noqa: F401 (re-exported: builder and tests name it here)
 from .errors import BackendError
 
 SIDECAR_FORMAT = "kdas-trt/2"  # 2: SM count, export revision, max batch in the key; `verified`
@@ -252,18 +253,6 @@ def device_index(device: str | None) -> int:
     if not m:
         raise BackendError(f"TensorRT needs a CUDA device ('cuda' or 'cuda:N'), not {device!r}")
     return int(m.group(1))
-
-
-def engine_cache_key(model_id: str, target: dict[str, Any], precision: str, input_size: int, max_batch: int, export_revision: int) -> str:
-    """File stem of an engine: everything that makes an engine unusable (or different) elsewhere is
-    in it: model (preset + checkpoint hash), export revision, GPU name, compute capability and SM
-    count (engines tuned for one SM count differ from another's, as in HoloHub's engine cache),
-    TensorRT version, precision, input size and the profile's max batch. `target` has gpu_name,
-    compute_capability, sm_count and tensorrt_version (`current_target()` / a sidecar)."""
-    gpu = re.sub(r"[^a-z0-9]+", "-", target["gpu_name"].lower()).strip("-")
-    cc = target["compute_capability"].replace(".", "")
-    return (f"{model_id}-r{int(export_revision)}-{gpu}-sm{cc}x{int(target['sm_count'])}-trt{target['tensorrt_version']}"
-            f"-{precision}-{int(input_size)}-b{int(max_batch)}")
 
 
 def sidecar_path(engine_path: str) -> str:

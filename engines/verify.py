@@ -13,7 +13,7 @@ measured with kdas_core.evaluate on the test sets. Its prob differences are only
 moves probabilities near the threshold.
 For both, the reference must have foreground on some frame, or the Dice says nothing: by default
 the frames come from the bundled demo clip, keeping those where the reference segments a polyp
-(`verification_frames`).
+(`verification_frames`; without PyAV the clip's generator renders the same frames).
 """
 
 from __future__ import annotations
@@ -128,19 +128,48 @@ def demo_frames(size: int, count: int = 24) -> np.ndarray:
     return np.stack([cv2.resize(f, (size, size), interpolation=cv2.INTER_LINEAR) for f in decoded])
 
 
+# The demo clip is `python -m app.make_demo`'s default: 250 frames of kdas_core.data.synthetic's
+# render_clip, seed 0. Without PyAV to decode it, the same generator renders its frames instead.
+DEMO_CLIP_FRAMES, DEMO_CLIP_SEED = 250, 0
+
+
+def rendered_demo_frames(size: int, count: int = 24) -> np.ndarray:
+    """The demo clip's frames without a video decoder: `count` frames spread evenly over the
+    clip's length, rendered by the generator that made the clip, directly at size x size (the
+    same scenes and camera path as the decoded clip, without its H.264 compression)."""
+    from kdas_core.data.synthetic import render_clip
+
+    picks = set(np.linspace(0, DEMO_CLIP_FRAMES - 1, min(count, DEMO_CLIP_FRAMES)).round().astype(int).tolist())
+    return np.stack([rgb for i, (rgb, _mask) in enumerate(render_clip(max(picks) + 1, size, DEMO_CLIP_SEED)) if i in picks])
+
+
+def pyav_missing() -> str | None:
+    """None when PyAV imports; else why not, naming the package."""
+    try:
+        import av  # noqa: F401
+    except ImportError as exc:
+        return f"PyAV (the `av` package) is not installed ({exc})"
+    return None
+
+
 def verification_frames(reference, size: int, folder: str | None = None, limit: int = 8) -> tuple[np.ndarray, np.ndarray, str]:
     """(frames, reference probabilities, description) to verify on: images from `folder`, or the
-    demo clip's frames on which `reference` (a Backend) finds foreground, up to `limit`. When no
-    demo frame has foreground, all candidates are returned (compare() then says so)."""
+    demo clip's frames on which `reference` (a Backend) finds foreground, up to `limit` (decoded
+    with PyAV, or rendered by the clip's generator where PyAV is not installed). When no demo
+    frame has foreground, all candidates are returned (compare() then says so)."""
     if folder:
         frames = load_frames(folder, size, limit)
         return frames, reference.predict(frames), f"{len(frames)} images from {folder}"
-    frames = demo_frames(size, count=3 * limit)
+    missing = pyav_missing()
+    if missing:
+        frames, where = rendered_demo_frames(size, count=3 * limit), f"demo-clip frames rendered by its generator ({missing})"
+    else:
+        frames, where = demo_frames(size, count=3 * limit), "demo-clip frames"
     probs = np.concatenate([reference.predict(frames[i : i + 4]) for i in range(0, len(frames), 4)])
     keep = np.flatnonzero(has_foreground(probs, reference.threshold))[:limit]
     if len(keep) == 0:
-        return frames[:limit], probs[:limit], f"{min(limit, len(frames))} demo-clip frames (the reference finds no foreground on any)"
-    return frames[keep], probs[keep], f"{len(keep)} demo-clip frames where the reference has foreground"
+        return frames[:limit], probs[:limit], f"{min(limit, len(frames))} {where}; the reference finds no foreground on any"
+    return frames[keep], probs[keep], f"{len(keep)} {where} where the reference has foreground"
 
 
 def synthetic_frames(n: int, size: int, seed: int = 0) -> np.ndarray:

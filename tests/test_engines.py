@@ -418,8 +418,11 @@ def test_cache_key_separates_sm_count_revision_and_max_batch():
         engine_cache_key("m", {**TARGET_4090, "sm_count": 76}, "fp16", 352, 4, 3),  # same sm_89 chip, fewer SMs (RTX 4070 Ti)
         engine_cache_key("m", TARGET_4090, "fp16", 352, 4, 4),  # another export revision
         engine_cache_key("m", TARGET_4090, "fp16", 352, 8, 3),  # another max batch
+        engine_cache_key("m", TARGET_4090, "fp16", 352, 4, 3, "12" * 32),  # built from one ONNX file
+        engine_cache_key("m", TARGET_4090, "fp16", 352, 4, 3, "34" * 32),  # another export of the same revision
     ]
-    assert len({base, *others}) == 4
+    assert len({base, *others}) == 6
+    assert "-r3-o121212121212-" in others[3]
 
 
 def _fake_engine(folder, name: str, **side) -> str:
@@ -464,6 +467,40 @@ def test_indexed_engines_verified_first_then_fp16(tmp_path):
         os.remove(index / f"{name}.json")
     engine, skipped = pick_indexed_engine(str(index), "polyppvt-lite0", sha, here, SIZE)
     assert engine == unverified16 and any("no verified engine" in s for s in skipped)
+
+
+def test_engine_from_another_export_of_the_same_revision_does_not_match(ckpt, onnx_path, tmp_path, monkeypatch):
+    """Loading from a checkpoint: an indexed engine counts only when its sidecar's ONNX hash is
+    that of the checkpoint's cached export (what engines.build built from and onnxruntime runs)."""
+    from engines.backends import tensorrt_backend
+    from engines.backends.onnxruntime_backend import find_cached_export
+    from engines.backends.tensorrt_backend import find_cached_engine, pick_indexed_engine
+    from engines.trt_common import write_json_atomic
+    from kdas_core.io.checkpoint import file_sha256, read_metadata
+
+    export = find_cached_export(engines.ModelSource(ckpt), SIZE, "fp32")
+    assert export is not None and file_sha256(export.path) == file_sha256(onnx_path)  # build copies the cached export
+    index = tmp_path / "index"
+    monkeypatch.setattr(tensorrt_backend, "cache_dir", lambda kind: str(index))
+    monkeypatch.setattr(tensorrt_backend, "current_target", lambda device=None: {**TARGET_4090, "export_revision": REVISION})
+    model = {"source_sha256": file_sha256(ckpt), "preset": read_metadata(ckpt)["preset"], "precision": "fp32", "verified": True}
+
+    def indexed(name, onnx_sha):
+        engine = _fake_engine(tmp_path / "engines", name, onnx_sha256=onnx_sha, **model)
+        write_json_atomic(str(index / f"{name}.json"), {**_sidecar(onnx_sha256=onnx_sha, **model), "engine": engine})
+        return engine
+
+    other = indexed("other-export", "ee" * 32)  # same checkpoint, revision, size, GPU and TensorRT
+    with pytest.raises(BackendError, match="another ONNX file"):
+        find_cached_engine(ckpt)
+    same = indexed("this-export", export.sha256)
+    notes: list[str] = []
+    assert find_cached_engine(ckpt, notes=notes) == same
+    assert any(n.startswith(other) and "another ONNX file" in n for n in notes)
+    # No cached export at the engine's precision: nothing ties the engine to this checkpoint's graph.
+    engine, skipped = pick_indexed_engine(str(index), model["preset"], model["source_sha256"], {**TARGET_4090, "export_revision": REVISION},
+                                          SIZE, lambda precision: None)
+    assert engine is None and any("no longer in the ONNX cache" in s for s in skipped)
 
 
 @pytest.fixture
@@ -601,6 +638,10 @@ def test_trt_extras_pin_one_cuda_major_each():
         assert set(reqs) == {f"tensorrt-cu{major}", "cuda-bindings"}, name  # never the bare `tensorrt` metapackage
         bindings = reqs["cuda-bindings"].specifier
         assert bindings.contains(f"{major}.9.0") and not bindings.contains(f"{major + 1}.0.0") and not bindings.contains(f"{major - 1}.9.0")
+    trt12 = Requirement(next(r for r in extras["trt-cu12"] if r.startswith("tensorrt"))).specifier
+    assert trt12.contains("10.16.1.11") and not trt12.contains("11.0.0")  # TensorRT 10: unpinned it resolves to 11
+    # The default PyPI torch (a CUDA 13 build) requires cuda-bindings>=13.0.3,<14: [trt-cu13] allows exactly those.
+    assert Requirement(next(r for r in extras["trt-cu13"] if r.startswith("cuda-bindings"))).specifier.contains("13.0.3")
     assert extras["trt"] == ["kdas[trt-cu12]"]
     assert not any(Requirement(r).name == "tensorrt" for reqs in extras.values() for r in reqs)
     assert recommended_extra(12040) == "trt-cu12" and recommended_extra(12090) == "trt-cu12"

@@ -40,27 +40,46 @@ def cached_onnx_export(src: ModelSource, image_size: int | None = None, notes: l
     from .torch_backend import load_torch_checkpoint
 
     size = int(image_size or src.meta["input_size"])
+    notes = notes if notes is not None else []
     known = src.exports.get((size, precision))
+    if known is None:
+        known = find_cached_export(src, size, precision)
+        if known is not None:
+            notes.append(f"reused cached ONNX export {known.path}")
     if known is not None and os.path.isfile(known.path):
         return known
     sha = src.sha256
-    path = os.path.join(cache_dir("onnx"), f"{sha[:16]}-{size}-{precision}-r{REVISION}.onnx")
-    notes = notes if notes is not None else []
-    if os.path.isfile(path):
-        try:
-            cached = read_onnx_metadata(path)
-            if cached["source_sha256"] == sha and cached["export_revision"] == REVISION and cached["precision"] == precision:
-                notes.append(f"reused cached ONNX export {path}")
-                known = src.exports[(size, precision)] = ModelSource(path, "onnx", meta=cached)
-                return known
-        except BackendError:
-            pass  # damaged cache entry: export again over it
+    path = _export_cache_path(sha, size, precision)
     model, meta = load_torch_checkpoint(src.path)
     t0 = time.perf_counter()
     log.info(f"exporting {src.path} to ONNX once (cached in {os.path.dirname(path)}) ...")
     export_onnx(model, meta, path, image_size=size, precision=precision, source_sha256=sha, source_path=os.path.abspath(src.path), log=log.info)
     notes.append(f"exported {src.path} to ONNX cache {path} ({time.perf_counter() - t0:.1f} s, once per checkpoint and size)")
     known = src.exports[(size, precision)] = ModelSource(path, "onnx")
+    return known
+
+
+def _export_cache_path(sha256: str, size: int, precision: str) -> str:
+    return os.path.join(cache_dir("onnx"), f"{sha256[:16]}-{size}-{precision}-r{REVISION}.onnx")
+
+
+def find_cached_export(src: ModelSource, size: int, precision: str = "fp32") -> ModelSource | None:
+    """The valid cached export of checkpoint `src` at `size` and `precision` when there is one,
+    without exporting (None when absent or damaged: cached_onnx_export then exports over it)."""
+    known = src.exports.get((int(size), precision))
+    if known is not None and os.path.isfile(known.path):
+        return known
+    sha = src.sha256
+    path = _export_cache_path(sha, int(size), precision)
+    if not os.path.isfile(path):
+        return None
+    try:
+        cached = read_onnx_metadata(path)
+    except BackendError:
+        return None
+    if cached["source_sha256"] != sha or cached["export_revision"] != REVISION or cached["precision"] != precision:
+        return None
+    known = src.exports[(int(size), precision)] = ModelSource(path, "onnx", meta=cached)
     return known
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
+from typing import Callable
 
 import numpy as np
 
@@ -60,14 +61,28 @@ def current_target(device: str | None = None) -> dict:
 def find_cached_engine(path: "str | ModelSource", image_size: int | None = None, device: str | None = None, notes: list[str] | None = None) -> str:
     """A prebuilt, verified engine for checkpoint/ONNX `path` on this GPU + TensorRT, found through
     the cache index that `engines.build` writes after a passing `--verify`. BackendError (with the
-    build command) when there is none. A ModelSource's metadata and hash are reused, not re-read."""
+    build command) when there is none. A ModelSource's metadata and hash are reused, not re-read.
+
+    An engine is the graph it was built from: for an ONNX source, that file; for a checkpoint,
+    its cached export at the engine's size and precision (the one `engines.build` copies and the
+    onnxruntime backend runs). An engine built from another export of the same checkpoint and
+    export revision does not match."""
     src = ModelSource.of(path)
     meta = src.meta
-    if src.kind == "onnx":
-        sha, onnx_sha = meta["source_sha256"], src.sha256
-    else:
-        sha, onnx_sha = src.sha256, None
     size = int(image_size or meta["input_size"])
+    if src.kind == "onnx":
+        sha = meta["source_sha256"]
+
+        def onnx_sha(precision: str) -> str | None:
+            return src.sha256
+    else:
+        from .onnxruntime_backend import find_cached_export
+
+        sha = src.sha256
+
+        def onnx_sha(precision: str) -> str | None:
+            export = find_cached_export(src, size, precision)
+            return export.sha256 if export is not None else None
     here = current_target(device)
     engine, skipped = pick_indexed_engine(cache_dir("tensorrt"), meta["preset"], sha, here, size, onnx_sha)
     if notes is not None:
@@ -81,13 +96,16 @@ def find_cached_engine(path: "str | ModelSource", image_size: int | None = None,
     )
 
 
-def pick_indexed_engine(index_dir: str, preset: str, source_sha256: str, here: dict, size: int, onnx_sha256: str | None = None) -> tuple[str | None, list[str]]:
+def pick_indexed_engine(index_dir: str, preset: str, source_sha256: str, here: dict, size: int,
+                        onnx_sha256: "str | Callable[[str], str | None] | None" = None) -> tuple[str | None, list[str]]:
     """(engine path or None, reasons entries were passed over) from the cache index: entries whose
     key matches this model, GPU (incl. SM count), TensorRT, export revision and size, whose engine
-    file and sidecar still exist, and (for an ONNX source) whose ONNX hash matches. Verified
-    engines first, then fp16 before fp32, then the largest max batch."""
+    file and sidecar still exist, and whose ONNX hash is `onnx_sha256` (a hash, or a function of
+    the engine's precision giving the expected hash, None when no export is known; None: not
+    checked). Verified engines first, then fp16 before fp32, then the largest max batch."""
     import json
 
+    expected = onnx_sha256 if callable(onnx_sha256) or onnx_sha256 is None else (lambda precision: onnx_sha256)
     candidates, skipped = [], []
     for name in sorted(os.listdir(index_dir)) if os.path.isdir(index_dir) else []:
         if not name.endswith(".json"):
@@ -104,9 +122,15 @@ def pick_indexed_engine(index_dir: str, preset: str, source_sha256: str, here: d
             continue
         if int(side["input_size"]) != size or int(side["sm_count"]) != int(here["sm_count"]) or compatibility_problem(side, here):
             continue  # built for another size, GPU, TensorRT or export revision
-        if onnx_sha256 and side.get("onnx_sha256") != onnx_sha256:
-            skipped.append(f"{engine} skipped: built from another ONNX file (hash differs)")
-            continue
+        if expected is not None:
+            want = expected(side["precision"])
+            if want is None:
+                skipped.append(f"{engine} skipped: the {side['precision']} ONNX export it was built from is no longer in the "
+                               "ONNX cache, so nothing shows the engine is this checkpoint's current graph; rebuild it")
+                continue
+            if side.get("onnx_sha256") != want:
+                skipped.append(f"{engine} skipped: built from another ONNX file (hash differs)")
+                continue
         candidates.append((not side.get("verified", False), side["precision"] != "fp16", -int(side["max_batch"]), engine))
     if not candidates:
         return None, skipped
