@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from kdas_core.io.atomic import write_json
-from kdas_core.cli.conventions import nonnegative_int, positive_int
+from kdas_core.cli.conventions import add_deprecated_alias, nonnegative_int, positive_int
 from kdas_core.models.presets import DEFAULT_THRESHOLD, image_size_arg
 
 from .errors import AppError
@@ -272,21 +272,26 @@ def window_run(source: str, model_size: int = 352) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m app.bench_overhead", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", default="1920x1080", help="WxH of the clip made for the run (default 1920x1080)")
-    p.add_argument("--frames", type=positive_int, default=300, help="frames in that clip (default 300)")
-    p.add_argument("--source", help="use this video instead of making one")
+    p.add_argument("--size", default="1920x1080", metavar="WxH", help="WxH of the clip made for the run (default 1920x1080)")
+    p.add_argument("source", nargs="?", metavar="SOURCE", help="use this video instead of making one")
+    p.add_argument("--max-frames", dest="frames", type=positive_int, default=300, metavar="N",
+                   help="frames in the clip made for the run (default 300)")
+    add_deprecated_alias(p, "--frames", "--max-frames", "frames", type=positive_int)
+    add_deprecated_alias(p, "--source", "SOURCE", "source")
+    add_deprecated_alias(p, "--model-size", "--image-size", "model_size", type=image_size_arg)
     p.add_argument("--images", metavar="DIR",
                    help="make the clip from the largest real images in DIR (e.g. ../shared/data/polyp/TrainDataset) "
                         "instead of synthetic frames")
     p.add_argument("--keep-clip", metavar="MP4", help="also keep the clip made for the run here (never commit it)")
     p.add_argument("--stages", type=nonnegative_int, default=100, metavar="N",
                    help="per-stage breakdown over the first N frames, headless and window (default 100; 0: skip)")
-    p.add_argument("--view", default="948x533", help="window mode: the video widget's size, WxH (default 948x533)")
-    p.add_argument("--model-size", type=image_size_arg, default=352, help="stand-in model input size (default 352)")
+    p.add_argument("--view", default="948x533", metavar="WxH", help="window mode: the video widget's size, WxH (default 948x533)")
+    p.add_argument("--image-size", dest="model_size", type=image_size_arg, default=352, metavar="S",
+                   help="the stand-in model's input size (default 352)")
     p.add_argument("--window", action="store_true",
                    help="instead: play the clip in the real window with the stand-in model and report dropped "
                         "frames and latency (needs a display, e.g. xvfb-run -a; offscreen without one)")
-    p.add_argument("--json", help="write the stats here")
+    p.add_argument("--json", metavar="PATH", help="write the stats here")
     args = p.parse_args(argv)
     from .headless import run_headless
 
@@ -296,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         p.error(str(exc))
     if args.source is not None and not os.path.isfile(args.source):
-        print(f"error: --source {args.source}: no such video file", file=sys.stderr)
+        print(f"error: {args.source}: no such video file", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory(prefix="kdas-overhead-") as tmp:
         source = args.source

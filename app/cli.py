@@ -8,7 +8,7 @@ import sys
 
 from engines import BACKENDS, CHOICES
 from kdas_core.cli.conventions import (EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE,
-                                      add_deprecated_alias, exit_codes_help, positive_int)
+                                      add_deprecated_alias, exit_codes_help, nonnegative_int, positive_int)
 
 from . import DEFAULT_WEIGHTS, DEMO_CLIP, DISCLAIMER
 from .errors import AppError
@@ -126,13 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m app",
         usage=f"\n  python -m app [SOURCE] [--weights PATH] [--backend {'|'.join(CHOICES)}]\n"
               "                [--threshold T] [--opacity A] [--record DIR] [--smooth [SPEC]] [--compare-weights OTHER]\n"
-              "  python -m app SOURCE --headless --out OUT.mp4 [--stats STATS.json] [--frames-csv PATH]",
+              "  python -m app SOURCE --headless --out OUT.mp4 [--json STATS.json] [--frames-csv PATH]",
         description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", nargs="?", metavar="SOURCE", help="video file, camera (0, /dev/video0), or nothing for the demo clip")
     add_weights_argument(p, "the bundled student")
     p.add_argument("--backend", choices=CHOICES, default="auto", help="inference backend (default: auto = fastest that works)")
     p.add_argument("--threads", type=positive_int, metavar="N",
-                   help="CPU threads for the onnxruntime/torch backends (default: theirs); on a busy or small "
+                   help="CPU threads for the onnxruntime/torch backends (default: the runtime's own choice); on a busy or small "
                         "machine fewer threads than cores leaves room for decode/overlay/encode")
     p.add_argument("--threshold", type=_unit_interval("--threshold"), metavar="T",
                    help="mask threshold on the probability, 0..1 (default: the model's own, from its metadata)")
@@ -156,9 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
     h = p.add_argument_group("headless")
     h.add_argument("--headless", action="store_true", help="no window: write the overlaid video to --out")
     h.add_argument("--out", metavar="OUT.mp4", help="headless: the overlaid video (H.264 MP4), every input frame")
-    h.add_argument("--stats", metavar="STATS.json",
-                   help="throughput and latency figures as JSON (headless; in the window: written on exit)")
-    h.add_argument("--loop", type=positive_int, default=1, metavar="N", help="headless: play a file N times (soak benchmarks)")
+    h.add_argument("--json", "--stats", dest="stats", metavar="PATH",
+                   help="throughput and latency figures as JSON (headless; in the window: written on exit); "
+                        "--stats is the same flag")
+    p.add_argument("--loop", type=nonnegative_int, default=None, metavar="N",
+                   help="play a file N times; 0: for ever, window only (default: for ever for the bundled demo in the "
+                        "window, else once)")
     h.add_argument("--max-frames", type=positive_int, metavar="N", help="headless: stop after N frames")
     h.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="headless progress bar (default: on when stderr is a terminal)")
@@ -226,8 +229,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--headless needs --out OUT.mp4 (where the overlaid video goes)")
     if args.out and not args.headless:
         parser.error("--out is for --headless; in the window use the record button (R) or --record DIR")
-    if (args.loop != 1 or args.max_frames) and not args.headless:
-        parser.error("--loop and --max-frames are for --headless")
+    if args.max_frames and not args.headless:
+        parser.error("--max-frames is for --headless")
+    if args.loop == 0 and args.headless:
+        parser.error("--loop 0 (for ever) is for the window; give --headless a number of plays")
+    if args.loop is None:
+        args.loop = 0 if (args.source is None and not args.headless and not args.exit_at_end) else 1  # the demo keeps its first impression alive
     try:
         for path, flag in ((args.out, "--out"), (args.stats, "--stats")):
             if path:

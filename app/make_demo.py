@@ -14,6 +14,7 @@ from fractions import Fraction
 
 import av
 
+from kdas_core.cli.conventions import add_deprecated_alias
 from kdas_core.io.atomic import staged
 
 
@@ -48,12 +49,14 @@ def write_clip(out: str, frames: int = 250, size: int = 352, fps: int = 25, seed
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m app.make_demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="output .mp4 (e.g. assets/demo.mp4)")
-    p.add_argument("--frames", type=int, default=250, help="number of frames (default 250 = 10 s at 25 fps)")
-    p.add_argument("--size", type=int, default=352, help="frame width and height in pixels (default 352)")
-    p.add_argument("--fps", type=int, default=25, help="frame rate (default 25)")
-    p.add_argument("--seed", type=int, default=0, help="scene and camera path seed (default 0)")
-    p.add_argument("--crf", type=int, default=22, help="x264 quality, lower is better and bigger (default 22)")
+    p.add_argument("--out", required=True, metavar="PATH", help="output .mp4 (e.g. assets/demo.mp4)")
+    p.add_argument("--max-frames", dest="frames", type=int, default=250, metavar="N",
+                   help="number of frames (default 250 = 10 s at 25 fps)")
+    add_deprecated_alias(p, "--frames", "--max-frames", "frames", type=int)
+    p.add_argument("--size", type=int, default=352, metavar="S", help="frame width and height in pixels (default 352)")
+    p.add_argument("--fps", type=int, default=25, metavar="N", help="frame rate (default 25)")
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="scene and camera path seed (default 0)")
+    p.add_argument("--crf", type=int, default=22, metavar="N", help="x264 quality, lower is better and bigger (default 22)")
     p.add_argument("--masks", metavar="NPZ", help="also save the ground-truth masks (uint8 N x H x W) here")
     args = p.parse_args(argv)
     if args.frames < 1 or args.size < 16 or args.size % 2 or args.fps < 1:

@@ -20,6 +20,7 @@ import tempfile
 import time
 
 from engines import CHOICES
+from kdas_core.cli.conventions import add_deprecated_alias, positive_int
 from kdas_core.io.atomic import write_json
 
 from . import DEFAULT_WEIGHTS, DEMO_CLIP
@@ -32,14 +33,18 @@ REAL_CLIP = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file_
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m app.soak", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--frames", type=int, default=10000, help="frames to push through (default 10000)")
-    p.add_argument("--warmup", type=int, default=500, help="frames before the memory baseline (default 500)")
-    p.add_argument("--source", help="clip to loop (default: ../shared/data/clips/cvc-clinicdb.mp4 if present, else the demo clip)")
-    p.add_argument("--weights", help="checkpoint/engine (default: the bundled student; a random-init one if it is missing)")
+    p.add_argument("source", nargs="?", metavar="SOURCE",
+                   help="clip to loop (default: ../shared/data/clips/cvc-clinicdb.mp4 if present, else the demo clip)")
+    p.add_argument("--max-frames", dest="frames", type=positive_int, default=10000, metavar="N",
+                   help="frames to push through (default 10000)")
+    add_deprecated_alias(p, "--frames", "--max-frames", "frames", type=positive_int)
+    add_deprecated_alias(p, "--source", "SOURCE", "source")
+    p.add_argument("--warmup", type=int, default=500, metavar="N", help="frames before the memory baseline (default 500)")
+    p.add_argument("--weights", metavar="PATH", help="checkpoint/engine (default: the bundled student; a random-init one if it is missing)")
     p.add_argument("--backend", default="auto", choices=CHOICES)
-    p.add_argument("--threads", type=int, help="CPU threads for the backend")
-    p.add_argument("--sample-every", type=int, default=250, help="RSS sample period in frames (default 250)")
-    p.add_argument("--json", help="write the result (and the RSS samples) here")
+    p.add_argument("--threads", type=positive_int, metavar="N", help="CPU threads for the backend")
+    p.add_argument("--sample-every", type=int, default=250, metavar="N", help="RSS sample period in frames (default 250)")
+    p.add_argument("--json", metavar="PATH", help="write the result (and the RSS samples) here")
     args = p.parse_args(argv)
 
     from .headless import run_headless

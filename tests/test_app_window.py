@@ -92,11 +92,16 @@ def test_window_plays_and_shows_disclaimer_model_and_readouts(qtbot, window, ass
     assert "torch" in win.model_label.text() and "polyppvt-lite0 \u00b7 128\u00b2" in win.model_label.text()  # preset, not a file hash
     stats = win.pipeline.stats.summary()
     assert stats["frames_in"] == 30 and stats["frames_out"] + stats["dropped"] == 30
-    win._update_readout()
-    text = win.readout_label.text()
+    text = win._readout_text()
     for part in ("fps", "inference", "latency p50", "p95", "dropped"):
         assert part in text
     assert image_array(win).shape == (160, 160, 3)
+    # at the end of the file: the readout says so and the polyp cue is off, until Play
+    win._update_readout()
+    assert "clip ended" in win.readout_label.text() and win.cue_label.text() == "no polyp"
+    assert win.analysis.cue_border is False
+    win.toggle_play()
+    assert not win.ended and win.analysis.cue_border == win.cue_box.isChecked()
 
 
 def test_sliders_and_keys_change_the_overlay_while_paused(qtbot, window, assets):
@@ -300,7 +305,7 @@ def test_sigterm_closes_the_window_and_finalises_the_recording(assets, tmp_path)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 0, out
+    assert proc.returncode == 143, out  # terminated, as --help says
     assert "recording saved" in out
     with av.open(str(path)) as c:
         assert sum(1 for _ in c.decode(video=0)) > 0
@@ -363,7 +368,7 @@ def test_real_window_under_xvfb_shows_the_mask(assets, tmp_path):
         assert app.poll() is None, app.communicate()[0]
         app.send_signal(signal.SIGTERM)
         out, _ = app.communicate(timeout=60)
-        assert app.returncode == 0, out
+        assert app.returncode == 143, out
     finally:
         for p in (app, xvfb):
             if p.poll() is None:

@@ -300,7 +300,7 @@ class SourceStage(threading.Thread):
         self.events = events
         self.epoch = epoch
         self.realtime = realtime
-        self.loops_left = max(1, int(loop)) - 1
+        self.loops_left = float("inf") if int(loop) == 0 else max(1, int(loop)) - 1  # 0: for ever
         self.max_frames = max_frames  # stop after this many frames (quick looks at long videos)
         self._cond = threading.Condition()
         self._paused = start_paused

@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 
-from kdas_core.cli.conventions import EXIT_UNAVAILABLE
+from kdas_core.cli.conventions import EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_UNAVAILABLE
 
 from ..errors import AppError
 
@@ -89,7 +89,7 @@ def run_window(args, *, model_path: str, source: str | None, analysis=None, comp
     window = MainWindow(model_path, args.backend, threshold=args.threshold, opacity=args.opacity,
                         contour=args.contour, record_dir=args.record, stats_path=args.stats,
                         exit_at_end=args.exit_at_end, threads=args.threads, analysis=analysis,
-                        compare_path=compare_path, frames_csv=args.frames_csv)
+                        compare_path=compare_path, frames_csv=args.frames_csv, loop=args.loop)
     signals = _SignalBridge(app, window)
     window.show()
     opened = window.open_source(source) if source else False
@@ -100,4 +100,6 @@ def run_window(args, *, model_path: str, source: str | None, analysis=None, comp
     finally:
         window.shutdown()  # closeEvent normally did this already; idempotent
         signals.restore()
+    if signals.received is not None:  # closed by Ctrl+C or SIGTERM: the codes --help promises
+        return EXIT_INTERRUPTED if signals.received == signal.SIGINT else EXIT_TERMINATED
     return 1 if window.exit_at_end and window.errors else 0

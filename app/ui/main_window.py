@@ -68,8 +68,9 @@ class MainWindow(QMainWindow):
                  opacity: float = 0.4, contour: bool = True, record_dir: str | None = None,
                  stats_path: str | None = None, exit_at_end: bool = False, backend_factory=None,
                  camera_factory=None, threads: int | None = None, analysis: AnalysisSettings | None = None,
-                 compare_path: str | None = None, frames_csv: str | None = None):
+                 compare_path: str | None = None, frames_csv: str | None = None, loop: int = 1):
         super().__init__()
+        self.loop = loop  # plays of a file: 1 once, 0 for ever (the bundled demo)
         self.model_path = model_path
         self.record_dir = Path(record_dir) if record_dir else Path("recordings")
         self.stats_path = stats_path
@@ -295,7 +296,7 @@ class MainWindow(QMainWindow):
             self.record_button.setChecked(False)  # a recording has one size: finish it first
         self.reader = reader
         self.source_spec = spec
-        self.ended = False
+        self._resume_after_end()
         self.signal_lost = False
         self.last_pts = None
         live = reader.live
@@ -304,7 +305,7 @@ class MainWindow(QMainWindow):
         self.seek_slider.setValue(0)
         self.play_button.setEnabled(True)
         self.play_button.setText("Pause")
-        self.pipeline.open(reader)
+        self.pipeline.open(reader, loop=self.loop)
         self.video.set_message("" if self.info else loading_message(self.model_path))
         self.statusBar().showMessage(f"Playing {reader.description}", 5000)
         self.setWindowTitle(f"{reader.description} \u2014 KDAS polyp viewer \u2014 {DISCLAIMER}")
@@ -327,7 +328,7 @@ class MainWindow(QMainWindow):
         if src is None:
             return
         if src.paused or self.ended:
-            self.ended = False
+            self._resume_after_end()
             src.resume()
             self.play_button.setText("Pause")
         else:
@@ -342,7 +343,7 @@ class MainWindow(QMainWindow):
     def seek_to(self, seconds: float) -> None:
         if self.reader is None or self.reader.live:
             return
-        self.ended = False
+        self._resume_after_end()
         self.pipeline.seek(max(0.0, seconds))
 
     def seek_relative(self, delta: float) -> None:
@@ -554,9 +555,18 @@ class MainWindow(QMainWindow):
             self.model_label.setText("model: none")
         self.show_error("Error", text)
 
+    def _resume_after_end(self) -> None:
+        self.ended = False
+        self.analysis.set_cue_border(self.cue_box.isChecked())
+
     def _on_end(self, eos: EndOfStream) -> None:
         self.ended = True
         self.play_button.setText("Play")
+        # The clip is over: the last frame stays, but no polyp cue (border and badge) and no live readout.
+        self.analysis.set_cue_border(False)
+        self._rerender()
+        self._show_cue(False, None)
+        self.readout_label.setText("clip ended \u2014 Play starts it again")
         if eos.error:
             self.show_error("Video error", eos.error)
         else:
@@ -579,6 +589,11 @@ class MainWindow(QMainWindow):
 
     # ------------------------------------------------------------------ readouts
     def _update_readout(self) -> None:
+        if self.ended:
+            return  # "clip ended" stays until Play
+        self.readout_label.setText(self._readout_text())
+
+    def _readout_text(self) -> str:
         live = self.pipeline.stats.live()
         src = self.pipeline.source
         if src is not None and self.reader is not None and self.reader.live and not src.paused:
@@ -595,7 +610,7 @@ class MainWindow(QMainWindow):
             parts.append(f"B {live['inference_b_ms']:.1f} ms" + (f" \u00b7 agree {agree:.2f}" if agree is not None else ""))
         if self.recording.active:
             parts.append("\u25cf REC")
-        self.readout_label.setText("  \u00b7  ".join(parts))
+        return "  \u00b7  ".join(parts)
 
     def _update_position(self) -> None:
         if self.reader is None or self.reader.live or self.last_pts is None:
