@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from kdas_core.io.atomic import write_json
-from kdas_core.cli.conventions import add_deprecated_alias, nonnegative_int, positive_int
+from kdas_core.cli.conventions import Parser, add_deprecated_alias, nonnegative_int, positive_int
 from kdas_core.models.presets import DEFAULT_THRESHOLD, image_size_arg
 
 from .errors import AppError
@@ -270,7 +270,7 @@ def window_run(source: str, model_size: int = 352) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m app.bench_overhead", description=__doc__,
+    p = Parser(exit_codes=(0, 1, 2, 4, 130), prog="python -m app.bench_overhead", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="1920x1080", metavar="WxH", help="WxH of the clip made for the run (default 1920x1080)")
     p.add_argument("source", nargs="?", metavar="SOURCE", help="use this video instead of making one")
@@ -301,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         p.error(str(exc))
     if args.source is not None and not os.path.isfile(args.source):
-        print(f"error: {args.source}: no such video file", file=sys.stderr)
+        print(f"app.bench_overhead: error: {args.source}: no such video file", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory(prefix="kdas-overhead-") as tmp:
         source = args.source
@@ -313,13 +313,13 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     make_sized_clip(source, *size, args.frames)
             except AppError as exc:
-                print(f"error: {exc}", file=sys.stderr)
+                print(f"app.bench_overhead: error: {exc}", file=sys.stderr)
                 return 2
         if args.window:
             try:
                 stats = window_run(source, args.model_size)
             except AppError as exc:
-                print(f"error: {exc}", file=sys.stderr)
+                print(f"app.bench_overhead: error: {exc}", file=sys.stderr)
                 return 1
             keys = ("frames_in", "frames_out", "dropped", "dropped_pct", "fps", "latency_ms_p50", "latency_ms_p95",
                     "source_fps", "qt_platform")
@@ -333,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     stages[mode] = stage_breakdown(source, mode, args.stages, view, args.model_size)
                 except AppError as exc:
-                    print(f"error: {exc}", file=sys.stderr)
+                    print(f"app.bench_overhead: error: {exc}", file=sys.stderr)
                     return 1
                 s = stages[mode]
                 for key, label in (("stages_ms", "wall"), ("stages_cpu_ms", "cpu ")):
@@ -345,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
             res = run_headless(source, os.path.join(tmp, "out.mp4"), model_path="stand-in", progress=None,
                                backend_factory=lambda *a, **k: StandInBackend(args.model_size))
         except AppError as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            print(f"app.bench_overhead: error: {exc}", file=sys.stderr)
             return 1
         cpu_s = time.process_time() - cpu0
     keys = ("frames_out", "fps", "latency_ms_p50", "latency_ms_p95", "wall_s")

@@ -15,6 +15,7 @@ from .errors import AppError
 from .pipeline.analysis import AnalysisSettings
 from .pipeline.cue import CueSpec
 from .pipeline.temporal import SmoothSpec
+from kdas_core.cli.conventions import Parser
 
 DESCRIPTION = f"""\
 Real-time polyp segmentation on endoscopy video: the model's mask is drawn over the video
@@ -122,7 +123,7 @@ def resolve_compare(args) -> str | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(exit_codes=(0, 1, 2, 4, 130), 
         prog="python -m app",
         usage=f"\n  python -m app [SOURCE] [--weights PATH] [--backend {'|'.join(CHOICES)}]\n"
               "                [--threshold T] [--opacity A] [--record DIR] [--smooth [SPEC]] [--compare-weights OTHER]\n"
@@ -254,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_window(args, model_path=resolve_model(args), source=resolve_source(args),
                           analysis=analysis_settings(args), compare_path=resolve_compare(args))
     except AppError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"app: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED

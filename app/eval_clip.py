@@ -15,8 +15,9 @@ only, measured interleaved frame by frame in one process).
 
 Ground truth: clip frame i is the mask with the i-th smallest numeric stem found under --gt
 (a masks folder, or a PraNet root: TrainDataset/masks and TestDataset/*/masks), which is how
-../shared/data/clips/cvc-clinicdb.mp4 was made from CVC-ClinicDB. Exit status: 0 ok, 1 bad input
-(message says which), 2 usage.
+../shared/data/clips/cvc-clinicdb.mp4 was made from CVC-ClinicDB. Bad input (a clip, mask or model
+that cannot be used) and usage errors exit 2 with a message that says which; the exit codes close
+this help.
 """
 
 from __future__ import annotations
@@ -178,12 +179,12 @@ def _table(res: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     from engines import CHOICES
     from kdas_core.io.atomic import write_json
-    from kdas_core.cli.conventions import positive_int
+    from kdas_core.cli.conventions import Parser, positive_int
 
     from . import DEFAULT_WEIGHTS
     from .cli import _smooth_spec, add_cue_arguments, add_weights_argument, cue_spec, resolve_model
 
-    p = argparse.ArgumentParser(prog="python -m app.eval_clip", description=__doc__.split("\n\n")[0],
+    p = Parser(exit_codes=(0, 1, 2, 4, 130), prog="python -m app.eval_clip", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("clip", metavar="CLIP", help="annotated video file")
     p.add_argument("--gt", required=True, metavar="ROOT", help="masks folder or PraNet root with numeric-stem masks")
@@ -212,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
                        specs=args.smooth, thresholds=thresholds, cue=cue_spec(args),
                        per_frame=args.per_frame, max_frames=args.max_frames, log=log)
     except AppError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"app.eval_clip: error: {exc}", file=sys.stderr)
         return exc.exit_code
     print(_table(res))
     if args.json:

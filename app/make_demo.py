@@ -14,7 +14,7 @@ from fractions import Fraction
 
 import av
 
-from kdas_core.cli.conventions import add_deprecated_alias
+from kdas_core.cli.conventions import Parser, add_deprecated_alias
 from kdas_core.io.atomic import staged
 
 
@@ -47,7 +47,7 @@ def write_clip(out: str, frames: int = 250, size: int = 352, fps: int = 25, seed
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m app.make_demo", description=__doc__,
+    p = Parser(exit_codes=(0, 1, 2), prog="python -m app.make_demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, metavar="PATH", help="output .mp4 (e.g. assets/demo.mp4)")
     p.add_argument("--max-frames", dest="frames", type=int, default=250, metavar="N",

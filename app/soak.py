@@ -20,7 +20,7 @@ import tempfile
 import time
 
 from engines import CHOICES
-from kdas_core.cli.conventions import add_deprecated_alias, positive_int
+from kdas_core.cli.conventions import Parser, add_deprecated_alias, positive_int
 from kdas_core.io.atomic import write_json
 
 from . import DEFAULT_WEIGHTS, DEMO_CLIP
@@ -31,7 +31,7 @@ REAL_CLIP = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file_
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m app.soak", description=__doc__,
+    p = Parser(exit_codes=(0, 1, 2, 4, 130), prog="python -m app.soak", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", nargs="?", metavar="SOURCE",
                    help="clip to loop (default: ../shared/data/clips/cvc-clinicdb.mp4 if present, else the demo clip)")
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             clip_frames = VideoFileReader(source).frame_count or 1
         except AppError as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            print(f"app.soak: error: {exc}", file=sys.stderr)
             return 1
         loops = math.ceil(args.frames / clip_frames)
         samples: list[tuple[int, float, float]] = []  # (frame, seconds, RSS MB)

@@ -12,7 +12,7 @@ import numpy as np
 
 from . import CHOICES, load_backend
 from kdas_core.io.atomic import write_json
-from kdas_core.cli.conventions import add_deprecated_alias
+from kdas_core.cli.conventions import Parser, add_deprecated_alias
 from kdas_core.models.presets import image_size_arg
 
 from .cli_common import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE, UnavailableError, exit_codes_help, run
@@ -64,7 +64,7 @@ class _ModelSpec(argparse.Action):
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = Parser(exit_codes=(0, 1, 2, 4, 130), 
         prog="python -m engines.bench", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--weights", action=_ModelSpec, dest="model", metavar="PATH",

@@ -13,6 +13,7 @@ from kdas_core.models.presets import image_size_arg
 
 from . import ENGINE_SUFFIXES
 from .cli_common import EXIT_CODES_HELP, EXIT_OK, UnavailableError, VerifyError, run
+from kdas_core.cli.conventions import Parser
 
 DESCRIPTION = """\
 Export a KDAS checkpoint (.safetensors) for deployment.
@@ -55,7 +56,7 @@ of the cache index; its sidecar says "verified": false.
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = Parser(exit_codes=(0, 1, 2, 3, 4, 130), 
         prog="python -m engines.build", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--weights", required=True, metavar="CKPT", help="KDAS checkpoint (.safetensors from kdas_core.train/distill)")

@@ -33,7 +33,7 @@ from typing import Any, Callable
 import numpy as np
 
 from kdas_core.io.atomic import write_json
-from kdas_core.cli.conventions import name_some
+from kdas_core.cli.conventions import Parser, name_some
 from kdas_core.models.presets import DEFAULT_THRESHOLD, image_size_arg
 
 from .cli_common import EXIT_OK, EXIT_VERIFY, run
@@ -795,7 +795,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     from kdas_core.io.assets import DEFAULT_TEACHER, DEFAULT_WEIGHTS
     from kdas_core.cli.conventions import device_arg, positive_int
 
-    p = argparse.ArgumentParser(prog="python -m engines.selfcheck", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(exit_codes=(0, 1, 2, 3, 130), prog="python -m engines.selfcheck", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", metavar="OUT", help="write the report (one entry per check, every figure in its details) as JSON to OUT")
     p.add_argument("--weights", default=str(DEFAULT_WEIGHTS), metavar="CKPT", help=f"checkpoint to check (default: the shipped student, {os.path.basename(str(DEFAULT_WEIGHTS))})")
     p.add_argument("--teacher", default=None, metavar="CKPT",

@@ -139,7 +139,7 @@ def test_a_checkpoint_that_is_not_one_fails_cleanly(assets, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     # The file is unusable whichever backend runs it: the reason leads, whole, with no backend list.
-    assert f"\nerror: {fake}: not a readable safetensors file" in "\n" + err and "\u2026" not in err
+    assert f"\napp: error: {fake}: not a readable safetensors file" in "\n" + err and "\u2026" not in err
     assert "no backend could run" not in err
 
 
@@ -149,7 +149,7 @@ def test_a_corrupt_checkpoint_under_auto_leads_with_the_reason(assets, tmp_path,
     fake = garbage(str(tmp_path / "fake.safetensors"))
     code = cli.main([assets["clip"], "--headless", "--out", str(tmp_path / "o.mp4"), "--weights", fake])
     err = capsys.readouterr().err
-    assert code == 2 and f"\nerror: {fake}: not a readable safetensors file" in "\n" + err
+    assert code == 2 and f"\napp: error: {fake}: not a readable safetensors file" in "\n" + err
     assert "TensorRT" not in err and "\u2026" not in err and not (tmp_path / "o.mp4").exists()
 
 

@@ -20,3 +20,72 @@ def test_device_takes_cpu_cuda_and_cuda_n_only(capsys):
     with pytest.raises(SystemExit) as e:
         evaluate.main(["--weights", "w", "--data", "d", "--device", "gpu"])
     assert e.value.code == EXIT_USAGE and "cpu, cuda or cuda:N" in capsys.readouterr().err
+
+
+# every `python -m` entry point of the project
+ENTRY_POINTS = [
+    "kdas_core.train", "kdas_core.distill", "kdas_core.evaluate", "kdas_core.ablate", "kdas_core.teacher_targets",
+    "kdas_core.bench_train", "kdas_core.time_to_accuracy", "kdas_core.profile", "kdas_core.data.synthetic",
+    "engines.build", "engines.bench", "engines.selfcheck",
+    "app", "app.eval_clip", "app.soak", "app.bench_overhead", "app.make_demo",
+]
+
+
+def _help(module: str) -> str:
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120,
+                         env={**__import__("os").environ, "QT_QPA_PLATFORM": "offscreen", "COLUMNS": "100"})
+    assert out.returncode == 0, f"{module} --help: exit {out.returncode}\n{out.stderr[-2000:]}"
+    return out.stdout
+
+
+@pytest.mark.parametrize("module", ENTRY_POINTS)
+def test_every_help_ends_with_its_exit_codes_and_says_each_default_once(module):
+    import re
+
+    text = _help(module)
+    tail = text.rstrip().rsplit("\n\n", 1)[-1]
+    assert tail.startswith("exit status"), f"{module} --help does not end with its exit codes:\n{tail}"
+    assert re.search(r"^\s+0\s+success", tail, re.M), tail
+    # one option's help in argparse's layout: a line starting with '-' and its indented continuation
+    for block in re.split(r"\n(?=  -)", text):
+        assert block.count("(default") <= 1, f"{module}: a default said twice:\n{block}"
+        assert "(default: None)" not in block, f"{module}: an empty default shown:\n{block}"
+
+
+def _parsers():
+    import importlib
+
+    for name in ENTRY_POINTS:
+        mod = importlib.import_module(name if name != "app" else "app.cli")
+        if hasattr(mod, "build_parser"):
+            yield name, mod.build_parser()
+
+
+def test_every_shown_default_is_accepted_when_typed_back():
+    """A user who copies a default from --help back onto the command line gets what --help said."""
+    import argparse
+    import re
+
+    checked = 0
+    for name, parser in _parsers():
+        fmt = parser._get_formatter()
+        for action in parser._actions:
+            if not action.option_strings or action.nargs == 0 or action.help in (None, argparse.SUPPRESS):
+                continue
+            shown = re.search(r"\(default:? ([^)]*)\)", fmt._expand_help(action))
+            if not shown:
+                continue
+            value = shown.group(1).strip().strip("'\"")
+            if " " in value and not re.fullmatch(r"[\d.,: -]+", value):
+                continue  # prose ("PyTorch's choice", "the usable cores"), not a value to type
+            for a in parser._actions:  # only this flag is under test
+                a.required = False
+            try:
+                parser.parse_args([action.option_strings[-1], *value.split()])
+            except SystemExit:
+                pytest.fail(f"{name}: {action.option_strings[-1]} shows its default as {value!r}, which it then rejects")
+            checked += 1
+    assert checked > 20

@@ -371,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     if args.size < 32:
-        print(f"error: --image-size must be at least 32 pixels, got {args.size}", file=sys.stderr)
+        print(f"kdas_core.data.synthetic: error: --image-size must be at least 32 pixels, got {args.size}", file=sys.stderr)
         return EXIT_USAGE
     start = time.perf_counter()
     out = Path(args.out)
