@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 
 from .backends.base import Backend
-from .errors import BackendError, ModelFileError
+from .errors import BackendError, BackendUnavailable, ModelFileError
 from .source import ENGINE_SUFFIXES, ModelSource, file_kind
 from .trt_common import NO_GPU_REASON, has_nvidia_gpu, is_sticky_cuda_error
 
@@ -26,7 +26,7 @@ BACKENDS = ("tensorrt", "onnxruntime", "torch")  # fastest first: the order auto
 CHOICES = ("auto",) + BACKENDS
 GPU_ONLY = ("tensorrt",)  # never tried when device="cpu"
 
-__all__ = ["Backend", "BackendError", "ModelFileError", "ModelSource", "check_model_file", "BACKENDS", "CHOICES",
+__all__ = ["Backend", "BackendError", "BackendUnavailable", "ModelFileError", "ModelSource", "check_model_file", "BACKENDS", "CHOICES",
            "ENGINE_SUFFIXES", "GPU_ONLY", "fallback_chain", "load_backend", "file_kind", "is_sticky_cuda_error"]
 
 
@@ -46,10 +46,12 @@ def open_for_scoring(path: str, backend: str, *, device: str | None, image_size:
                      threads: int | None) -> Backend:
     """`kdas_core.evaluate`'s way in (the `kdas_core.runtimes` entry point): `load_backend`, with a
     model-file or backend problem reported as the user error it is."""
-    from kdas_core.cli.conventions import UsageError
+    from kdas_core.cli.conventions import UnavailableError, UsageError
 
     try:
         return load_backend(path, backend=backend, device=device, image_size=image_size, threads=threads)
+    except BackendUnavailable as exc:  # the file asked for cannot run here: hardware, not input
+        raise UnavailableError(str(exc)) from exc
     except BackendError as exc:
         raise UsageError(str(exc)) from exc
 
@@ -113,10 +115,10 @@ def _open(name: str, src: ModelSource, opts: dict, notes: list[str]) -> Backend:
         from .backends import tensorrt_backend as trt_b
 
         reason = trt_b.why_unavailable(opts["device"])
-        if reason and opts.get("auto") and not has_nvidia_gpu():
-            reason = NO_GPU_REASON  # nobody asked for TensorRT: no install hint on a machine that cannot use it
+        if reason and not has_nvidia_gpu():
+            reason = NO_GPU_REASON  # installing TensorRT would not help: no install hint on a machine without a GPU
         if reason:
-            raise BackendError(reason)
+            raise BackendUnavailable(reason)
         engine = src if src.kind == "engine" else trt_b.find_cached_engine(src, opts["image_size"], opts["device"], notes)
         b = trt_b.TensorRTBackend(engine, device=opts["device"])
         if engine is not src:

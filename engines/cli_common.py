@@ -24,7 +24,7 @@ class VerifyError(RuntimeError):
 def run(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
     """`main(argv)` under the one exit-code policy (kdas_core.cli.conventions.run_cli), with
     BackendError as bad input (2) and VerifyError as a disagreement (3)."""
-    from .errors import BackendError
+    from .errors import BackendError, BackendUnavailable
 
     # Our own progress lines only: the exporter's libraries log chattily at INFO on the root logger.
     log = logging.getLogger("engines")
@@ -36,4 +36,11 @@ def run(main: Callable[[list[str] | None], int], argv: list[str] | None = None) 
         log.propagate = False
     spec = main.__globals__.get("__spec__")  # under `python -m engines.build`, __module__ is "__main__"
     prog = spec.name if spec is not None else main.__module__
-    return run_cli(lambda: main(argv), prog, user_errors=(BackendError,), codes={VerifyError: EXIT_VERIFY})
+
+    def body():
+        try:
+            return main(argv)
+        except BackendUnavailable as exc:  # asked for a backend this machine cannot run: hardware, exit 4
+            raise UnavailableError(str(exc)) from exc
+
+    return run_cli(body, prog, user_errors=(BackendError,), codes={VerifyError: EXIT_VERIFY})
