@@ -289,6 +289,23 @@ def test_camera_unplugged_shows_signal_lost_retries_and_resumes():
     assert not stage.is_alive()
 
 
+def test_max_frames_stops_a_camera_too():
+    world = {"plugged": True, "reads": 0, "opens": 0}
+    reader = CameraReader(0, factory=lambda dev: FakeCapture(world))
+    out, stats = BoundedQueue(64), RunStats()
+    stage = SourceStage(reader, out, stats=stats, events=Events(), epoch=Epoch(), realtime=True, max_frames=5)
+    stage.start()
+    try:
+        stage.join(10)
+        assert not stage.is_alive(), "the camera source ran past --max-frames"
+    finally:
+        stage.stop()
+        stage.join(2)
+    items = out.drain()
+    assert [f.index for f in items[:-1]] == [0, 1, 2, 3, 4] and isinstance(items[-1], EndOfStream)
+    assert items[-1].error is None and stats.frames_in == 5
+
+
 def test_camera_that_cannot_open_is_a_clear_error():
     with pytest.raises(AppError, match="camera 3"):
         CameraReader(3, factory=lambda dev: FakeCapture({"plugged": False, "reads": 0}))

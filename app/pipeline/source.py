@@ -383,6 +383,9 @@ class SourceStage(threading.Thread):
                 self.ended = False
                 self._clock = None
             if self.reader.live:
+                if self._limit_reached():  # --max-frames: a camera ends there too (it has nothing to replay)
+                    self._finish(None)
+                    return
                 image = self.reader.read()
                 if image is None:
                     self._recover()
