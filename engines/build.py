@@ -47,8 +47,9 @@ or by default the bundled demo clip's frames on which the checkpoint finds a pol
 unless: fp32 max prob diff <= 1e-3; fp16 mask Dice >= 0.99, no all-empty masks where the
 reference has foreground, mean prob diff <= 5e-3 and 99th-percentile prob diff <= 0.05; int8
 mask Dice >= 0.85 and no all-empty masks (int8 verifies on real frames: --verify-frames, else
-images of --calibration). A TensorRT engine that fails (or is built without --verify) stays out
-of the cache index; its sidecar says "verified": false.
+up to 8 images of --calibration that calibration did not use; the output names them). A
+TensorRT engine that fails (or is built without --verify) stays out of the cache index; its
+sidecar says "verified": false.
 
 {EXIT_CODES_HELP}
 """
@@ -102,9 +103,11 @@ def main(argv: list[str] | None = None) -> int:
             raise UnavailableError(f"--format tensorrt: {reason}")
 
     if args.precision == "int8":
-        from .quantize import calibration_images
+        from .quantize import calibration_images, verify_images
 
         calibration_images(args.calibration, args.calibration_images)  # a wrong folder fails before the export
+        if args.verify and not args.verify_frames:
+            verify_images(args.calibration, calibration_count=args.calibration_images)  # so does nothing left to verify on
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.splitext(os.path.basename(args.weights))[0]
     onnx_path = os.path.join(args.out, f"{stem}-{size}-{args.precision}.onnx")
@@ -142,10 +145,15 @@ def _verify(args: argparse.Namespace, artefact: str, size: int):
     reference = load_backend(args.weights, backend="torch", device="cpu", image_size=size)
     try:
         if args.precision == "int8" and not args.verify_frames:
-            from .quantize import verify_frames  # INT8 is judged on real frames: the calibration folder's
+            from kdas_core.cli_conventions import name_some
 
-            frames = verify_frames(args.calibration, size)
-            ref_probs, what = reference.predict(frames), f"{len(frames)} images from {args.calibration}"
+            from .quantize import verify_frames, verify_images  # INT8 is judged on real frames it was not calibrated on
+
+            paths = verify_images(args.calibration, calibration_count=args.calibration_images)
+            frames = verify_frames(paths, size)
+            ref_probs = reference.predict(frames)
+            what = (f"{len(frames)} images of {args.calibration} that calibration did not use "
+                    f"({name_some((os.path.basename(p) for p in paths), 4)})")
         else:
             frames, ref_probs, what = verification_frames(reference, size, args.verify_frames)
     finally:
