@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import av
+import numpy as np
 import pytest
 
 from app.headless import run_headless
@@ -221,3 +222,62 @@ def test_no_backend_can_run_the_model_exits_4(assets, tmp_path):
                        backend_factory=nothing_runs, progress=False, log=lambda s: None)
     assert res.exit_code == 4 and "no backend could run the model" in res.stats["error"]
     assert not (tmp_path / "o.mp4").exists()
+
+
+class _FailingBackend:
+    """A tiny backend whose `fail_at`-th predict() call (the first is the warm-up) raises `exc`."""
+
+    input_size, threshold, notes = (8, 8), 0.5, []
+
+    def __init__(self, name, fail_at, exc):
+        self.name, self.fail_at, self.exc, self.calls = name, fail_at, exc, 0
+
+    def predict(self, frames):
+        self.calls += 1
+        if self.calls >= self.fail_at:
+            raise self.exc
+        return np.zeros(frames.shape[:3], np.float32)
+
+    def close(self):
+        pass
+
+
+def _headless_within(seconds: float, **kwargs):
+    """run_headless in a thread: a hung pipeline fails the test instead of freezing it."""
+    import threading
+
+    done = []
+    thread = threading.Thread(target=lambda: done.append(run_headless(**kwargs)), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if not done:
+        pytest.fail(f"headless did not finish within {seconds:g} s: the pipeline hangs")
+    return done[0]
+
+
+@pytest.fixture(scope="module")
+def short_clip(tmp_path_factory):
+    return make_clip(tmp_path_factory.mktemp("short") / "short.mp4", frames=6, size=64)
+
+
+def test_an_unexpected_error_in_the_inference_thread_ends_the_run_with_its_traceback(short_clip, tmp_path):
+    # warm-up + 6 frames pass; the model-only burst after the last frame fails
+    res = _headless_within(60, source=short_clip, out=str(tmp_path / "o.mp4"), model_path="m.onnx",
+                           backend="onnxruntime", progress=False, log=lambda s: None,
+                           backend_factory=lambda path, backend, device=None, threads=None:
+                           _FailingBackend(backend, 8, OSError("scratch file vanished (test)")))
+    assert res.exit_code == 1 and res.stats["complete"] is False
+    assert "scratch file vanished (test)" in res.stats["error"] and "Traceback" in res.stats["error"]
+
+
+def test_a_programming_error_in_predict_does_not_fall_back_through_every_backend(short_clip, tmp_path):
+    built = []
+
+    def factory(path, backend, device=None, threads=None):
+        built.append(backend)
+        return _FailingBackend(backend, 2, ValueError("frames must have shape (N,8,8,3) (test)"))
+
+    res = _headless_within(60, source=short_clip, out=str(tmp_path / "o.mp4"), model_path="m.onnx",
+                           backend="onnxruntime", backend_factory=factory, progress=False, log=lambda s: None)
+    assert built == ["onnxruntime"] and res.stats["notices"] == []  # a bug: no other backend would fix it
+    assert res.exit_code == 1 and "ValueError" in res.stats["error"] and "Traceback" in res.stats["error"]
