@@ -281,3 +281,39 @@ def test_a_programming_error_in_predict_does_not_fall_back_through_every_backend
                            backend="onnxruntime", backend_factory=factory, progress=False, log=lambda s: None)
     assert built == ["onnxruntime"] and res.stats["notices"] == []  # a bug: no other backend would fix it
     assert res.exit_code == 1 and "ValueError" in res.stats["error"] and "Traceback" in res.stats["error"]
+
+
+def _tiny_factory(path, backend, device=None, threads=None):
+    return _FailingBackend(backend, 10 ** 9, RuntimeError("never"))
+
+
+def test_stats_are_written_last_and_say_a_failed_frame_check_failed(short_clip, tmp_path, monkeypatch):
+    from app.pipeline.stats import RunStats
+
+    counted = RunStats.frame_in
+
+    def twice(self):  # frames in and out disagree: the run's own check fails it
+        counted(self)
+        counted(self)
+
+    monkeypatch.setattr(RunStats, "frame_in", twice)
+    stats_path = tmp_path / "s.json"
+    res = run_headless(short_clip, str(tmp_path / "o.mp4"), model_path="m.onnx", backend="onnxruntime",
+                       backend_factory=_tiny_factory, stats_path=str(stats_path), progress=False, log=lambda s: None)
+    written = json.loads(stats_path.read_text())
+    assert res.exit_code == 1 and "12 frames in, 6 out" in written["error"]
+    assert written["complete"] is False and written == res.stats
+
+
+def test_signal_handlers_are_restored_when_the_run_raises(short_clip, tmp_path, monkeypatch):
+    from app.pipeline.runner import Pipeline
+
+    def broken_open(self, *a, **k):
+        raise RuntimeError("open failed (test)")
+
+    monkeypatch.setattr(Pipeline, "open", broken_open)
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    with pytest.raises(RuntimeError, match="open failed"):
+        run_headless(short_clip, str(tmp_path / "o.mp4"), model_path="m.onnx", backend="onnxruntime",
+                     backend_factory=_tiny_factory, progress=False, log=lambda s: None)
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
