@@ -317,3 +317,16 @@ def test_signal_handlers_are_restored_when_the_run_raises(short_clip, tmp_path, 
         run_headless(short_clip, str(tmp_path / "o.mp4"), model_path="m.onnx", backend="onnxruntime",
                      backend_factory=_tiny_factory, progress=False, log=lambda s: None)
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+
+
+def test_a_missing_xcb_library_is_named_with_the_install_command():
+    from app.ui.app import display_failure
+
+    qt_said = ("qt.qpa.plugin: From 6.5.0, xcb-cursor0 or libxcb-cursor0 is needed to load the Qt xcb platform plugin.\n"
+               "qt.qpa.plugin: Could not load the Qt platform plugin \"xcb\" in \"\" even though it was found.\n"
+               "This application failed to start because no Qt platform plugin could be initialized.")
+    text = display_failure(qt_said, ":0")
+    assert "libxcb-cursor0" in text and "sudo apt install" in text
+    for package in ("libxcb-icccm4", "libxcb-cursor0", "libxkbcommon-x11-0"):
+        assert package in text
+    assert "--headless" in text
