@@ -55,3 +55,12 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 def write_json(path: str | os.PathLike, data: Any, indent: int = 2, sort_keys: bool = False) -> None:
     """`data` as indented JSON with a trailing newline."""
     write_text(path, json.dumps(data, indent=indent, sort_keys=sort_keys) + "\n")
+
+
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether the paths `a` and `b` name the same file, through symbolic and hard links (an
+    output about to be written is checked against the inputs it would destroy)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet): then only the resolved names can agree
+        return os.path.realpath(a) == os.path.realpath(b)

@@ -330,3 +330,17 @@ def test_a_missing_xcb_library_is_named_with_the_install_command():
     for package in ("libxcb-icccm4", "libxcb-cursor0", "libxkbcommon-x11-0"):
         assert package in text
     assert "--headless" in text
+
+
+def test_an_output_that_is_an_input_is_refused_before_anything_is_written(short_clip, tmp_path, capsys):
+    from app import cli
+
+    link = tmp_path / "link.mp4"
+    link.symlink_to(short_clip)
+    size = os.path.getsize(short_clip)
+    for flags in (["--out", short_clip], ["--out", str(link)], ["--out", str(tmp_path / "o.mp4"), "--stats", short_clip],
+                  ["--out", str(tmp_path / "o.mp4"), "--frames-csv", str(link)]):
+        code = cli.main([short_clip, "--headless", "--weights", "m.onnx", *flags])
+        err = capsys.readouterr().err
+        assert code == 2 and "is the input" in err and flags[-2] in err, (flags, err)
+        assert os.path.getsize(short_clip) == size
