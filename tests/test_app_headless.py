@@ -186,7 +186,8 @@ def test_signal_finalises_the_recording(assets, tmp_path, sig):
                                     "--backend", "torch", "--threads", "1", "--loop", "20"),
                             cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stderr=subprocess.PIPE, text=True)
     try:
-        wait_for_file(out.parent, out.name, proc)  # still running, recording begun
+        wait_for_file(out.parent, f".tmp-{out.name}", proc)  # still running, recording begun beside the final path
+        assert not out.exists()  # the final name appears only when the recording is finalised
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=60)
     finally:
