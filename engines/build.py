@@ -85,8 +85,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if not os.path.isfile(args.weights):  # before importing torch: a typo fails fast
-        raise FileNotFoundError(f"{args.weights}: no such checkpoint file")
+    args.weights = resolve_weights(args.weights)  # before importing torch: a typo fails fast
     from kdas_core.checkpoint import read_metadata
 
     from .backends.onnxruntime_backend import cached_onnx_for_checkpoint
@@ -135,6 +134,27 @@ def main(argv: list[str] | None = None) -> int:
         raise VerifyError(f"{artefact} disagrees with {args.weights}; see above")
     print(artefact)  # stdout: the artefact path only, for scripts
     return EXIT_OK
+
+
+def resolve_weights(path: str) -> str:
+    """The checkpoint --weights names: the file itself, or a train/distill run folder's
+    best.safetensors (said on stderr). An export (.onnx, an engine) is refused with what to do."""
+    from kdas_core.cli_conventions import UsageError
+
+    if os.path.isdir(path):
+        best = os.path.join(path, "best.safetensors")
+        if not os.path.isfile(best):
+            raise UsageError(f"--weights {path}: a folder with no best.safetensors; give a checkpoint file "
+                             "or the run folder of kdas_core.train / kdas_core.distill")
+        _say(f"--weights {path}: a run folder; building its best.safetensors")
+        return best
+    if path.lower().endswith((".onnx", *ENGINE_SUFFIXES)):
+        raise UsageError(f"--weights {path}: engines.build takes a .safetensors checkpoint (from kdas_core.train / "
+                         "distill); this file is already an export: run it as it is (python -m app --weights, "
+                         "engines.bench, kdas_core.evaluate), or build from the checkpoint it was exported from")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    return path
 
 
 def _verify(args: argparse.Namespace, artefact: str, size: int):
