@@ -64,3 +64,24 @@ def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
         return os.path.samefile(a, b)
     except OSError:  # one of them does not exist (yet): then only the resolved names can agree
         return os.path.realpath(a) == os.path.realpath(b)
+
+
+def check_output_path(path: str | os.PathLike, flag: str, inputs: tuple = ()) -> None:
+    """Before the work starts: UsageError (exit 2) naming `flag` when `path` cannot be created
+    (its folder is missing or not writable; a real probe file, so /proc or a read-only mount are
+    caught) or is one of `inputs` (writing it would destroy what is read)."""
+    from .cli_conventions import UsageError
+
+    for other in inputs:
+        if other and same_file(path, other):
+            raise UsageError(f"{flag} {path} is an input of this command ({other}); give another output path")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        return  # created by the writer (staged makes the folders)
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".kdas-probe-")
+    except OSError as exc:
+        raise UsageError(f"{flag} {path}: cannot create files in {folder} ({exc.strerror or exc}); "
+                         "choose a writable folder") from None
+    os.close(fd)
+    os.remove(probe)
