@@ -188,6 +188,17 @@ def check_output(path: str, flag: str) -> None:
     os.remove(probe)
 
 
+def check_not_an_input(path: str, flag: str, inputs) -> None:
+    """AppError when the output `path` is one of the `inputs` ((path, what) pairs), through links
+    too: writing it would destroy what is being read."""
+    from kdas_core.io.atomic import same_file
+
+    for other, what in inputs:
+        if other and same_file(path, other):
+            raise AppError(f"{flag} {path} is the input ({what}, {other}): writing it would destroy it; "
+                           "give another output path")
+
+
 def check_model(path: str) -> str:
     """AppError (bad input) now, before any backend loads, when the file cannot be a KDAS model."""
     from engines import BackendError, check_model_file
@@ -237,8 +248,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.loop is None:
         args.loop = 0 if (args.source is None and not args.headless and not args.exit_at_end) else 1  # the demo keeps its first impression alive
     try:
-        for path, flag in ((args.out, "--out"), (args.stats, "--stats")):
+        inputs = [(args.source or str(DEMO_CLIP), "the video"), (args.weights or str(DEFAULT_WEIGHTS), "the model"),
+                  (args.compare_weights, "the compare model")]
+        for path, flag in ((args.out, "--out"), (args.stats, "--stats"), (args.frames_csv, "--frames-csv")):
             if path:
+                check_not_an_input(path, flag, inputs)
                 check_output(path, flag)
         if args.headless:
             from .headless import run_headless

@@ -15,3 +15,12 @@ class AppError(RuntimeError):
     def __init__(self, message: str, exit_code: int = EXIT_USAGE):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+def crash_report(stage: str, exc: BaseException) -> str:
+    """What a pipeline stage reports when it fails on something that is not the user's input (a
+    bug or a runtime surprise): the exception and its traceback, so it can be found and fixed."""
+    import traceback
+
+    trace = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip()
+    return f"{stage} stage failed: {type(exc).__name__}: {exc}\n{trace}"

@@ -136,18 +136,21 @@ def run_headless(source: str, out: str, *, model_path: str, backend: str = "auto
     except Interrupted as exc:
         interrupted = exc
     finally:
-        pipeline.close()
-        if rows is not None:
-            rows.close()
-        if bar is not None:
-            bar.close()
         record_error = None
-        for r in recorder:
-            try:
-                r.close()
-            except AppError as exc:
-                record_error = str(exc)
-        pipeline.stats.stop()
+        try:
+            pipeline.close()
+            if rows is not None:
+                rows.close()
+            if bar is not None:
+                bar.close()
+            for r in recorder:
+                try:
+                    r.close()
+                except AppError as exc:
+                    record_error = str(exc)
+            pipeline.stats.stop()
+        finally:  # after the MP4 is finalised (a second Ctrl+C must not cut that short), on every path
+            _restore_signal_handlers(previous)
 
     stats = pipeline.stats.summary()
     info = events.info
@@ -171,14 +174,12 @@ def run_headless(source: str, out: str, *, model_path: str, backend: str = "auto
     error = events.error or record_error
     if interrupted is not None:
         error = f"interrupted by {interrupted.args[0]}"
-    stats.update({"notices": events.notices, "backend_notes": info.notes if info else [], "error": error,
-                  "complete": error is None})
-    if stats_path:
-        write_json(stats_path, stats)
-    _restore_signal_handlers(previous)
-
     if error is None and stats["frames_in"] != stats["frames_out"]:
         error = f"internal error: {stats['frames_in']} frames in, {stats['frames_out']} out"
+    stats.update({"notices": events.notices, "backend_notes": info.notes if info else [], "error": error,
+                  "complete": error is None})
+    if stats_path:  # last: the file tells how the run ended
+        write_json(stats_path, stats)
     if error:
         written = stats["frames_recorded"] and record_error is None and os.path.isfile(out)
         where = f"; the {stats['frames_recorded']} frames before it are in {out}" if written else ""

@@ -48,8 +48,9 @@ or by default the bundled demo clip's frames on which the checkpoint finds a pol
 unless: fp32 max prob diff <= 1e-3; fp16 mask Dice >= 0.99, no all-empty masks where the
 reference has foreground, mean prob diff <= 5e-3 and 99th-percentile prob diff <= 0.05; int8
 mask Dice >= 0.85 and no all-empty masks (int8 verifies on real frames: --verify-frames, else
-images of --calibration). A TensorRT engine that fails (or is built without --verify) stays out
-of the cache index; its sidecar says "verified": false.
+up to 8 images of --calibration that calibration did not use; the output names them). A
+TensorRT engine that fails (or is built without --verify) stays out of the cache index; its
+sidecar says "verified": false.
 
 {EXIT_CODES_HELP}
 """
@@ -85,8 +86,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if not os.path.isfile(args.weights):  # before importing torch: a typo fails fast
-        raise FileNotFoundError(f"{args.weights}: no such checkpoint file")
+    args.weights = resolve_weights(args.weights)  # before importing torch: a typo fails fast
     from kdas_core.io.checkpoint import read_metadata
 
     from .backends.onnxruntime_backend import cached_onnx_for_checkpoint
@@ -106,9 +106,11 @@ def main(argv: list[str] | None = None) -> int:
             raise UnavailableError(f"--format tensorrt: {reason}")
 
     if args.precision == "int8":
-        from .quantize import calibration_images
+        from .quantize import calibration_images, verify_images
 
         calibration_images(args.calibration, args.calibration_images)  # a wrong folder fails before the export
+        if args.verify and not args.verify_frames:
+            verify_images(args.calibration, calibration_count=args.calibration_images)  # so does nothing left to verify on
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.splitext(os.path.basename(args.weights))[0]
     onnx_path = os.path.join(args.out, f"{stem}-{size}-{args.precision}.onnx")
@@ -138,6 +140,27 @@ def main(argv: list[str] | None = None) -> int:
     return EXIT_OK
 
 
+def resolve_weights(path: str) -> str:
+    """The checkpoint --weights names: the file itself, or a train/distill run folder's
+    best.safetensors (said on stderr). An export (.onnx, an engine) is refused with what to do."""
+    from kdas_core.cli.conventions import UsageError
+
+    if os.path.isdir(path):
+        best = os.path.join(path, "best.safetensors")
+        if not os.path.isfile(best):
+            raise UsageError(f"--weights {path}: a folder with no best.safetensors; give a checkpoint file "
+                             "or the run folder of kdas_core.train / kdas_core.distill")
+        _say(f"--weights {path}: a run folder; building its best.safetensors")
+        return best
+    if path.lower().endswith((".onnx", *ENGINE_SUFFIXES)):
+        raise UsageError(f"--weights {path}: engines.build takes a .safetensors checkpoint (from kdas_core.train / "
+                         "distill); this file is already an export: run it as it is (python -m app --weights, "
+                         "engines.bench, kdas_core.evaluate), or build from the checkpoint it was exported from")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    return path
+
+
 def _verify(args: argparse.Namespace, artefact: str, size: int):
     """The verify result (engines.verify.Agreement) of `artefact` against the checkpoint."""
     from . import load_backend
@@ -146,10 +169,15 @@ def _verify(args: argparse.Namespace, artefact: str, size: int):
     reference = load_backend(args.weights, backend="torch", device="cpu", image_size=size)
     try:
         if args.precision == "int8" and not args.verify_frames:
-            from .quantize import verify_frames  # INT8 is judged on real frames: the calibration folder's
+            from kdas_core.cli.conventions import name_some
 
-            frames = verify_frames(args.calibration, size)
-            ref_probs, what = reference.predict(frames), f"{len(frames)} images from {args.calibration}"
+            from .quantize import verify_frames, verify_images  # INT8 is judged on real frames it was not calibrated on
+
+            paths = verify_images(args.calibration, calibration_count=args.calibration_images)
+            frames = verify_frames(paths, size)
+            ref_probs = reference.predict(frames)
+            what = (f"{len(frames)} images of {args.calibration} that calibration did not use "
+                    f"({name_some((os.path.basename(p) for p in paths), 4)})")
         else:
             frames, ref_probs, what = verification_frames(reference, size, args.verify_frames)
     finally:

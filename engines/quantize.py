@@ -217,6 +217,24 @@ def calibration_of(path: str) -> dict:
     return json.loads(props["kdas.calibration"]) if "kdas.calibration" in props else {}
 
 
-def verify_frames(folder: str | os.PathLike, size: int, count: int = 8) -> np.ndarray:
-    """`count` real frames spread over `folder` (as for calibration), for `engines.build --verify`."""
-    return np.stack([load_calibration_frame(p, size) for p in calibration_images(folder, count)])
+def verify_images(folder: str | os.PathLike, count: int = 8, *,
+                  calibration_count: int = DEFAULT_CALIBRATION_IMAGES) -> list[str]:
+    """Up to `count` image paths of `folder` that `calibration_images(folder, calibration_count)`
+    does not pick, spread over those left: a model is not graded on the frames it was calibrated on."""
+    from kdas_core.cli.conventions import UsageError
+
+    calibration = set(calibration_images(folder, calibration_count))
+    root = Path(folder) / "images" if (Path(folder) / "images").is_dir() else Path(folder)
+    rest = sorted(str(p) for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and str(p) not in calibration)
+    if not rest:
+        raise UsageError(f"--calibration {folder}: all {len(calibration)} images calibrate the model, none is left to "
+                         "verify on; pass --verify-frames DIR (other real frames) or a smaller --calibration-images")
+    if len(rest) <= count:
+        return rest
+    picks = np.linspace(0, len(rest) - 1, count).round().astype(int)
+    return [rest[i] for i in picks]
+
+
+def verify_frames(paths: list[str], size: int) -> np.ndarray:
+    """The images `paths` (from `verify_images`) as uint8 (N, size, size, 3) frames, resized as for calibration."""
+    return np.stack([load_calibration_frame(p, size) for p in paths])

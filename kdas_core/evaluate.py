@@ -108,6 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def go() -> int:
+        from kdas_core.io.atomic import check_output_path
+
+        for path, flag in ((args.json, "--json"), (args.csv, "--csv")):
+            if path:  # before the model loads and the images are scored
+                check_output_path(path, flag, inputs=(args.weights,))
         from kdas_core.evaluation.scoring import run
 
         return run(args)

@@ -37,7 +37,7 @@ from pathlib import Path
 
 
 from kdas_core.cli.training import run_cli
-from kdas_core.cli.conventions import Parser, UsageError
+from kdas_core.cli.conventions import DEVICE_HELP, Parser, UsageError, device_arg, require_device
 from kdas_core.data.targets import FILE, FORMAT, STRIDE, data_digest, save
 from kdas_core.models.presets import TTA_MODES, image_size_arg, image_size_problem
 
@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "its own checkpoint's input size (e.g. 352 for a teacher trained at 352), its maps then "
                         "resampled to the training grid (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=8, metavar="B", help="teacher batch size (default: 8)")
-    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    p.add_argument("--device", type=device_arg, metavar="DEV", help=f"{DEVICE_HELP} (default: cuda when available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -142,13 +142,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def go() -> None:
-        import torch
-
         from kdas_core.io.checkpoint import read_metadata
 
+        device = require_device(args.device)  # a GPU that is not here: exit 4, before any work
         for t in args.teacher:
             read_metadata(t)  # a bad checkpoint fails before any work
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         targets, meta = compute(args.teacher, args.data, args.image_size, args.tta, args.batch_size, device,
                                 progress=not args.no_progress, teacher_size=args.teacher_size)
         path = save(args.out, targets, meta)

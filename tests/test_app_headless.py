@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import av
+import numpy as np
 import pytest
 
 from app.headless import run_headless
@@ -185,7 +186,8 @@ def test_signal_finalises_the_recording(assets, tmp_path, sig):
                                     "--backend", "torch", "--threads", "1", "--loop", "20"),
                             cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stderr=subprocess.PIPE, text=True)
     try:
-        wait_for_file(out.parent, out.name, proc)  # still running, recording begun
+        wait_for_file(out.parent, f".tmp-{out.name}", proc)  # still running, recording begun beside the final path
+        assert not out.exists()  # the final name appears only when the recording is finalised
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=60)
     finally:
@@ -221,3 +223,125 @@ def test_no_backend_can_run_the_model_exits_4(assets, tmp_path):
                        backend_factory=nothing_runs, progress=False, log=lambda s: None)
     assert res.exit_code == 4 and "no backend could run the model" in res.stats["error"]
     assert not (tmp_path / "o.mp4").exists()
+
+
+class _FailingBackend:
+    """A tiny backend whose `fail_at`-th predict() call (the first is the warm-up) raises `exc`."""
+
+    input_size, threshold, notes = (8, 8), 0.5, []
+
+    def __init__(self, name, fail_at, exc):
+        self.name, self.fail_at, self.exc, self.calls = name, fail_at, exc, 0
+
+    def predict(self, frames):
+        self.calls += 1
+        if self.calls >= self.fail_at:
+            raise self.exc
+        return np.zeros(frames.shape[:3], np.float32)
+
+    def close(self):
+        pass
+
+
+def _headless_within(seconds: float, **kwargs):
+    """run_headless in a thread: a hung pipeline fails the test instead of freezing it."""
+    import threading
+
+    done = []
+    thread = threading.Thread(target=lambda: done.append(run_headless(**kwargs)), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if not done:
+        pytest.fail(f"headless did not finish within {seconds:g} s: the pipeline hangs")
+    return done[0]
+
+
+@pytest.fixture(scope="module")
+def short_clip(tmp_path_factory):
+    return make_clip(tmp_path_factory.mktemp("short") / "short.mp4", frames=6, size=64)
+
+
+def test_an_unexpected_error_in_the_inference_thread_ends_the_run_with_its_traceback(short_clip, tmp_path):
+    # warm-up + 6 frames pass; the model-only burst after the last frame fails
+    res = _headless_within(60, source=short_clip, out=str(tmp_path / "o.mp4"), model_path="m.onnx",
+                           backend="onnxruntime", progress=False, log=lambda s: None,
+                           backend_factory=lambda path, backend, device=None, threads=None:
+                           _FailingBackend(backend, 8, OSError("scratch file vanished (test)")))
+    assert res.exit_code == 1 and res.stats["complete"] is False
+    assert "scratch file vanished (test)" in res.stats["error"] and "Traceback" in res.stats["error"]
+
+
+def test_a_programming_error_in_predict_does_not_fall_back_through_every_backend(short_clip, tmp_path):
+    built = []
+
+    def factory(path, backend, device=None, threads=None):
+        built.append(backend)
+        return _FailingBackend(backend, 2, ValueError("frames must have shape (N,8,8,3) (test)"))
+
+    res = _headless_within(60, source=short_clip, out=str(tmp_path / "o.mp4"), model_path="m.onnx",
+                           backend="onnxruntime", backend_factory=factory, progress=False, log=lambda s: None)
+    assert built == ["onnxruntime"] and res.stats["notices"] == []  # a bug: no other backend would fix it
+    assert res.exit_code == 1 and "ValueError" in res.stats["error"] and "Traceback" in res.stats["error"]
+
+
+def _tiny_factory(path, backend, device=None, threads=None):
+    return _FailingBackend(backend, 10 ** 9, RuntimeError("never"))
+
+
+def test_stats_are_written_last_and_say_a_failed_frame_check_failed(short_clip, tmp_path, monkeypatch):
+    from app.pipeline.stats import RunStats
+
+    counted = RunStats.frame_in
+
+    def twice(self):  # frames in and out disagree: the run's own check fails it
+        counted(self)
+        counted(self)
+
+    monkeypatch.setattr(RunStats, "frame_in", twice)
+    stats_path = tmp_path / "s.json"
+    res = run_headless(short_clip, str(tmp_path / "o.mp4"), model_path="m.onnx", backend="onnxruntime",
+                       backend_factory=_tiny_factory, stats_path=str(stats_path), progress=False, log=lambda s: None)
+    written = json.loads(stats_path.read_text())
+    assert res.exit_code == 1 and "12 frames in, 6 out" in written["error"]
+    assert written["complete"] is False and written == res.stats
+
+
+def test_signal_handlers_are_restored_when_the_run_raises(short_clip, tmp_path, monkeypatch):
+    from app.pipeline.runner import Pipeline
+
+    def broken_open(self, *a, **k):
+        raise RuntimeError("open failed (test)")
+
+    monkeypatch.setattr(Pipeline, "open", broken_open)
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    with pytest.raises(RuntimeError, match="open failed"):
+        run_headless(short_clip, str(tmp_path / "o.mp4"), model_path="m.onnx", backend="onnxruntime",
+                     backend_factory=_tiny_factory, progress=False, log=lambda s: None)
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+
+
+def test_a_missing_xcb_library_is_named_with_the_install_command():
+    from app.ui.app import display_failure
+
+    qt_said = ("qt.qpa.plugin: From 6.5.0, xcb-cursor0 or libxcb-cursor0 is needed to load the Qt xcb platform plugin.\n"
+               "qt.qpa.plugin: Could not load the Qt platform plugin \"xcb\" in \"\" even though it was found.\n"
+               "This application failed to start because no Qt platform plugin could be initialized.")
+    text = display_failure(qt_said, ":0")
+    assert "libxcb-cursor0" in text and "sudo apt install" in text
+    for package in ("libxcb-icccm4", "libxcb-cursor0", "libxkbcommon-x11-0"):
+        assert package in text
+    assert "--headless" in text
+
+
+def test_an_output_that_is_an_input_is_refused_before_anything_is_written(short_clip, tmp_path, capsys):
+    from app import cli
+
+    link = tmp_path / "link.mp4"
+    link.symlink_to(short_clip)
+    size = os.path.getsize(short_clip)
+    for flags in (["--out", short_clip], ["--out", str(link)], ["--out", str(tmp_path / "o.mp4"), "--stats", short_clip],
+                  ["--out", str(tmp_path / "o.mp4"), "--frames-csv", str(link)]):
+        code = cli.main([short_clip, "--headless", "--weights", "m.onnx", *flags])
+        err = capsys.readouterr().err
+        assert code == 2 and "is the input" in err and flags[-2] in err, (flags, err)
+        assert os.path.getsize(short_clip) == size

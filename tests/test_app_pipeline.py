@@ -289,6 +289,23 @@ def test_camera_unplugged_shows_signal_lost_retries_and_resumes():
     assert not stage.is_alive()
 
 
+def test_max_frames_stops_a_camera_too():
+    world = {"plugged": True, "reads": 0, "opens": 0}
+    reader = CameraReader(0, factory=lambda dev: FakeCapture(world))
+    out, stats = BoundedQueue(64), RunStats()
+    stage = SourceStage(reader, out, stats=stats, events=Events(), epoch=Epoch(), realtime=True, max_frames=5)
+    stage.start()
+    try:
+        stage.join(10)
+        assert not stage.is_alive(), "the camera source ran past --max-frames"
+    finally:
+        stage.stop()
+        stage.join(2)
+    items = out.drain()
+    assert [f.index for f in items[:-1]] == [0, 1, 2, 3, 4] and isinstance(items[-1], EndOfStream)
+    assert items[-1].error is None and stats.frames_in == 5
+
+
 def test_camera_that_cannot_open_is_a_clear_error():
     with pytest.raises(AppError, match="camera 3"):
         CameraReader(3, factory=lambda dev: FakeCapture({"plugged": False, "reads": 0}))
@@ -418,3 +435,18 @@ def test_throughput_words_flag_a_busy_machine_instead_of_a_false_speed_up():
                                 "inference_busy_pct": 99})
     assert "1.46x" in busy and "too busy for these figures to mean much" in busy and "150 ms per frame" in busy
     assert "\u00d7 model-only" not in busy and describe_throughput({"fps": 20.0}) == "20.0 fps end to end"
+
+
+def test_recorder_writes_beside_its_path_and_moves_into_place_on_close(tmp_path):
+    out = tmp_path / "o.mp4"
+    out.write_bytes(b"the old file")
+    rec = Recorder(str(out), 25, 32, 32)
+    for i in range(60):  # enough to get past the encoder's look-ahead: packets reach the file
+        rec.write(np.full((32, 32, 3), i, np.uint8))
+    wait_until(lambda: rec.idle, 30, "the encoder to catch up")
+    assert (tmp_path / ".tmp-o.mp4").exists()  # the recording goes beside it...
+    assert out.read_bytes() == b"the old file"  # ...and the final name is untouched while it runs
+    rec.close()
+    assert not (tmp_path / ".tmp-o.mp4").exists()
+    with av.open(str(out)) as c:
+        assert sum(1 for _ in c.decode(video=0)) == 60

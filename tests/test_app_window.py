@@ -299,7 +299,7 @@ def test_sigterm_closes_the_window_and_finalises_the_recording(assets, tmp_path)
                             cwd=REPO, env=_env(QT_QPA_PLATFORM="offscreen"), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
-        path = wait_for_file(rec, "*.mp4", proc)  # created with the first recorded frame
+        path = wait_for_file(rec, ".tmp-*.mp4", proc)  # created with the first recorded frame, beside its final name
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)
     finally:
@@ -307,7 +307,9 @@ def test_sigterm_closes_the_window_and_finalises_the_recording(assets, tmp_path)
             proc.kill()
     assert proc.returncode == 143, out  # terminated, as --help says
     assert "recording saved" in out
-    with av.open(str(path)) as c:
+    final = path.with_name(path.name.removeprefix(".tmp-"))
+    assert not path.exists() and final.exists()  # moved into place when finalised
+    with av.open(str(final)) as c:
         assert sum(1 for _ in c.decode(video=0)) > 0
 
 

@@ -962,3 +962,28 @@ def test_bench_argument_errors_exit_2(onnx_path):
         with pytest.raises(SystemExit) as exc:
             run(main, argv)
         assert exc.value.code == 2, argv
+
+
+def test_build_says_what_it_takes_for_an_onnx_file_and_takes_a_run_folders_best(tmp_path, capsys):
+    import shutil
+
+    from engines.build import main
+    from engines.cli_common import EXIT_USAGE, run
+
+    onnx_file = tmp_path / "model.onnx"
+    onnx_file.write_bytes(b"not used")
+    rc = run(main, ["--weights", str(onnx_file), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == EXIT_USAGE and "takes a .safetensors checkpoint" in err and "already an export" in err
+    assert "safetensors file" not in err.replace(".safetensors checkpoint", "")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    rc = run(main, ["--weights", str(run_dir), "--out", str(tmp_path / "out")])
+    assert rc == EXIT_USAGE and "no best.safetensors" in capsys.readouterr().err
+    from .conftest import STUDENT
+
+    shutil.copyfile(STUDENT, run_dir / "best.safetensors")
+    from engines import build
+
+    picked = build.resolve_weights(str(run_dir))
+    assert picked == str(run_dir / "best.safetensors") and "best.safetensors" in capsys.readouterr().err

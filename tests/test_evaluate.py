@@ -126,7 +126,7 @@ def test_cli_bad_options(tmp_path, capsys, checkpoint, synth_root):
         main(["--help"])
     assert exc.value.code == 0
     text = capsys.readouterr().out
-    assert "TestDataset/<name>" in text and "mean256" in text and "exit codes" in text
+    assert "TestDataset/<name>" in text and "mean256" in text and "exit status" in text
 
 
 class _DiscFinder(torch.nn.Module):
@@ -289,3 +289,15 @@ def test_flip_tta_is_mirror_consistent_and_refused_for_exports(tmp_path, capsys,
 
     code, _, err = _run(capsys, "--weights", student_onnx[1], "--data", synth_root, "--tta", "flip")
     assert code == 2 and "--tta flip runs a checkpoint" in err
+
+
+def test_an_output_that_cannot_be_written_is_named_before_the_work_starts(tmp_path, capsys):
+    from kdas_core.evaluate import main
+
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"x")
+    for flags, said in ((["--json", "/proc/x.json"], "--json /proc/x.json: cannot create files in /proc"),
+                        (["--json", str(weights)], "is an input of this command")):
+        rc = main(["--weights", str(weights), "--data", str(tmp_path / "nope"), *flags])
+        err = capsys.readouterr().err
+        assert rc == 2 and said in err and ".tmp-" not in err, err

@@ -105,10 +105,11 @@ def test_scale_free_kdas_is_bounded_where_the_paper_form_explodes():
     torch.manual_seed(0)
     s = torch.randn(2, 1, 16, 16)
     t = torch.randn(2, 1, 16, 16)
-    small = kdas_terms({"p1": s, "p2": s}, {"p1": t, "p2": t}, attn_space="std", sgm_space="prob")
+    small = kdas_terms({"p1": 3 * s, "p2": 3 * s}, {"p1": 3 * t, "p2": 3 * t}, attn_space="std", sgm_space="prob")
     big = kdas_terms({"p1": 20 * s, "p2": 20 * s}, {"p1": 20 * t, "p2": 20 * t}, attn_space="std", sgm_space="prob")
     paper = kdas_terms({"p1": 20 * s, "p2": 20 * s}, {"p1": 20 * t, "p2": 20 * t}, sgm_heads=("p1",))
-    # Standardised attention does not see the logit scale at all; probability SGM stays <= 4 per head.
+    # Standardised attention does not see the logit scale (of maps spread wider than its floor, one
+    # logit); probability SGM stays <= 4 per head.
     assert big["attn_kl"].item() == pytest.approx(small["attn_kl"].item(), rel=1e-4)
     assert big["sgm"] <= 8 and paper["sgm"] > 100 * big["sgm"]
 
@@ -223,3 +224,19 @@ def test_kdas_distillers_match_the_objective_written_out(method):
     plain = default({h: _t(v) for h, v in s.items()}, [{h: _t(v) for h, v in t.items()} for t in teachers], {})
     w = 1.0 if method == "kdas-paper" else 0.5
     assert plain[f"{method}/sgm"].item() == pytest.approx(0.3 * w * sgm, rel=1e-5)
+
+
+def test_kdas_standardised_maps_do_not_blow_a_near_constant_teacher_map_up_into_noise():
+    from kdas_core.losses.methods.kdas import MAPS
+
+    g = torch.Generator().manual_seed(0)
+    empty = -8.0 + 0.01 * torch.randn(1, 1, 32, 32, generator=g)  # no polyp: a flat, confident "background"
+    polyp = torch.full((1, 1, 32, 32), -6.0)
+    polyp[..., 8:20, 10:24] = 4.0
+    std = MAPS["std"]
+    assert std(empty).std() < 0.05  # centred, left about as flat as it was: not unit-variance noise to match
+    assert abs(std(empty).mean()) < 1e-4
+    assert std(polyp).std().item() == pytest.approx(1.0, abs=1e-3)  # a map with structure is standardised as before
+    # a flat student and a flat teacher agree: the SGM term on them is near zero, not the distance of two noises
+    other = -7.0 + 0.01 * torch.randn(1, 1, 32, 32, generator=g)
+    assert kdas_terms({"p1": other, "p2": other}, {"p1": empty, "p2": empty}, sgm_space="std")["sgm"] < 1e-3

@@ -1,4 +1,4 @@
-"""One home for each fact (issue 15): the atomic writer, the image-size rule, the threshold default."""
+"""One home for each fact: the atomic writer, the image-size rule, the threshold default."""
 
 from __future__ import annotations
 
@@ -56,10 +56,23 @@ def test_every_image_size_flag_uses_the_rule(capsys):
         assert "multiple of 32 (the encoder's stride) from 32 to 2048, got 250" in capsys.readouterr().err, main
 
 
-def test_new_checkpoints_take_the_one_threshold_default():
-    from kdas_core.io.checkpoint import build_metadata
-    from kdas_core.models.presets import DEFAULT_THRESHOLD
+def test_a_new_checkpoint_is_thresholded_at_the_documented_one_half(tmp_path):
+    """The threshold README documents (0.5) is what a freshly trained checkpoint carries and what
+    the backends and the viewer's masks then use: a probability of 0.5 is polyp, 0.49 is not."""
+    import numpy as np
+
+    from app.pipeline.postprocess import probs_to_mask
+    from app.testing import make_checkpoint
+    from engines import load_backend
+    from kdas_core.io.checkpoint import read_metadata
     from kdas_core.training.config import defaults
 
-    assert build_metadata("polyppvt-lite0")["threshold"] == DEFAULT_THRESHOLD
-    assert defaults()["threshold"] == DEFAULT_THRESHOLD
+    assert defaults()["threshold"] == 0.5
+    ckpt = make_checkpoint(tmp_path / "m.safetensors", input_size=64)
+    assert read_metadata(ckpt)["threshold"] == 0.5
+    backend = load_backend(ckpt, backend="torch", device="cpu")
+    try:
+        assert backend.threshold == 0.5
+        assert probs_to_mask(np.float32([[0.49, 0.5]]), (1, 2), backend.threshold).tolist() == [[0, 255]]
+    finally:
+        backend.close()

@@ -169,3 +169,17 @@ def test_bench_train_times_phases_and_kd_cost(setup, tmp_path):
     k = json.loads((tmp_path / "k.json").read_text())
     assert set(k["ratio_to_plain"]) == {"plain", "live_teacher", "cached_targets"} and k["ratio_to_plain"]["plain"] == 1
     assert bench_train.main([*common, "--kd-cost", "--kd", "kdas"]) == 2  # no teacher: a named error
+
+
+def test_teacher_targets_on_a_machine_without_the_gpu_asked_for_exits_4(tmp_path, capsys, monkeypatch):
+    import torch
+
+    from kdas_core.cli.conventions import EXIT_UNAVAILABLE
+    from kdas_core.teacher_targets import main
+
+    from .conftest import STUDENT
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    rc = main(["--teacher", str(STUDENT), "--data", str(tmp_path), "--out", str(tmp_path / "t"), "--device", "cuda"])
+    err = capsys.readouterr().err
+    assert rc == EXIT_UNAVAILABLE and "no CUDA GPU is visible" in err and "internal error" not in err

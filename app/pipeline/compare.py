@@ -16,7 +16,7 @@ from typing import Callable
 import cv2
 import numpy as np
 
-from ..errors import AppError
+from ..errors import AppError, crash_report
 from .channels import Closed
 from .inference import ModelInfo, _default_factory, open_backend, preset_of
 from .items import Frame
@@ -67,7 +67,7 @@ class CompareStage(threading.Thread):
         except Closed:
             pass
         except Exception as exc:  # a bug, not a user error: stop loudly
-            self.events.fatal(f"compare stage failed: {type(exc).__name__}: {exc}")
+            self.events.fatal(crash_report("compare", exc))
         finally:
             self._close_backend()
 

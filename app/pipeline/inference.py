@@ -23,7 +23,7 @@ import numpy as np
 
 from kdas_core.cli.conventions import EXIT_FAILURE, EXIT_UNAVAILABLE
 
-from ..errors import AppError
+from ..errors import AppError, crash_report
 from .channels import Closed
 from .items import EndOfStream, Frame
 from .preprocess import resize_for_model
@@ -97,6 +97,13 @@ def open_backend(path: str, requested: str, *, factory: Callable = _default_fact
             backend.predict(np.zeros((1, h, w, 3), np.uint8))
             return backend
         except Exception as exc:  # BackendError, or whatever a broken runtime raises
+            if _is_bug(exc):
+                if backend is not None:
+                    try:
+                        backend.close()
+                    except Exception:
+                        pass
+                raise
             if _is_file_error(exc):  # the file itself is unusable: no fallback can help, say why first
                 raise AppError(str(exc)) from exc
             actual = getattr(backend, "name", None) or name
@@ -118,6 +125,16 @@ def open_backend(path: str, requested: str, *, factory: Callable = _default_fact
     if len(errors) == 1 and errors[0].startswith(f"auto: {path}: "):  # engines already listed each backend
         raise AppError(errors[0][len("auto: "):], EXIT_UNAVAILABLE)
     raise AppError(f"{path}: no backend could run the model:\n  " + "\n  ".join(errors), EXIT_UNAVAILABLE)
+
+
+# A frame of the wrong shape or dtype, a missing attribute: a bug on our side of predict(), which
+# no other backend would fix. Everything else a backend raises (BackendError, the runtimes' own
+# error types, CUDA and memory errors) is the backend failing: the next one is tried.
+_BUGS = (ValueError, TypeError, AttributeError, IndexError, KeyError, NameError, AssertionError)
+
+
+def _is_bug(exc: BaseException) -> bool:
+    return isinstance(exc, _BUGS)
 
 
 def _is_file_error(exc: BaseException) -> bool:
@@ -182,6 +199,11 @@ class InferenceStage(threading.Thread):
             self.ready.set()
             self.events.fatal(str(exc))
             return
+        except Exception as exc:
+            self.failed = crash_report("inference", exc)
+            self.ready.set()  # the stages waiting for a model must not wait for ever
+            self.events.fatal(self.failed)
+            return
         try:
             while not self._halt.is_set():
                 item = self.inbox.get(timeout=0.1)
@@ -203,6 +225,8 @@ class InferenceStage(threading.Thread):
             pass
         except AppError as exc:
             self.events.fatal(str(exc))
+        except Exception as exc:  # a bug or a surprise (e.g. in the model-only burst): never a silent, hung pipeline
+            self.events.fatal(crash_report("inference", exc))
         finally:
             if self._backend is not None:
                 try:
@@ -230,6 +254,8 @@ class InferenceStage(threading.Thread):
         try:
             probs = self._backend.predict(x[None])[0]
         except Exception as exc:
+            if _is_bug(exc):
+                raise
             # Runtime failure (device lost, driver error): next backend, same frame.
             failed = self._backend.name
             self._fell_back(f"{failed} backend failed while running ({_oneline(exc)}); falling back")

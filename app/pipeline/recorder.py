@@ -2,7 +2,8 @@
 
 `write` only queues the frame (blocking when the queue is full: a recording never loses a
 frame, a slow disk slows the pipeline instead); the encode thread does colour conversion,
-x264 and muxing. `close` flushes the encoder and writes the MP4 index, so the file plays.
+x264 and muxing. `close` flushes the encoder, writes the MP4 index and moves the file (written beside it as
+`.tmp-NAME`) to its final path, so the file plays.
 Every exit path of the viewer and headless mode calls `close` (window close, end of file,
 errors, Ctrl+C, SIGTERM); only a hard kill (SIGKILL, power loss) can leave an unplayable file.
 """
@@ -41,9 +42,12 @@ class Recorder:
         # yuv420p needs even sizes: pad (never crop) by one replicated row/column.
         self._pad = (self.height % 2, self.width % 2)
         directory = os.path.dirname(os.path.abspath(self.path))
+        # Written beside the final path and moved into place by close(): until then the final
+        # name still holds whatever it held (a file being read, an older recording).
+        self.partial_path = os.path.join(directory, f".tmp-{os.path.basename(self.path)}")
         try:
             os.makedirs(directory, exist_ok=True)
-            self._container = av.open(self.path, "w", format="mp4")
+            self._container = av.open(self.partial_path, "w", format="mp4")
         except (OSError, av.FFmpegError) as exc:
             raise AppError(f"{self.path}: cannot create the recording ({exc}); check the folder exists and is writable") from exc
         stream = self._container.add_stream("libx264", rate=Fraction(self.fps).limit_denominator(1001))
@@ -150,6 +154,10 @@ class Recorder:
             try:
                 self._container.close()
             except Exception as exc:
+                self._error = self._error or exc
+            try:  # what was encoded is a playable file, failure or not (as far as the encoder got)
+                os.replace(self.partial_path, self.path)
+            except OSError as exc:
                 self._error = self._error or exc
         if self._error is not None:
             raise AppError(f"{self.path}: recording failed: {self._error}")

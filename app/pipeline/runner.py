@@ -21,7 +21,7 @@ from typing import Callable
 
 import cv2
 
-from ..errors import AppError
+from ..errors import AppError, crash_report
 from .analysis import Analyzer, AnalysisSettings
 from .channels import BoundedQueue, Closed, LatestSlot
 from .compare import CompareStage, draw_contour_b
@@ -79,7 +79,7 @@ class _Worker(threading.Thread):
         except AppError as exc:  # a user-facing problem (e.g. the recording cannot be written): its own words
             self.on_error(str(exc))
         except Exception as exc:  # a bug in a stage: stop loudly, never freeze silently
-            self.on_error(f"{self.name} stage failed: {type(exc).__name__}: {exc}")
+            self.on_error(crash_report(self.name, exc))
 
 
 class _Deliver:

@@ -21,7 +21,7 @@ from typing import Callable
 import av
 import numpy as np
 
-from ..errors import AppError
+from ..errors import AppError, crash_report
 from .channels import Closed
 from .items import EndOfStream, Frame
 
@@ -351,7 +351,7 @@ class SourceStage(threading.Thread):
         except AppError as exc:
             self._finish(str(exc))
         except Exception as exc:  # a bug, but never a silent freeze: report it like bad data
-            self._finish(f"video source failed: {type(exc).__name__}: {exc}")
+            self._finish(crash_report("video source", exc))
         finally:
             self.reader.close()
 
@@ -383,6 +383,9 @@ class SourceStage(threading.Thread):
                 self.ended = False
                 self._clock = None
             if self.reader.live:
+                if self._limit_reached():  # --max-frames: a camera ends there too (it has nothing to replay)
+                    self._finish(None)
+                    return
                 image = self.reader.read()
                 if image is None:
                     self._recover()

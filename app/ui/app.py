@@ -34,10 +34,27 @@ def check_display() -> None:
         except subprocess.TimeoutExpired:
             raise AppError("the display does not answer (Qt start-up timed out); " + NO_DISPLAY_HELP, EXIT_UNAVAILABLE) from None
         if r.returncode != 0:
-            lines = [ln for ln in (r.stderr or "").splitlines() if ln.strip()]
-            why = " / ".join(lines[-3:]) if lines else f"exit status {r.returncode}"
-            raise AppError(f"Qt cannot open a window on display {os.environ.get('DISPLAY') or os.environ.get('WAYLAND_DISPLAY')!r}: "
-                           f"{why}\n  " + NO_DISPLAY_HELP, EXIT_UNAVAILABLE)
+            display = os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")
+            raise AppError(display_failure(r.stderr or f"exit status {r.returncode}", display), EXIT_UNAVAILABLE)
+
+
+# What Qt's xcb platform plugin needs beyond a fresh Debian/Ubuntu desktop (Debian package names).
+XCB_PACKAGES = ("libxcb-icccm4", "libxcb-cursor0", "libxkbcommon-x11-0", "libxcb-keysyms1", "libxcb-image0",
+                "libxcb-render-util0", "libxcb-shape0", "libxcb-xinerama0", "libegl1")
+
+
+def display_failure(qt_stderr: str, display: str | None) -> str:
+    """The message for a window Qt could not open: what Qt said and, when its xcb plugin could not
+    load (libraries a new desktop lacks), which ones and the command that installs them."""
+    lines = [ln for ln in qt_stderr.splitlines() if ln.strip()]
+    why = " / ".join(lines[-3:]) if lines else "no message from Qt"
+    text = f"Qt cannot open a window on display {display!r}: {why}\n  "
+    if 'platform plugin "xcb"' in qt_stderr:
+        named = [p for p in XCB_PACKAGES if p in qt_stderr]  # Qt names some (e.g. libxcb-cursor0)
+        packages = named + [p for p in XCB_PACKAGES if p not in named]
+        text += (f"Qt's xcb plugin could not load: it needs {', '.join(named) or 'system libraries'} and friends; "
+                 f"on Debian/Ubuntu install them with:\n    sudo apt install {' '.join(packages)}\n  ")
+    return text + NO_DISPLAY_HELP
 
 
 class _SignalBridge:

@@ -55,3 +55,33 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 def write_json(path: str | os.PathLike, data: Any, indent: int = 2, sort_keys: bool = False) -> None:
     """`data` as indented JSON with a trailing newline."""
     write_text(path, json.dumps(data, indent=indent, sort_keys=sort_keys) + "\n")
+
+
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether the paths `a` and `b` name the same file, through symbolic and hard links (an
+    output about to be written is checked against the inputs it would destroy)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet): then only the resolved names can agree
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def check_output_path(path: str | os.PathLike, flag: str, inputs: tuple = ()) -> None:
+    """Before the work starts: UsageError (exit 2) naming `flag` when `path` cannot be created
+    (its folder is missing or not writable; a real probe file, so /proc or a read-only mount are
+    caught) or is one of `inputs` (writing it would destroy what is read)."""
+    from kdas_core.cli.conventions import UsageError
+
+    for other in inputs:
+        if other and same_file(path, other):
+            raise UsageError(f"{flag} {path} is an input of this command ({other}); give another output path")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        return  # created by the writer (staged makes the folders)
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".kdas-probe-")
+    except OSError as exc:
+        raise UsageError(f"{flag} {path}: cannot create files in {folder} ({exc.strerror or exc}); "
+                         "choose a writable folder") from None
+    os.close(fd)
+    os.remove(probe)

@@ -134,13 +134,14 @@ def per_teacher_adapters(student: nn.Module, teachers: list[nn.Module], s_name: 
     return nn.ModuleList(adapter(c_s, map_channels(t)[t_name or s_name]) for t in teachers)
 
 
-def standardise(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+def standardise(x: torch.Tensor, eps: float = 1e-5, floor: float = 0.0) -> torch.Tensor:
     """Zero mean, unit variance per (image, channel) over the spatial positions (mtkd's features,
-    kdas's logit maps): keeps a map's structure, drops its scale."""
+    kdas's logit maps): keeps a map's structure, drops its scale. `floor`: the smallest standard
+    deviation divided by, so a near-constant map is centred but not blown up into unit-variance noise."""
     x = x.float()
     mean = x.mean(dim=(-2, -1), keepdim=True)
     var = x.var(dim=(-2, -1), keepdim=True, unbiased=False)
-    return (x - mean) / torch.sqrt(var + eps)
+    return (x - mean) / torch.sqrt(var + eps).clamp_min(floor)
 
 
 def mean_over_teachers(t_outs: list[dict], fn: Callable[[int, dict], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

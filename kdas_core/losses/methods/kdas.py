@@ -70,7 +70,12 @@ def sgm_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(s + s.transpose(1, 2), t + t.transpose(1, 2))
 
 
-MAPS = {"logit": lambda x: x, "prob": lambda x: torch.sigmoid(x.float()), "std": standardise}
+# A frame without a polyp gives a flat logit map (spread a few hundredths of a logit); standardised
+# to unit variance, its noise would be what the student must match. Maps with less spread than
+# one logit are only centred; a map with a polyp spans several logits and is unaffected.
+STD_FLOOR = 1.0
+MAPS = {"logit": lambda x: x, "prob": lambda x: torch.sigmoid(x.float()),
+        "std": lambda x: standardise(x, floor=STD_FLOOR)}
 
 
 def kdas_terms(s_out: dict, t_out: dict, tau: float = 2.0, attn_space: str = "logit", sgm_space: str = "logit",
