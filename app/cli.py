@@ -8,10 +8,11 @@ import sys
 
 from engines import BACKENDS, CHOICES
 from kdas_core.cli.conventions import (EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE,
-                                      add_deprecated_alias, exit_codes_help, nonnegative_int, positive_int)
+                                      DEVICE_HELP, add_deprecated_alias, device_arg, exit_codes_help, nonnegative_int,
+                                      positive_int)
 
 from . import DEFAULT_WEIGHTS, DEMO_CLIP, DISCLAIMER
-from .errors import AppError
+from .errors import AppError, check_device
 from .pipeline.analysis import AnalysisSettings
 from .pipeline.cue import CueSpec
 from .pipeline.temporal import SmoothSpec
@@ -132,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", nargs="?", metavar="SOURCE", help="video file, camera (0, /dev/video0), or nothing for the demo clip")
     add_weights_argument(p, "the bundled student")
     p.add_argument("--backend", choices=CHOICES, default="auto", help="inference backend (default: auto = fastest that works)")
+    p.add_argument("--device", type=device_arg, metavar="DEV",
+                   help=f"{DEVICE_HELP} (default: a CUDA GPU when one is visible, else cpu)")
     p.add_argument("--threads", type=positive_int, metavar="N",
                    help="CPU threads for the onnxruntime/torch backends (default: the runtime's own choice); on a busy or small "
                         "machine fewer threads than cores leaves room for decode/overlay/encode")
@@ -250,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         inputs = [(args.source or str(DEMO_CLIP), "the video"), (args.weights or str(DEFAULT_WEIGHTS), "the model"),
                   (args.compare_weights, "the compare model")]
+        check_device(args.device)
         for path, flag in ((args.out, "--out"), (args.stats, "--stats"), (args.frames_csv, "--frames-csv")):
             if path:
                 check_not_an_input(path, flag, inputs)
@@ -261,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
                                   stats_path=args.stats, threshold=args.threshold, opacity=args.opacity,
                                   contour=args.contour, loop=args.loop, progress=args.progress, threads=args.threads,
                                   max_frames=args.max_frames, analysis=analysis_settings(args),
-                                  compare_path=resolve_compare(args), frames_csv=args.frames_csv)
+                                  compare_path=resolve_compare(args), frames_csv=args.frames_csv, device=args.device)
             return result.exit_code
         from .ui.app import check_display, run_window
 

@@ -8,6 +8,19 @@ dialog. The message names the thing and says what to do.
 from kdas_core.cli.conventions import EXIT_USAGE
 
 
+def check_device(device: str | None) -> None:
+    """AppError (exit 4, the one message every command gives) when --device names a GPU that is
+    not here; before any model loads."""
+    if device is None or device == "cpu":
+        return
+    from kdas_core.cli.conventions import EXIT_UNAVAILABLE, UnavailableError, require_device
+
+    try:
+        require_device(device)
+    except UnavailableError as exc:
+        raise AppError(str(exc), EXIT_UNAVAILABLE) from None
+
+
 class AppError(RuntimeError):
     """`exit_code`: what `python -m app` exits with (kdas_core.cli.conventions): bad input (2) unless
     the raiser says otherwise (1 a runtime failure, 4 a backend or display not available here)."""

@@ -32,7 +32,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .errors import AppError
+from .errors import AppError, check_device
 from .pipeline.analysis import Analyzer, AnalysisSettings
 from .pipeline.cue import CueSpec
 from .pipeline.items import Frame
@@ -107,14 +107,15 @@ class _Row:
 
 def evaluate(clip: str, gt_root: str, model_path: str, *, backend: str = "auto", threads: int | None = None,
              specs: list[SmoothSpec] | None = None, thresholds: list[float] | None = None, cue: CueSpec | None = None,
-             per_frame: str | None = None, max_frames: int | None = None, log=lambda s: None) -> dict:
+             per_frame: str | None = None, max_frames: int | None = None, log=lambda s: None,
+             device: str | None = None) -> dict:
     from .pipeline.inference import open_backend
     from .pipeline.source import VideoFileReader
 
     reader = VideoFileReader(clip)
     masks = gt_masks(gt_root)
     specs = specs or [SmoothSpec()]
-    model = open_backend(model_path, backend, threads=threads, notice=log)
+    model = open_backend(model_path, backend, threads=threads, notice=log, device=device)
     thresholds = thresholds or [float(model.threshold)]
     cue = cue or CueSpec()
     rows = [_Row(name, spec, t, cue) for t in thresholds
@@ -179,7 +180,7 @@ def _table(res: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     from engines import CHOICES
     from kdas_core.io.atomic import write_json
-    from kdas_core.cli.conventions import Parser, positive_int
+    from kdas_core.cli.conventions import DEVICE_HELP, Parser, device_arg, positive_int
 
     from . import DEFAULT_WEIGHTS
     from .cli import _smooth_spec, add_cue_arguments, add_weights_argument, cue_spec, resolve_model
@@ -190,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gt", required=True, metavar="ROOT", help="masks folder or PraNet root with numeric-stem masks")
     add_weights_argument(p, DEFAULT_WEIGHTS.name)
     p.add_argument("--backend", default="auto", choices=CHOICES)
+    p.add_argument("--device", type=device_arg, metavar="DEV", help=f"{DEVICE_HELP} (default: a CUDA GPU when one is visible, else cpu)")
     p.add_argument("--threads", type=positive_int, metavar="N", help="CPU threads of the backend")
     p.add_argument("--smooth", action="append", nargs="?", const="default", type=_smooth_spec, metavar="SPEC",
                    help="a filter setting to compare with no filter (repeatable; default: the default filter)")
@@ -209,9 +211,10 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--thresholds: each must be in (0, 1), got {args.thresholds}")
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     try:
+        check_device(args.device)
         res = evaluate(args.clip, args.gt, resolve_model(args), backend=args.backend, threads=args.threads,
                        specs=args.smooth, thresholds=thresholds, cue=cue_spec(args),
-                       per_frame=args.per_frame, max_frames=args.max_frames, log=log)
+                       per_frame=args.per_frame, max_frames=args.max_frames, log=log, device=args.device)
     except AppError as exc:
         print(f"app.eval_clip: error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -78,7 +78,7 @@ def run_headless(source: str, out: str, *, model_path: str, backend: str = "auto
                  progress: bool | None = None, backend_factory=None, log=None, on_frame=None,
                  threads: int | None = None, max_frames: int | None = None,
                  analysis: AnalysisSettings | None = None, compare_path: str | None = None,
-                 frames_csv: str | None = None) -> HeadlessResult:
+                 frames_csv: str | None = None, device: str | None = None) -> HeadlessResult:
     """Run the pipeline over `source` into `out`. `on_frame(frame)` (soak benchmark) is called
     after each recorded frame, in the overlay thread. `analysis`: temporal filter and cue settings;
     `compare_path`: a second model run on the same frames; `frames_csv`: one row per frame."""
@@ -89,7 +89,7 @@ def run_headless(source: str, out: str, *, model_path: str, backend: str = "auto
     rows = FramesCsv(frames_csv) if frames_csv else None  # before the run: a bad path fails at once
     events = _Events(log)
     settings = OverlaySettings(threshold=threshold, opacity=opacity, contour=contour)
-    pipeline = Pipeline(model_path, backend, settings=settings, events=events, realtime=reader.live,
+    pipeline = Pipeline(model_path, backend, settings=settings, events=events, realtime=reader.live, device=device,
                         backend_factory=backend_factory, threads=threads, measure_model_only=True,
                         analysis=analysis, compare_path=compare_path)
     if rows is not None:

@@ -20,11 +20,11 @@ import tempfile
 import time
 
 from engines import CHOICES
-from kdas_core.cli.conventions import Parser, add_deprecated_alias, positive_int
+from kdas_core.cli.conventions import DEVICE_HELP, Parser, add_deprecated_alias, device_arg, positive_int
 from kdas_core.io.atomic import write_json
 
 from . import DEFAULT_WEIGHTS, DEMO_CLIP
-from .errors import AppError
+from .errors import AppError, check_device
 from .testing import rss_mb
 
 REAL_CLIP = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data", "clips", "cvc-clinicdb.mp4")
@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=500, metavar="N", help="frames before the memory baseline (default 500)")
     p.add_argument("--weights", metavar="PATH", help="checkpoint/engine (default: the bundled student; a random-init one if it is missing)")
     p.add_argument("--backend", default="auto", choices=CHOICES)
+    p.add_argument("--device", type=device_arg, metavar="DEV", help=f"{DEVICE_HELP} (default: a CUDA GPU when one is visible, else cpu)")
     p.add_argument("--threads", type=positive_int, metavar="N", help="CPU threads for the backend")
     p.add_argument("--sample-every", type=int, default=250, metavar="N", help="RSS sample period in frames (default 250)")
     p.add_argument("--json", metavar="PATH", help="write the result (and the RSS samples) here")
@@ -60,10 +61,11 @@ def main(argv: list[str] | None = None) -> int:
             print("note: default weights missing; using a random-init polyppvt-lite0 (352) - memory behaves the same",
                   file=sys.stderr)
         try:
+            check_device(args.device)
             clip_frames = VideoFileReader(source).frame_count or 1
         except AppError as exc:
             print(f"app.soak: error: {exc}", file=sys.stderr)
-            return 1
+            return exc.exit_code
         loops = math.ceil(args.frames / clip_frames)
         samples: list[tuple[int, float, float]] = []  # (frame, seconds, RSS MB)
         t0 = time.perf_counter()
@@ -77,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"frame {n}: RSS {samples[-1][2]} MB, {samples[-1][1]:.0f} s", file=sys.stderr, flush=True)
 
         result = run_headless(source, os.path.join(tmp, "soak.mp4"), model_path=weights, backend=args.backend,
-                              loop=loops, max_frames=args.frames, threads=args.threads, on_frame=on_frame,
+                              loop=loops, max_frames=args.frames, threads=args.threads, on_frame=on_frame, device=args.device,
                               progress=False)
         samples.append((result.stats.get("frames_out", 0), round(time.perf_counter() - t0, 2), round(rss_mb(), 1)))
     base = next((s for s in samples if s[0] >= args.warmup), samples[0])

@@ -110,3 +110,22 @@ def test_tensorrt_asked_for_on_a_machine_without_nvidia_gpu_is_exit_4_saying_it_
     assert run(build.main, ["--weights", w, "--out", "unused", "--format", "tensorrt"]) == EXIT_UNAVAILABLE
     err = capsys.readouterr().err
     assert NO_GPU_REASON in err and "install" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
+def test_every_command_that_runs_a_model_takes_device_and_answers_a_missing_gpu_alike(capsys, tmp_path):
+    from app import cli, eval_clip, soak
+    from kdas_core.io.assets import DEMO_CLIP
+
+    runs = {
+        "app": lambda: cli.main([str(DEMO_CLIP), "--headless", "--out", str(tmp_path / "o.mp4"), "--device", "cuda"]),
+        "app.eval_clip": lambda: eval_clip.main([str(DEMO_CLIP), "--gt", str(tmp_path), "--device", "cuda"]),
+        "app.soak": lambda: soak.main(["--device", "cuda", "--max-frames", "10"]),
+        "kdas_core.evaluate": lambda: evaluate.main(["--weights", "assets/weights/polyppvt-lite0.safetensors", "--data", "d",
+                                                     "--device", "cuda"]),
+    }
+    for name, run in runs.items():
+        assert run() == EXIT_UNAVAILABLE, name
+        err = capsys.readouterr().err
+        assert f"{name}: error: --device cuda: no CUDA GPU is visible" in err, (name, err)
+    assert not (tmp_path / "o.mp4").exists()

@@ -106,7 +106,8 @@ def run_window(args, *, model_path: str, source: str | None, analysis=None, comp
     window = MainWindow(model_path, args.backend, threshold=args.threshold, opacity=args.opacity,
                         contour=args.contour, record_dir=args.record, stats_path=args.stats,
                         exit_at_end=args.exit_at_end, threads=args.threads, analysis=analysis,
-                        compare_path=compare_path, frames_csv=args.frames_csv, loop=args.loop)
+                        compare_path=compare_path, frames_csv=args.frames_csv, loop=args.loop,
+                        device=args.device)
     signals = _SignalBridge(app, window)
     window.show()
     opened = window.open_source(source) if source else False

@@ -68,7 +68,8 @@ class MainWindow(QMainWindow):
                  opacity: float = 0.4, contour: bool = True, record_dir: str | None = None,
                  stats_path: str | None = None, exit_at_end: bool = False, backend_factory=None,
                  camera_factory=None, threads: int | None = None, analysis: AnalysisSettings | None = None,
-                 compare_path: str | None = None, frames_csv: str | None = None, loop: int = 1):
+                 compare_path: str | None = None, frames_csv: str | None = None, loop: int = 1,
+                 device: str | None = None):
         super().__init__()
         self.loop = loop  # plays of a file: 1 once, 0 for ever (the bundled demo)
         self.model_path = model_path
@@ -95,7 +96,7 @@ class MainWindow(QMainWindow):
         self.settings = OverlaySettings(threshold=threshold, opacity=opacity, contour=contour)
         self.events = QtEvents()
         self.analysis = analysis or AnalysisSettings()
-        self.pipeline = Pipeline(model_path, backend, settings=self.settings, events=self.events, realtime=True,
+        self.pipeline = Pipeline(model_path, backend, settings=self.settings, events=self.events, realtime=True, device=device,
                                  backend_factory=backend_factory, threads=threads, analysis=self.analysis,
                                  compare_path=compare_path)
         self.display = DisplaySink(lambda: self.pipeline.stats)
