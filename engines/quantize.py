@@ -33,12 +33,14 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from kdas_core.data import IMAGE_EXTS
+
 from .errors import BackendError
 from .export import INPUT_NAME, OUTPUT_NAME, read_onnx_metadata
 
 DEFAULT_CALIBRATION_IMAGES = 300
 CALIBRATION_BATCH = 8
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+IMAGE_SUFFIXES = tuple(sorted(IMAGE_EXTS))  # kdas_core.data: what counts as an image, everywhere
 # Ops quantised. Add/Mul/Concat/Softmax/Resize stay float32: ONNX Runtime's QLinearAdd/QLinearMul
 # kernels cost more than the float ops they replace (fp32 Adds are fused into the convolutions),
 # measured interleaved on an AVX2 CPU (RESULTS.md, "INT8 on CPU").

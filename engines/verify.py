@@ -24,13 +24,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from kdas_core.data import IMAGE_EXTS
+from kdas_core.evaluation.metrics import dice_from_counts
+
 FP32_MAX_DIFF = 1e-3
 FP16_MIN_DICE = 0.99
 FP16_MEAN_DIFF = 5e-3  # mean |prob diff|: a uniform drift Dice alone would not see
 FP16_P99_DIFF = 0.05  # 99th percentile of |prob diff|: fp16 rounding moves a few boundary pixels, not many
 MIN_FOREGROUND = 0.002  # a frame "has foreground" when >= 0.2 % of its reference mask is set
 INT8_MIN_DICE = 0.85  # a gross-failure guard (saturated or mis-calibrated graphs); accuracy: kdas_core.evaluate
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+IMAGE_SUFFIXES = tuple(sorted(IMAGE_EXTS))  # kdas_core.data: what counts as an image, everywhere
 
 
 @dataclass
@@ -75,9 +78,7 @@ def compare(reference: np.ndarray, candidate: np.ndarray, precision: str, thresh
     if not np.isfinite(diff):
         diff = mean_diff = float("inf")
     ref_mask, cand_mask = reference >= threshold, candidate >= threshold
-    inter = np.logical_and(ref_mask, cand_mask).sum()
-    total = ref_mask.sum() + cand_mask.sum()
-    dice = 1.0 if total == 0 else float(2.0 * inter / total)
+    dice = dice_from_counts(int(np.logical_and(ref_mask, cand_mask).sum()), int(ref_mask.sum()), int(cand_mask.sum()))
     empty = int(sum(1 for r, c in zip(ref_mask, cand_mask) if r.any() and not c.any()))
     if precision == "fp32":
         if diff > FP32_MAX_DIFF:
