@@ -19,8 +19,8 @@ def main(argv: list[str] | None = None) -> int:
     p = Parser(exit_codes=(0, 1, 2), prog="python -m kdas_core.profile",
                                 description="Parameters and GMACs (FlopCounterMode, FLOPs/2) of presets or checkpoints.")
     p.add_argument("models", nargs="+", metavar="MODEL", help=f"preset ({', '.join(list_models())}) or a .safetensors checkpoint")
-    p.add_argument("--image-size", dest="size", type=image_size_arg, default=352, metavar="S",
-                   help="square input side (default: 352, the papers' size)")
+    p.add_argument("--image-size", dest="size", type=image_size_arg, default=None, metavar="S",
+                   help="square input side (default: a checkpoint's own input size; 352, the papers' size, for a preset)")
     add_deprecated_alias(p, "--size", "--image-size", "size", type=image_size_arg)
     p.add_argument("--json", metavar="OUT", help="also write the figures as JSON")
     args = p.parse_args(argv)
@@ -32,9 +32,13 @@ def main(argv: list[str] | None = None) -> int:
 
         rows = {}
         for name in args.models:  # a typo (unknown preset, not a checkpoint) is a UsageError: one line, exit 2
-            model = load_checkpoint(name)[0] if name.endswith(".safetensors") else create_model(name)
-            rows[name] = {"params_M": count_params(model) / 1e6, "gmacs": count_macs(model, args.size) / 1e9, "size": args.size}
-            print(f"{name:<40} {rows[name]['params_M']:6.2f} M params  {rows[name]['gmacs']:6.2f} GMACs at {args.size}²")
+            if name.endswith(".safetensors"):
+                model, meta = load_checkpoint(name)
+                size = args.size or int(meta["input_size"])
+            else:
+                model, size = create_model(name), args.size or 352
+            rows[name] = {"params_M": count_params(model) / 1e6, "gmacs": count_macs(model, size) / 1e9, "size": size}
+            print(f"{name:<40} {rows[name]['params_M']:6.2f} M params  {rows[name]['gmacs']:6.2f} GMACs at {size}²")
         if args.json:
             write_json(args.json, rows)
         return 0
