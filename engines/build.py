@@ -13,7 +13,7 @@ from kdas_core.models.presets import image_size_arg
 
 from . import ENGINE_SUFFIXES
 from .cli_common import EXIT_CODES_HELP, EXIT_OK, UnavailableError, VerifyError, run
-from kdas_core.cli.conventions import Parser
+from kdas_core.cli.conventions import Parser, positive_int
 
 DESCRIPTION = """\
 Export a KDAS checkpoint (.safetensors) for deployment.
@@ -72,6 +72,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--verify-frames", metavar="DIR", help="images to verify on (default: demo-clip frames where the checkpoint finds a polyp)")
     p.add_argument("--max-batch", type=int, default=4, metavar="N", help="TensorRT profile: largest batch (default 4)")
     p.add_argument("--device", default=None, metavar="DEV", help="CUDA device for TensorRT, e.g. cuda:1 (default cuda:0)")
+    p.add_argument("--threads", type=positive_int, default=None, metavar="N",
+                   help="CPU threads of PyTorch and ONNX Runtime for the export, the INT8 calibration and --verify "
+                        "(default: the libraries' own choice)")
     args = p.parse_args(argv)
     if args.precision == "int8" and (args.format != "onnx" or not args.calibration):
         p.error("--precision int8 builds an ONNX model (--format onnx) and needs --calibration DIR (real frames)")
@@ -86,7 +89,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    args.weights = resolve_weights(args.weights)  # before importing torch: a typo fails fast
+    args.weights = resolve_weights(args.weights)
+    if args.threads:  # the export and the INT8 calibration run in this process: torch and ORT alike
+        os.environ["KDAS_ORT_THREADS"] = str(args.threads)
+        import torch
+
+        torch.set_num_threads(args.threads)  # before importing torch: a typo fails fast
     from kdas_core.io.checkpoint import read_metadata
 
     from .backends.onnxruntime_backend import cached_onnx_for_checkpoint
@@ -166,7 +174,7 @@ def _verify(args: argparse.Namespace, artefact: str, size: int):
     from . import load_backend
     from .verify import compare, verification_frames
 
-    reference = load_backend(args.weights, backend="torch", device="cpu", image_size=size)
+    reference = load_backend(args.weights, backend="torch", device="cpu", image_size=size, threads=args.threads)
     try:
         if args.precision == "int8" and not args.verify_frames:
             from kdas_core.cli.conventions import name_some
@@ -183,7 +191,7 @@ def _verify(args: argparse.Namespace, artefact: str, size: int):
     finally:
         reference.close()
     if artefact.endswith(".onnx"):
-        candidate = load_backend(artefact, backend="onnxruntime", device="cpu")
+        candidate = load_backend(artefact, backend="onnxruntime", device="cpu", threads=args.threads)
     else:
         candidate = load_backend(artefact, backend="tensorrt", device=args.device)
     _say(f"verifying {candidate.name} against torch (cpu, fp32) on {what} ...")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from kdas_core.cli.conventions import DEVICE_HELP, Parser, default_workers, device_arg, run_cli
+from kdas_core.cli.conventions import DEVICE_HELP, Parser, add_progress_flag, default_workers, device_arg, run_cli
 from kdas_core.models.presets import TTA_MODES, image_size_arg
 
 
@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with --split val: as the training run's --val-fraction (default: %(default)s)")
     split.add_argument("--groups", default=_train_default("groups"), metavar="auto|none|CSV",
                        help="with --split val: as the training run's --groups (default: %(default)s)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_progress_flag(p)
     return p
 
 

@@ -37,7 +37,8 @@ from pathlib import Path
 
 
 from kdas_core.cli.training import run_cli
-from kdas_core.cli.conventions import DEVICE_HELP, Parser, UsageError, device_arg, require_device
+from kdas_core.cli.conventions import (DEVICE_HELP, Parser, UsageError, add_progress_flag, device_arg, positive_int,
+                                      require_device)
 from kdas_core.data.targets import FILE, FORMAT, STRIDE, data_digest, save
 from kdas_core.models.presets import TTA_MODES, image_size_arg, image_size_problem
 
@@ -134,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "resampled to the training grid (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=8, metavar="B", help="teacher batch size (default: 8)")
     p.add_argument("--device", type=device_arg, metavar="DEV", help=f"{DEVICE_HELP} (default: cuda when available)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--threads", type=positive_int, metavar="N", help="PyTorch CPU threads (default: PyTorch's choice)")
+    add_progress_flag(p)
     return p
 
 
@@ -145,10 +147,14 @@ def main(argv: list[str] | None = None) -> int:
         from kdas_core.io.checkpoint import read_metadata
 
         device = require_device(args.device)  # a GPU that is not here: exit 4, before any work
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
         for t in args.teacher:
             read_metadata(t)  # a bad checkpoint fails before any work
         targets, meta = compute(args.teacher, args.data, args.image_size, args.tta, args.batch_size, device,
-                                progress=not args.no_progress, teacher_size=args.teacher_size)
+                                progress=args.progress, teacher_size=args.teacher_size)
         path = save(args.out, targets, meta)
         size_mb = os.path.getsize(path) / 1e6
         seen = "/".join(str(s_) for s_ in meta["key"]["teacher_sizes"])

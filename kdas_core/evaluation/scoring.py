@@ -283,7 +283,7 @@ def run(args: argparse.Namespace) -> int:
     if not sets:
         raise UsageError(f"{args.data}: no test sets; expected TestDataset/<name>/{{images,masks}} folders "
                          "(a PraNet root) or images/ and masks/ directly in the folder")
-    common = dict(batch_size=args.batch_size, progress=bars_wanted(not args.no_progress), minmax=args.minmax,
+    common = dict(batch_size=args.batch_size, progress=bars_wanted(args.progress), minmax=args.minmax,
                   workers=args.workers)
     if args.backend is None and not exported:
         model, meta = load_checkpoint(args.weights, device)
@@ -318,7 +318,7 @@ def run(args: argparse.Namespace) -> int:
         results[name] = {k: summary[k] for k in ("mDice", "mIoU", "Sm", "Em", "wFm", "MAE", "n")}
         results[name].update({k: summary[k] for k in SUMMARY_KEYS if k not in results[name]})
         all_rows += [{"set": name, **r} for r in rows]
-        if not bars_wanted(not args.no_progress):  # a log: one line per test set instead of a bar
+        if not bars_wanted(args.progress):  # a log: one line per test set instead of a bar
             print(f"[kdas] {name}: {results[name]['n']} images, mDice {results[name]['mDice']:.4f}", file=sys.stderr, flush=True)
 
     print(format_table(results))
