@@ -413,6 +413,8 @@ class MainWindow(QMainWindow):
         self._rerender()
 
     def _show_cue(self, on: bool, area_pct: float | None) -> None:
+        if self.ended and on:
+            return  # the clip is over: a last frame still in flight does not light the cue again
         if on and not self.cue_on and self.sound_box.isChecked():
             QApplication.beep()
         self.cue_on = on
