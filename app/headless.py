@@ -183,7 +183,7 @@ def run_headless(source: str, out: str, *, model_path: str, backend: str = "auto
     if error:
         written = stats["frames_recorded"] and record_error is None and os.path.isfile(out)
         where = f"; the {stats['frames_recorded']} frames before it are in {out}" if written else ""
-        log(f"error: {error}{where}")
+        log(f"app: error: {error}{where}")
         code = 128 + interrupted.signum if interrupted is not None else (pipeline.inference.failed_exit_code or 1)
         return HeadlessResult(code, stats)
     log(f"wrote {out}: {stats['frames_out']} frames, {describe_throughput(stats)}, "

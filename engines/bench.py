@@ -12,7 +12,7 @@ import numpy as np
 
 from . import CHOICES, load_backend
 from kdas_core.io.atomic import write_json
-from kdas_core.cli.conventions import Parser, add_deprecated_alias
+from kdas_core.cli.conventions import DEVICE_HELP, Parser, add_deprecated_alias, device_arg, require_device
 from kdas_core.models.presets import image_size_arg
 
 from .cli_common import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE, UnavailableError, exit_codes_help, run
@@ -71,20 +71,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="model file: .safetensors, .onnx or .engine/.plan (repeat with --compare)")
     p.add_argument("--model", action=_ModelSpec, dest="model", metavar="NAME",
                    help="a preset name, randomly initialised (repeat with --compare)")
-    p.add_argument("--backend", default="auto", help=f"one of {', '.join(CHOICES)}; with --compare a comma-separated list (default auto)")
+    p.add_argument("--backend", default="auto", metavar="NAME", help=f"one of {', '.join(CHOICES)}; with --compare a comma-separated list (default auto)")
     p.add_argument("--image-size", type=image_size_arg, metavar="S", help="square input side, a multiple of 32 (default: the model's; an .onnx/.engine must match)")
     p.add_argument("--batch-size", dest="batch", type=int, default=1, metavar="N", help="frames per predict call (default 1)")
     add_deprecated_alias(p, "--batch", "--batch-size", "batch", type=int)
     p.add_argument("--runs", type=int, default=50, metavar="N", help="timed calls per model/backend (default 50)")
     p.add_argument("--warmup", type=int, default=10, metavar="N", help="untimed calls first (default 10)")
     p.add_argument("--threads", metavar="N", help="CPU threads for onnxruntime/torch (default: the runtime's); with --compare a comma list, e.g. 1,2")
-    p.add_argument("--graph-opt", default="all", help="onnxruntime graph optimisation: disable|basic|extended|all; with --compare a comma list (default all)")
+    p.add_argument("--graph-opt", default="all", metavar="LEVEL", help="onnxruntime graph optimisation: disable|basic|extended|all; with --compare a comma list (default all)")
     p.add_argument(
-        "--spin", default=None,
+        "--spin", default=None, metavar="on|off",
         help="onnxruntime worker spin-waiting: on|off|default; with --compare a comma list. Default: off with "
         "--compare (spinning idle sessions steal the cores of the one being timed), the runtime's otherwise",
     )
-    p.add_argument("--device", default=None, metavar="DEV", help="cpu, cuda or cuda:N (default: best available)")
+    p.add_argument("--device", type=device_arg, default=None, metavar="DEV", help=f"{DEVICE_HELP} (default: best available)")
     p.add_argument("--compare", action="store_true", help="benchmark every model x backend x threads x graph-opt x spin, interleaved in one run")
     p.add_argument("--json", metavar="OUT", help="write results as JSON to OUT")
     args = p.parse_args(argv)
@@ -174,10 +174,15 @@ def main(argv: list[str] | None = None) -> int:
     from .backends.onnxruntime_backend import OnnxRuntimeBackend
 
     say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    if args.device and args.device != "cpu":
+        require_device(args.device)  # a GPU that is not here: exit 4, the message every command gives
     if "tensorrt" in args.backends:
         from .backends.tensorrt_backend import why_unavailable
+        from .trt_common import NO_GPU_REASON, has_nvidia_gpu
 
         reason = why_unavailable(args.device)
+        if reason and not has_nvidia_gpu():
+            reason = NO_GPU_REASON  # installing TensorRT would not help here
         if reason:
             raise UnavailableError(f"--backend tensorrt: {reason}")
     candidates: list[Candidate] = []

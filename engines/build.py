@@ -13,7 +13,7 @@ from kdas_core.models.presets import image_size_arg
 
 from . import ENGINE_SUFFIXES
 from .cli_common import EXIT_CODES_HELP, EXIT_OK, UnavailableError, VerifyError, run
-from kdas_core.cli.conventions import Parser, positive_int
+from kdas_core.cli.conventions import Parser, device_arg, positive_int
 
 DESCRIPTION = """\
 Export a KDAS checkpoint (.safetensors) for deployment.
@@ -71,7 +71,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--verify", action="store_true", help="compare the artefact with the PyTorch checkpoint and fail on disagreement")
     p.add_argument("--verify-frames", metavar="DIR", help="images to verify on (default: demo-clip frames where the checkpoint finds a polyp)")
     p.add_argument("--max-batch", type=int, default=4, metavar="N", help="TensorRT profile: largest batch (default 4)")
-    p.add_argument("--device", default=None, metavar="DEV", help="CUDA device for TensorRT, e.g. cuda:1 (default cuda:0)")
+    p.add_argument("--device", type=device_arg, default=None, metavar="DEV", help="CUDA device for TensorRT, e.g. cuda:1 (default cuda:0)")
     p.add_argument("--threads", type=positive_int, default=None, metavar="N",
                    help="CPU threads of PyTorch and ONNX Runtime for the export, the INT8 calibration and --verify "
                         "(default: the libraries' own choice)")

@@ -356,13 +356,13 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     p.add_argument("--out", required=True, help="output folder (created; existing files with the same names are overwritten)")
-    p.add_argument("--train", type=nonnegative_int, default=64, help="number of training frames (default: %(default)s)")
-    p.add_argument("--test", type=nonnegative_int, default=16,
+    p.add_argument("--train", type=nonnegative_int, default=64, metavar="N", help="number of training frames (default: %(default)s)")
+    p.add_argument("--test", type=nonnegative_int, default=16, metavar="N",
                    help="number of frames in TestDataset/Synthetic; 0 writes no test set (default: %(default)s)")
     p.add_argument("--image-size", dest="size", type=int, default=256, metavar="S",
                    help="frame side in pixels, square (default: %(default)s)")
     add_deprecated_alias(p, "--size", "--image-size", "size", type=int)
-    p.add_argument("--seed", type=int, default=0, help="random seed; same seed -> identical files (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="random seed; same seed -> identical files (default: %(default)s)")
     return p
 
 
