@@ -116,14 +116,14 @@ def test_tensorrt_asked_for_on_a_machine_without_nvidia_gpu_is_exit_4_saying_it_
 def test_every_command_that_runs_a_model_takes_device_and_answers_a_missing_gpu_alike(capsys, tmp_path):
     from app import cli, eval_clip, soak
     from engines import bench
-    from engines.cli_common import run
+    from engines.cli_common import run as run_engines_cli
     from kdas_core.io.assets import DEMO_CLIP
 
     runs = {
         "app": lambda: cli.main([str(DEMO_CLIP), "--headless", "--out", str(tmp_path / "o.mp4"), "--device", "cuda"]),
         "app.eval_clip": lambda: eval_clip.main([str(DEMO_CLIP), "--gt", str(tmp_path), "--device", "cuda"]),
         "app.soak": lambda: soak.main(["--device", "cuda", "--max-frames", "10"]),
-        "engines.bench": lambda: run(bench.main, ["--device", "cuda", "--model", "polyppvt-lite0"]),
+        "engines.bench": lambda: run_engines_cli(bench.main, ["--device", "cuda", "--model", "polyppvt-lite0"]),
         "kdas_core.evaluate": lambda: evaluate.main(["--weights", "assets/weights/polyppvt-lite0.safetensors", "--data", "d",
                                                      "--device", "cuda"]),
     }
