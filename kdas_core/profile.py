@@ -18,12 +18,17 @@ def main(argv: list[str] | None = None) -> int:
 
     p = Parser(exit_codes=(0, 1, 2), prog="python -m kdas_core.profile",
                                 description="Parameters and GMACs (FlopCounterMode, FLOPs/2) of presets or checkpoints.")
-    p.add_argument("models", nargs="+", metavar="MODEL", help=f"preset ({', '.join(list_models())}) or a .safetensors checkpoint")
+    p.add_argument("models", nargs="*", metavar="MODEL", help=f"preset ({', '.join(list_models())}) or a .safetensors checkpoint")
+    p.add_argument("--weights", action="append", default=[], metavar="PATH",
+                   help="a checkpoint, the word every command uses for a model file (repeat for several)")
     p.add_argument("--image-size", dest="size", type=image_size_arg, default=None, metavar="S",
                    help="square input side (default: a checkpoint's own input size; 352, the papers' size, for a preset)")
     add_deprecated_alias(p, "--size", "--image-size", "size", type=image_size_arg)
     p.add_argument("--json", metavar="OUT", help="also write the figures as JSON")
     args = p.parse_args(argv)
+    args.models = [*args.models, *args.weights]
+    if not args.models:
+        p.error("name at least one MODEL (a preset) or --weights PATH (a checkpoint)")
 
     def go() -> int:
         from kdas_core.io.atomic import write_json
