@@ -202,18 +202,21 @@ def check_not_an_input(path: str, flag: str, inputs) -> None:
                            "give another output path")
 
 
-def check_model(path: str) -> str:
-    """AppError (bad input) now, before any backend loads, when the file cannot be a KDAS model."""
-    from engines import BackendError, check_model_file
+def check_model(path: str):
+    """The model file opened once for this start (an engines.ModelSource: its metadata read here,
+    handed to the inference thread, which builds its backend from it without reading it again);
+    AppError (bad input) now, before any backend loads, when the file cannot be a KDAS model."""
+    from engines import BackendError, ModelSource
 
+    src = ModelSource.of(path)
     try:
-        check_model_file(path)
+        src.check()
     except BackendError as exc:
         raise AppError(str(exc)) from exc
-    return path
+    return src
 
 
-def resolve_model(args) -> str:
+def resolve_model(args):
     if args.weights:
         if not os.path.isfile(args.weights):
             what = "checkpoint" if args.weights.lower().endswith(".safetensors") else "model"
@@ -225,7 +228,7 @@ def resolve_model(args) -> str:
             f"the default weights {DEFAULT_WEIGHTS} are missing; pass --weights PATH (a .safetensors checkpoint, "
             "an .onnx or a TensorRT .engine)"
         )
-    return str(DEFAULT_WEIGHTS)
+    return check_model(str(DEFAULT_WEIGHTS))
 
 
 def resolve_source(args) -> str:

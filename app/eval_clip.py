@@ -162,7 +162,7 @@ def evaluate(clip: str, gt_root: str, model_path: str, *, backend: str = "auto",
             w = csv.writer(f)
             w.writerow(["index", "stem", *(f"dice[{r.name}@{r.threshold:g}]" for r in rows)])
             w.writerows(per_frame_rows)
-    return {"clip": str(clip), "gt": str(gt_root), "model": model_path, "backend": model.name, "frames": i,
+    return {"clip": str(clip), "gt": str(gt_root), "model": str(model_path), "backend": model.name, "frames": i,
             "inference_ms_p50": round(float(np.median(infer_ms)), 3), "cue": dataclasses.asdict(cue),
             "rows": results}
 

@@ -157,7 +157,7 @@ def run_headless(source: str, out: str, *, model_path: str, backend: str = "auto
     model_only = pipeline.inference.model_only or {}
     stats.update({
         "backend": info.backend if info else None,
-        "model": info.path if info else model_path,
+        "model": info.path if info else str(model_path),
         "input_size": list(info.input_size) if info else None,
         "threshold": settings.threshold if settings.threshold is not None else (info.threshold if info else None),
         "source": str(source),

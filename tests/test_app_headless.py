@@ -345,3 +345,18 @@ def test_an_output_that_is_an_input_is_refused_before_anything_is_written(short_
         err = capsys.readouterr().err
         assert code == 2 and "is the input" in err and flags[-2] in err, (flags, err)
         assert os.path.getsize(short_clip) == size
+
+
+def test_the_model_is_opened_once_per_start(assets, tmp_path, monkeypatch):
+    """The command checks the model before anything starts and hands that opened file to the
+    inference thread: its metadata is read once, not once per check and again per backend."""
+    import kdas_core.io.checkpoint as checkpoint
+    from app import cli
+
+    reads = []
+    real = checkpoint.read_metadata
+    monkeypatch.setattr(checkpoint, "read_metadata", lambda path: reads.append(str(path)) or real(path))
+    code = cli.main([assets["clip"], "--headless", "--out", str(tmp_path / "o.mp4"), "--weights", assets["ckpt"],
+                     "--backend", "torch", "--threads", "1", "--max-frames", "3"])
+    assert code == 0
+    assert reads.count(str(assets["ckpt"])) == 1, reads

@@ -626,7 +626,7 @@ class MainWindow(QMainWindow):
         stats.update({
             "mode": "window",
             "backend": self.info.backend if self.info else None,
-            "model": self.info.path if self.info else self.model_path,
+            "model": self.info.path if self.info else str(self.model_path),
             "input_size": list(self.info.input_size) if self.info else None,
             "source": self.source_spec,
             "source_fps": self.reader.fps if self.reader else None,
