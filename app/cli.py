@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 from engines import BACKENDS, CHOICES
 from kdas_core.cli.conventions import (EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE,
-                                      DEVICE_HELP, add_deprecated_alias, device_arg, exit_codes_help, nonnegative_int,
+                                      DEVICE_HELP, add_deprecated_alias, device_arg, exit_codes_help, nonnegative_int, run_cli,
                                       positive_int)
 
 from . import DEFAULT_WEIGHTS, DEMO_CLIP, DISCLAIMER
@@ -253,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--loop 0 (for ever) is for the window; give --headless a number of plays")
     if args.loop is None:
         args.loop = 0 if (args.source is None and not args.headless and not args.exit_at_end) else 1  # the demo keeps its first impression alive
-    try:
+    def go() -> int:
         inputs = [(args.source or str(DEMO_CLIP), "the video"), (args.weights or str(DEFAULT_WEIGHTS), "the model"),
                   (args.compare_weights, "the compare model")]
         check_device(args.device)
@@ -275,8 +274,6 @@ def main(argv: list[str] | None = None) -> int:
         check_display()
         return run_window(args, model_path=resolve_model(args), source=resolve_source(args),
                           analysis=analysis_settings(args), compare_path=resolve_compare(args))
-    except AppError as exc:
-        print(f"app: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
+
+    return run_cli(go, "app", coded=(AppError,))
+

@@ -180,7 +180,7 @@ def _table(res: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     from engines import CHOICES
     from kdas_core.io.atomic import write_json
-    from kdas_core.cli.conventions import DEVICE_HELP, Parser, device_arg, positive_int
+    from kdas_core.cli.conventions import DEVICE_HELP, Parser, device_arg, positive_int, run_cli
 
     from . import DEFAULT_WEIGHTS
     from .cli import _smooth_spec, add_cue_arguments, add_weights_argument, cue_spec, resolve_model
@@ -210,18 +210,17 @@ def main(argv: list[str] | None = None) -> int:
         if not all(0.0 < t < 1.0 for t in thresholds):
             p.error(f"--thresholds: each must be in (0, 1), got {args.thresholds}")
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
-    try:
+    def go() -> int:
         check_device(args.device)
         res = evaluate(args.clip, args.gt, resolve_model(args), backend=args.backend, threads=args.threads,
                        specs=args.smooth, thresholds=thresholds, cue=cue_spec(args),
                        per_frame=args.per_frame, max_frames=args.max_frames, log=log, device=args.device)
-    except AppError as exc:
-        print(f"app.eval_clip: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    print(_table(res))
-    if args.json:
-        write_json(args.json, res)
-    return 0
+        print(_table(res))
+        if args.json:
+            write_json(args.json, res)
+        return 0
+
+    return run_cli(go, "app.eval_clip", coded=(AppError,))
 
 
 if __name__ == "__main__":

@@ -79,13 +79,15 @@ class RunFailure(RuntimeError):
 
 
 def run_cli(fn: Callable[[], int | None], prog: str, *, user_errors: tuple[type[BaseException], ...] = (),
-            codes: dict[type[BaseException], int] | None = None, interrupted: str = "interrupted") -> int:
+            codes: dict[type[BaseException], int] | None = None, interrupted: str = "interrupted",
+            coded: tuple[type[BaseException], ...] = ()) -> int:
     """Run a command's body with the exit codes of this module, for every KDAS command line.
 
     UsageError, the PATH_ERRORS and `user_errors` -> one `prog: error:` line, exit 2;
     UnavailableError -> 4; RunFailure and other OS errors -> 1; `codes` maps further types of ours to codes (engines'
-    VerifyError -> 3); Ctrl+C -> 130 with `interrupted`. Anything else is a bug, not the user's
-    input: its traceback is printed with a line that says so, exit 1."""
+    VerifyError -> 3); `coded`: our error types that carry their own `exit_code` (the app's
+    AppError: 2, 1 or 4 by what went wrong); Ctrl+C -> 130 with `interrupted`. Anything else is a
+    bug, not the user's input: its traceback is printed with a line that says so, exit 1."""
     known = {**(codes or {}), UnavailableError: EXIT_UNAVAILABLE, RunFailure: EXIT_FAILURE,
              OSError: EXIT_FAILURE}  # disk full, a device gone: the machine, not the input, and not a bug
     try:
@@ -97,7 +99,9 @@ def run_cli(fn: Callable[[], int | None], prog: str, *, user_errors: tuple[type[
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except Exception as exc:
-        code = next((c for t, c in known.items() if isinstance(exc, t)), None)
+        code = getattr(exc, "exit_code", None) if isinstance(exc, coded) else None
+        if code is None:
+            code = next((c for t, c in known.items() if isinstance(exc, t)), None)
         if code is not None:
             print(f"{prog}: error: {exc}", file=sys.stderr)
             return code
