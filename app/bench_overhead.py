@@ -269,7 +269,7 @@ def window_run(source: str, model_size: int = 352) -> dict:
     return {**win.stats_summary(), **(win._final_stats or {}), "qt_platform": app.platformName()}
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None) -> int:
     p = Parser(exit_codes=(0, 1, 2, 4, 130), prog="python -m app.bench_overhead", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="1920x1080", metavar="WxH", help="WxH of the clip made for the run (default 1920x1080)")
@@ -374,6 +374,15 @@ def _size(text: str, flag: str, even: bool = True) -> tuple[int, int]:
     if w < 16 or h < 16 or (even and (w % 2 or h % 2)):
         raise ValueError(f"{flag} {text!r}: width and height must be {'even and ' if even else ''}at least 16")
     return w, h
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command, under the exit-code rules every command shares (kdas_core.cli.conventions.run_cli)."""
+    from kdas_core.cli.conventions import run_cli
+
+    from .errors import AppError
+
+    return run_cli(lambda: _main(argv), "app.bench_overhead", coded=(AppError,))
 
 
 if __name__ == "__main__":

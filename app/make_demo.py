@@ -46,7 +46,7 @@ def write_clip(out: str, frames: int = 250, size: int = 352, fps: int = 25, seed
     return os.path.getsize(out)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None) -> int:
     p = Parser(exit_codes=(0, 1, 2), prog="python -m app.make_demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, metavar="PATH", help="output .mp4 (e.g. assets/demo.mp4)")
@@ -64,6 +64,15 @@ def main(argv: list[str] | None = None) -> int:
     size = write_clip(args.out, args.frames, args.size, args.fps, args.seed, args.crf, args.masks)
     print(f"wrote {args.out}: {args.frames} frames {args.size}x{args.size} @ {args.fps} fps, {size / 1e6:.2f} MB")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command, under the exit-code rules every command shares (kdas_core.cli.conventions.run_cli)."""
+    from kdas_core.cli.conventions import run_cli
+
+    from .errors import AppError
+
+    return run_cli(lambda: _main(argv), "app.make_demo", coded=(AppError,))
 
 
 if __name__ == "__main__":

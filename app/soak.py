@@ -30,7 +30,7 @@ from .testing import rss_mb
 REAL_CLIP = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data", "clips", "cvc-clinicdb.mp4")
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None) -> int:
     p = Parser(exit_codes=(0, 1, 2, 4, 130), prog="python -m app.soak", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", nargs="?", metavar="SOURCE",
@@ -104,6 +104,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         write_json(args.json, report)
     return 0 if report["pass"] else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command, under the exit-code rules every command shares (kdas_core.cli.conventions.run_cli)."""
+    from kdas_core.cli.conventions import run_cli
+
+    from .errors import AppError
+
+    return run_cli(lambda: _main(argv), "app.soak", coded=(AppError,))
 
 
 if __name__ == "__main__":
