@@ -1,4 +1,4 @@
-"""Temporal filter, flicker figures, polyp cue, per-frame CSV and compare mode (issue 16)."""
+"""Temporal filter, flicker figures, polyp cue, per-frame CSV and compare mode."""
 
 from __future__ import annotations
 

@@ -388,7 +388,7 @@ def test_real_window_under_xvfb_shows_the_mask(assets, tmp_path):
 
 
 def test_analysis_controls_smooth_cue_and_compare(qtbot, window, assets, tmp_path, monkeypatch):
-    """Issue 16 in the window: the smoothing and cue switches reach the pipeline (also by key),
+    """In the window: the smoothing and cue switches reach the pipeline (also by key),
     the cue label lights with the border, and Compare runs a second model chosen in a dialog."""
     from app.pipeline.analysis import AnalysisSettings
     from app.pipeline.cue import CUE_RGB

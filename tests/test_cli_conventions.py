@@ -63,7 +63,7 @@ def test_one_exit_code_table_for_kdas_core_engines_and_app():
 
 def test_only_our_own_input_errors_are_user_errors(capsys):
     """A bare ValueError/RuntimeError from inside torch or numpy is a bug: traceback, exit 1, said so;
-    our named input errors are one line and exit 2 (issue 15)."""
+    our named input errors are one line and exit 2."""
     from engines.cli_common import VerifyError, run as engines_run
     from engines.errors import BackendError
     from kdas_core.io.checkpoint import CheckpointError

@@ -879,7 +879,7 @@ def test_bench_compare_json(onnx_path, tmp_path):
 
 def test_bench_compare_runs_each_model_at_its_own_size_and_says_so(ckpt, capsys):
     """Without --image-size each model runs at its own input size (a 256 student against a 352
-    preset is the comparison issue 12 asks for): the table names every row's size."""
+    preset is the comparison a deployment decision needs): the table names every row's size."""
     from engines.bench import main
 
     import kdas_core.io.checkpoint as kc
