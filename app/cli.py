@@ -176,18 +176,14 @@ def build_parser() -> argparse.ArgumentParser:
 def check_output(path: str, flag: str) -> None:
     """AppError now, before the model loads, when `path` cannot be created: its folder is missing
     or not writable (a real probe file, so /proc or a read-only mount are caught too)."""
-    import tempfile
+    from kdas_core.io.atomic import unwritable
 
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise AppError(f"{flag} {path}: the folder {folder} does not exist; create it first")
-    try:
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=".kdas-probe-")
-    except OSError as exc:
-        raise AppError(f"{flag} {path}: cannot create files in {folder} ({exc.strerror or exc}); "
-                       "choose a writable folder") from None
-    os.close(fd)
-    os.remove(probe)
+    problem = unwritable(path, flag)
+    if problem:
+        raise AppError(problem)
 
 
 def check_not_an_input(path: str, flag: str, inputs) -> None:

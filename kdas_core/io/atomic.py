@@ -66,6 +66,19 @@ def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
         return os.path.realpath(a) == os.path.realpath(b)
 
 
+def unwritable(path: str | os.PathLike, flag: str) -> str | None:
+    """Why `path` cannot be created in its (existing) folder, as a message naming `flag`, or None:
+    a real probe file is made and removed, so /proc or a read-only mount are caught."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".kdas-probe-")
+    except OSError as exc:
+        return f"{flag} {path}: cannot create files in {folder} ({exc.strerror or exc}); choose a writable folder"
+    os.close(fd)
+    os.remove(probe)
+    return None
+
+
 def check_output_path(path: str | os.PathLike, flag: str, inputs: tuple = ()) -> None:
     """Before the work starts: UsageError (exit 2) naming `flag` when `path` cannot be created
     (its folder is missing or not writable; a real probe file, so /proc or a read-only mount are
@@ -75,13 +88,8 @@ def check_output_path(path: str | os.PathLike, flag: str, inputs: tuple = ()) ->
     for other in inputs:
         if other and same_file(path, other):
             raise UsageError(f"{flag} {path} is an input of this command ({other}); give another output path")
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
+    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
         return  # created by the writer (staged makes the folders)
-    try:
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=".kdas-probe-")
-    except OSError as exc:
-        raise UsageError(f"{flag} {path}: cannot create files in {folder} ({exc.strerror or exc}); "
-                         "choose a writable folder") from None
-    os.close(fd)
-    os.remove(probe)
+    problem = unwritable(path, flag)
+    if problem:
+        raise UsageError(problem)
