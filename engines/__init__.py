@@ -20,7 +20,7 @@ import os
 from .backends.base import Backend
 from .errors import BackendError, BackendUnavailable, ModelFileError
 from .source import ENGINE_SUFFIXES, ModelSource, file_kind
-from .trt_common import NO_GPU_REASON, has_nvidia_gpu, is_sticky_cuda_error
+from .trt_common import is_sticky_cuda_error
 
 BACKENDS = ("tensorrt", "onnxruntime", "torch")  # fastest first: the order auto tries and falls back in
 CHOICES = ("auto",) + BACKENDS
@@ -114,9 +114,7 @@ def _open(name: str, src: ModelSource, opts: dict, notes: list[str]) -> Backend:
     if name == "tensorrt":
         from .backends import tensorrt_backend as trt_b
 
-        reason = trt_b.why_unavailable(opts["device"])
-        if reason and not has_nvidia_gpu():
-            reason = NO_GPU_REASON  # installing TensorRT would not help: no install hint on a machine without a GPU
+        reason = trt_b.unavailable_reason(opts["device"])
         if reason:
             raise BackendUnavailable(reason)
         engine = src if src.kind == "engine" else trt_b.find_cached_engine(src, opts["image_size"], opts["device"], notes)

@@ -104,12 +104,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.format == "tensorrt":
         # Fail before a long export when TensorRT cannot run here at all.
-        from .backends.tensorrt_backend import why_unavailable
-        from .trt_common import NO_GPU_REASON, has_nvidia_gpu
+        from .backends.tensorrt_backend import unavailable_reason
 
-        reason = why_unavailable(args.device)
-        if reason and not has_nvidia_gpu():
-            reason = NO_GPU_REASON  # installing TensorRT would not help here
+        reason = unavailable_reason(args.device)
         if reason:
             raise UnavailableError(f"--format tensorrt: {reason}")
 

@@ -94,13 +94,11 @@ def test_every_shown_default_is_accepted_when_typed_back():
 def test_tensorrt_asked_for_on_a_machine_without_nvidia_gpu_is_exit_4_saying_it_needs_one(capsys, monkeypatch, pair_folder):
     """evaluate --backend tensorrt and build --format tensorrt: the file asked for cannot run here
     (exit 4), and the advice is that TensorRT needs an NVIDIA GPU, not how to install it."""
-    import engines
     from engines import build
     from engines.cli_common import run
     from engines.backends import tensorrt_backend
     from engines.trt_common import NO_GPU_REASON
 
-    monkeypatch.setattr(engines, "has_nvidia_gpu", lambda: False)
     monkeypatch.setattr("engines.trt_common.has_nvidia_gpu", lambda: False)
     monkeypatch.setattr(tensorrt_backend, "why_unavailable", lambda device=None: "install the TensorRT extra (test)")
     w = "assets/weights/polyppvt-lite0.safetensors"

@@ -188,7 +188,7 @@ def test_auto_order_falls_through_to_torch(ckpt, monkeypatch):
     from engines.backends import onnxruntime_backend, tensorrt_backend
 
     monkeypatch.setattr(tensorrt_backend, "why_unavailable", lambda device=None: "no GPU here (test)")
-    monkeypatch.setattr(engines, "has_nvidia_gpu", lambda: True)  # a GPU is there: its reason is shown as is
+    monkeypatch.setattr("engines.trt_common.has_nvidia_gpu", lambda: True)  # a GPU is there: its reason is shown as is
 
     def broken(*a, **k):
         raise BackendError("onnxruntime broken (test)")
@@ -327,7 +327,7 @@ def test_corrupt_checkpoint_under_auto_names_the_file_problem_not_the_backends(t
 
 
 def test_auto_without_nvidia_gpu_skips_tensorrt_without_install_hint(onnx_path, monkeypatch):
-    monkeypatch.setattr(engines, "has_nvidia_gpu", lambda: False)
+    monkeypatch.setattr("engines.trt_common.has_nvidia_gpu", lambda: False)
     b = load_backend(onnx_path)
     assert "tensorrt skipped: no NVIDIA GPU on this machine (TensorRT needs one)" in b.notes
     assert not any("pip install" in n for n in b.notes)

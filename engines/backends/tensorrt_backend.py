@@ -32,6 +32,7 @@ from ..trt_common import (
     read_sidecar,
     trt_logger,
 )
+from .. import trt_common
 from ..source import ModelSource
 from .base import Backend
 
@@ -47,6 +48,15 @@ def why_unavailable(device: str | None = None) -> str | None:
     except BackendError as exc:
         return str(exc)
     return None
+
+
+def unavailable_reason(device: str | None = None) -> str | None:
+    """`why_unavailable` as a user is told it: on a machine without an NVIDIA GPU only that
+    (installing TensorRT would not help), otherwise the reason with its install hint."""
+    reason = why_unavailable(device)
+    if reason and not trt_common.has_nvidia_gpu():
+        return trt_common.NO_GPU_REASON
+    return reason
 
 
 def current_target(device: str | None = None) -> dict:
