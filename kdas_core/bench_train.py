@@ -32,9 +32,8 @@ import sys
 import time
 
 from kdas_core.io.atomic import write_json
-from kdas_core.cli.training import run_cli
 from kdas_core.cli.conventions import (EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE, Parser,
-                              UsageError, nonnegative_int, positive_int)
+                                      UsageError, nonnegative_int, positive_int, run_cli)
 from kdas_core.training.config import STEPS, add_training_args, config_from_args
 
 PHASES = ("data", "forward", "backward", "optimizer")

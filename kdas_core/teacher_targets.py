@@ -35,10 +35,8 @@ import sys
 import time
 from pathlib import Path
 
-
-from kdas_core.cli.training import run_cli
 from kdas_core.cli.conventions import (DEVICE_HELP, Parser, UsageError, add_progress_flag, device_arg, positive_int,
-                                      require_device)
+                                      require_device, run_cli)
 from kdas_core.data.targets import FILE, FORMAT, STRIDE, data_digest, save
 from kdas_core.models.presets import TTA_MODES, image_size_arg, image_size_problem
 
