@@ -235,7 +235,7 @@ def _stage_sink(mode, pipeline, reader, out_path, view):
     widget = VideoWidget()
     widget.resize(*view)
     target = QImage(view[0], view[1], QImage.Format.Format_RGB32)
-    display = DisplaySink(lambda: pipeline.stats)
+    display = DisplaySink(pipeline.account)
 
     def show(frame):
         display(frame)
@@ -321,7 +321,7 @@ def _main(argv: list[str] | None) -> int:
             except AppError as exc:
                 print(f"app.bench_overhead: error: {exc}", file=sys.stderr)
                 return 1
-            keys = ("frames_in", "frames_out", "dropped", "dropped_pct", "fps", "latency_ms_p50", "latency_ms_p95",
+            keys = ("frames_in", "frames_out", "dropped", "dropped_pct", "dropped_by", "stale", "fps", "latency_ms_p50", "latency_ms_p95",
                     "source_fps", "qt_platform")
             print(json.dumps({k: stats.get(k) for k in keys}, indent=2))
             if args.json:

@@ -93,7 +93,7 @@ def run_headless(source: str, out: str, *, model_path: str, backend: str = "auto
                         backend_factory=backend_factory, threads=threads, measure_model_only=True,
                         analysis=analysis, compare_path=compare_path)
     if rows is not None:
-        pipeline.drop_listeners.append(rows.dropped)
+        pipeline.outcome_listeners.append(rows)  # one row per frame, when the pipeline counts it
     recorder: list[Recorder] = []  # created by the first frame: its size is the frame's
     total = reader.frame_count * max(1, loop) if reader.frame_count else None
     if max_frames:
@@ -115,9 +115,7 @@ def run_headless(source: str, out: str, *, model_path: str, backend: str = "auto
         # recording plays at real speed whatever rate the device really delivered.
         t = frame.t_capture - first_capture[0] if reader.live else None
         recorder[0].write(frame.full_output(), t)  # overlay drawn into the decoded 4:2:0 picture
-        pipeline.stats.frame_out(frame.t_capture)
-        if rows is not None:
-            rows(frame)
+        pipeline.account(frame, "shown")
         if bar is not None:
             bar.update(1)
         if on_frame is not None:

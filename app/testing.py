@@ -14,12 +14,18 @@ def make_clip(path: str, frames: int = 30, size: int = 160, fps: int = 25, seed:
     return str(path)
 
 
-def make_checkpoint(path: str, input_size: int = 128, preset: str = "polyppvt-lite0") -> str:
-    """A random-init checkpoint with real metadata: exercises every code path, segments nothing."""
+def make_checkpoint(path: str, input_size: int = 128, preset: str = "polyppvt-lite0", seed: int = 0) -> str:
+    """A random-init checkpoint with real metadata: exercises every code path, segments nothing.
+    The same `seed` gives the same weights whatever ran before (the global RNG is left as it was)."""
+    import torch
+
     from kdas_core.io.checkpoint import build_metadata, save_checkpoint
     from kdas_core.models import create_model
 
-    save_checkpoint(str(path), create_model(preset), build_metadata(preset, input_size=input_size))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = create_model(preset)
+    save_checkpoint(str(path), model, build_metadata(preset, input_size=input_size))
     return str(path)
 
 

@@ -145,13 +145,16 @@ def test_frames_csv_rows_and_bad_path(tmp_path):
     path = tmp_path / "f.csv"
     rows = FramesCsv(str(path))
     img = np.zeros((8, 8, 3), np.uint8)
-    rows(Frame(index=0, pts=0.0, image=img, t_capture=time.perf_counter(), infer_ms=3.0))
-    rows.dropped(Frame(index=1, pts=0.04, image=img, t_capture=0.0))
-    rows(Frame(index=2, pts=0.08, image=img, t_capture=0.0, refresh=True))  # not a row
-    assert len(path.read_text().splitlines()) == 3  # flushed before close
+    rows(Frame(index=0, pts=0.0, image=img, t_capture=time.perf_counter(), infer_ms=3.0), "shown")
+    rows(Frame(index=1, pts=0.04, image=img, t_capture=0.0), "dropped", "model_busy")
+    rows(Frame(index=2, pts=0.08, image=img, t_capture=0.0), "stale")
+    rows(Frame(index=3, pts=0.12, image=img, t_capture=0.0, refresh=True), "shown")  # not a row
+    assert len(path.read_text().splitlines()) == 4  # flushed before close
     rows.close()
     data = list(csv.DictReader(path.open()))
-    assert [r["dropped"] for r in data] == ["0", "1"] and data[0]["inference_ms"] == "3.0"
+    assert [r["dropped"] for r in data] == ["0", "1", "0"] and data[0]["inference_ms"] == "3.0"
+    assert [(r["outcome"], r["drop_reason"]) for r in data] == [("shown", ""), ("dropped", "model_busy"), ("stale", "")]
+    assert data[2]["inference_ms"] == ""  # a stale frame has no results
     (tmp_path / "file").write_text("")
     with pytest.raises(AppError, match="--frames-csv"):
         FramesCsv(str(tmp_path / "file" / "f.csv"))

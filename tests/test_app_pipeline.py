@@ -86,12 +86,17 @@ def test_run_stats_summary_keys_and_drop_percentage():
     s.start()
     for _ in range(10):
         s.frame_in()
-    s.frame_dropped()
+    s.frame_dropped("model_busy")
+    s.frame_stale()
     s.inference(12.0)
     s.frame_out(time.perf_counter() - 0.05)
     out = s.summary()
-    assert out["frames_in"] == 10 and out["frames_out"] == 1 and out["dropped"] == 1
+    assert out["frames_in"] == 10 and out["frames_out"] == 1 and out["dropped"] == 1 and out["stale"] == 1
+    assert out["dropped_by"]["model_busy"] == 1 and sum(out["dropped_by"].values()) == 1
+    assert out["in_flight"] == 7  # 10 in, 3 ended: the rest were still on their way
     assert out["dropped_pct"] == pytest.approx(10.0)
+    with pytest.raises(ValueError, match="drop reason"):
+        s.frame_dropped("tired")
     assert out["latency_ms_p50"] == pytest.approx(50, rel=0.2)
     assert out["inference_ms_p50"] == pytest.approx(12, rel=0.03)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+import csv
 import os
 import shutil
 import signal
@@ -73,12 +75,13 @@ def wait_frames(qtbot, win, n: int) -> None:
 
 
 def wait_settled(qtbot, win) -> None:
-    """After a pause: every frame the source emitted has been shown or counted as dropped, on two
-    polls in a row (a frame already past the source's pacing when pause came is counted too)."""
+    """After a pause: every frame the source emitted has been shown or counted as dropped or
+    stale, on two polls in a row (a frame already past the source's pacing when pause came is
+    counted too)."""
     s, seen = win.pipeline.stats, []
 
     def settled() -> bool:
-        seen.append((s.frames_in, s.frames_out + s.dropped))
+        seen.append((s.frames_in, s.frames_out + s.dropped + s.stale))
         return len(seen) >= 2 and seen[-1] == seen[-2] and seen[-1][0] == seen[-1][1]
 
     qtbot.waitUntil(settled, timeout=WAIT_MS)
@@ -102,6 +105,50 @@ def test_window_plays_and_shows_disclaimer_model_and_readouts(qtbot, window, ass
     assert win.analysis.cue_border is False
     win.toggle_play()
     assert not win.ended and win.analysis.cue_border == win.cue_box.isChecked()
+
+
+def _busy_gui(win, seconds: float) -> None:
+    """Keep the GUI thread from painting while frames keep arriving at the display."""
+    t_end = time.perf_counter() + seconds
+    while time.perf_counter() < t_end:
+        time.sleep(0.01)
+
+
+def test_every_frame_ends_once_shown_dropped_or_stale_in_stats_and_csv(qtbot, window, assets, tmp_path):
+    csv_path = tmp_path / "frames.csv"
+    win = window(frames_csv=str(csv_path))
+    win.open_source(assets["long"])  # 150 frames at 25 fps
+    wait_frames(qtbot, win, 3)
+    _busy_gui(win, 0.5)  # frames wait at the display and replace one another: display_busy
+    epoch = win.pipeline.epoch.value
+    win.seek_to(3.0)  # the frame waiting at the display is now stale
+    while win.pipeline.epoch.value == epoch:  # the source has taken the seek (GUI still not painting)
+        time.sleep(0.005)
+    qtbot.waitUntil(lambda: win.ended, timeout=WAIT_MS)
+    wait_settled(qtbot, win)
+    s = win.pipeline.stats.summary()
+    assert s["frames_in"] == s["frames_out"] + s["dropped"] + s["stale"] and s["in_flight"] == 0
+    assert s["dropped_by"]["display_busy"] >= 1 and s["stale"] >= 1
+    assert s["dropped"] == sum(s["dropped_by"].values())
+    rows = list(csv.DictReader(csv_path.open()))
+    assert len(rows) == s["frames_in"]  # one row per frame, whatever became of it
+    outcomes = collections.Counter(r["outcome"] for r in rows)
+    assert outcomes == {"shown": s["frames_out"], "dropped": s["dropped"], "stale": s["stale"]}
+    reasons = collections.Counter(r["drop_reason"] for r in rows if r["outcome"] == "dropped")
+    assert reasons == {k: v for k, v in s["dropped_by"].items() if v}
+    assert sum(int(r["dropped"]) for r in rows) == s["dropped"]
+
+
+def test_a_new_source_starts_its_count_without_the_old_sources_frames(qtbot, window, assets):
+    win = window()
+    win.open_source(assets["long"])
+    wait_frames(qtbot, win, 3)
+    _busy_gui(win, 0.3)  # an old-source frame waits at the display when the new source opens
+    win.open_source(assets["clip"])  # 30 frames
+    qtbot.waitUntil(lambda: win.ended, timeout=WAIT_MS)
+    wait_settled(qtbot, win)
+    s = win.pipeline.stats.summary()
+    assert s["frames_in"] == 30 == s["frames_out"] + s["dropped"] + s["stale"]
 
 
 def test_sliders_and_keys_change_the_overlay_while_paused(qtbot, window, assets):

@@ -2,8 +2,10 @@
 
 Written incrementally, one flushed line per frame, so the file is complete up to the last frame
 after Ctrl+C / SIGTERM (like the recording) and can be followed while the run goes on.
-Frames dropped before the model (live sources, the window) get a row with dropped=1 and no
-results; rows are in the order frames finished, so sort by `index` for decode order.
+Every frame the source emitted gets exactly one row, written when its way ends (the same moment
+the run's stats count it): `outcome` is shown (painted in the window, recorded headless), dropped
+(`drop_reason` names the busy stage; `dropped` = 1; no results) or stale (made obsolete by a seek;
+no results). Rows are in the order frames finished, so sort by `index` for decode order.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from ..errors import AppError
 from .items import Frame
 
 COLUMNS = ("index", "pts_s", "mask_area_pct", "bbox_x", "bbox_y", "bbox_w", "bbox_h", "polyp_present", "cue_on",
-           "inference_ms", "latency_ms", "dropped", "inference_b_ms", "agreement_dice")
+           "inference_ms", "latency_ms", "dropped", "inference_b_ms", "agreement_dice", "outcome", "drop_reason")
 
 
 class FramesCsv:
@@ -43,9 +45,13 @@ class FramesCsv:
             self._file.flush()
             self.rows += count
 
-    def __call__(self, frame: Frame, now: float | None = None) -> None:
-        """Sink: one row for a processed frame (re-renders of a paused frame are not rows)."""
+    def __call__(self, frame: Frame, outcome: str, reason: str | None = None, now: float | None = None) -> None:
+        """One row for a frame whose way ended (a Pipeline outcome listener)."""
         if frame.refresh:
+            return
+        if outcome != "shown":
+            self._row((frame.index, _f(frame.pts, 4), "", "", "", "", "", "", "", "", "",
+                       int(outcome == "dropped"), "", "", outcome, reason or ""))
             return
         now = time.perf_counter() if now is None else now
         a = frame.analysis
@@ -57,10 +63,8 @@ class FramesCsv:
             _f(frame.infer_ms, 3), _f((now - frame.t_capture) * 1000.0, 3), 0,
             _f(frame.infer_ms_b, 3) if frame.probs_b is not None else "",
             _f(a.agreement, 4) if a is not None and a.agreement is not None else "",
+            "shown", "",
         ))
-
-    def dropped(self, frame: Frame) -> None:
-        self._row((frame.index, _f(frame.pts, 4), "", "", "", "", "", "", "", "", "", 1, "", ""))
 
     def close(self) -> None:
         with self._lock:

@@ -11,12 +11,17 @@ Each stage runs on its own thread so decode, resize, overlay and encode overlap 
 inference: throughput approaches the model's own. In real-time mode (the window, cameras)
 the two channels in front of the model are latest-frame-wins slots: the model always gets the
 newest frame and drops are counted; headless uses blocking queues and never drops.
+
+Every frame's end is counted once, by `Pipeline.account`: shown, dropped (with the busy stage as
+the reason) or stale (a seek made it obsolete). Stats and the frames CSV both hear it there, so
+they cannot disagree.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 from typing import Callable
 
 import cv2
@@ -104,7 +109,8 @@ class Pipeline:
         self.stats = RunStats()
         self.analyzer = self.stats.analyzer = Analyzer(self.analysis_settings)
         self.epoch = Epoch()
-        self.drop_listeners: list[Callable[[Frame], None]] = []  # frames dropped before the model (any thread)
+        # (frame, outcome, reason, now) for every frame's end: see account() (any thread)
+        self.outcome_listeners: list[Callable[[Frame, str, str | None, float], None]] = []
         self.sinks: list[Callable[[Frame], None]] = []  # called in the overlay thread, in order
         self.sink_idle: list[Callable[[], bool]] = []  # e.g. "the recorder has encoded its backlog"
         self.source: SourceStage | None = None
@@ -113,8 +119,8 @@ class Pipeline:
         self.view_box: tuple[int, int] | None = None  # (W, H) of the window's video area; None: no display
 
         if realtime:  # latest frame wins in front of the model; short queues after it
-            self.q_source = LatestSlot(on_drop=self._dropped)
-            self.q_model = LatestSlot(on_drop=self._dropped)
+            self.q_source = LatestSlot(on_drop=lambda f: self._dropped(f, "preprocess_busy"))
+            self.q_model = LatestSlot(on_drop=lambda f: self._dropped(f, "model_busy"))
             depth = 2
         else:  # never drop; queues deep enough to absorb jitter of each stage
             self.q_source = BoundedQueue(3)
@@ -159,7 +165,9 @@ class Pipeline:
         still in flight are skipped; stats start afresh."""
         self._stop_source()
         self.epoch.bump()
-        self.stats = RunStats()
+        stats = RunStats()
+        stats.first_epoch = self.epoch.value  # the old source's frames still in flight count nowhere now
+        self.stats = stats
         self.analyzer = self.stats.analyzer = Analyzer(self.analysis_settings)
         self._last_inferred = None
         self.source = SourceStage(reader, self.q_source, stats=self.stats, events=self.events, epoch=self.epoch,
@@ -229,7 +237,11 @@ class Pipeline:
         self.compare.loaded.wait()  # compare mode: every frame goes through both models
         info = self.inference.info
         if info is None:
-            return None  # no backend: nothing can run; the fatal event has been sent
+            self.account(frame, "dropped", "no_model")  # nothing can run; the fatal event has been sent
+            return None
+        if frame.epoch != self.epoch.value:  # a seek came since it was decoded: not worth the model's time
+            self.account(frame, "stale")
+            return None
         self.stats.start()  # throughput is timed from the first frame the model can take
         prepare(frame, info.input_size, self.view_box)  # model-size and display-size frames
         return frame
@@ -283,8 +295,10 @@ class Pipeline:
         return frame
 
     def _deliver(self, item) -> None:
-        if getattr(item, "epoch", None) != self.epoch.value:
-            return  # from before a seek / source change
+        if getattr(item, "epoch", None) != self.epoch.value:  # from before a seek / source change
+            if isinstance(item, Frame):
+                self.account(item, "stale")
+            return
         if isinstance(item, EndOfStream):
             self.events.end_of_stream(item)
             return
@@ -295,11 +309,35 @@ class Pipeline:
         queues = (self.q_probs, self.q_compared, self.q_mask)
         return all(len(q) == 0 for q in queues) and all(f() for f in self.sink_idle)
 
-    def _dropped(self, item) -> None:
-        if isinstance(item, Frame) and item.epoch == self.epoch.value:
-            self.stats.frame_dropped()
-            for listener in self.drop_listeners:
-                listener(item)
+    def _dropped(self, item, reason: str) -> None:
+        if isinstance(item, Frame):
+            self.account(item, "dropped", reason)
+
+    def account(self, frame: Frame, outcome: str, reason: str | None = None, now: float | None = None) -> str | None:
+        """Count the end of `frame`'s way, exactly once per frame: `outcome` is "shown" (painted,
+        or recorded headless), "dropped" (`reason`: a stats.DROP_REASONS key) or "stale". A frame
+        from before the latest seek is stale whatever the caller saw; one from an earlier source
+        counts nowhere (that run's figures were closed when the source changed). Re-renders
+        (refresh) are not frames. Returns the outcome counted, or None."""
+        if frame.refresh:
+            return None
+        stats = self.stats
+        if frame.epoch < stats.first_epoch:
+            return None
+        if frame.epoch != self.epoch.value:
+            outcome, reason = "stale", None
+        now = time.perf_counter() if now is None else now
+        if outcome == "shown":
+            stats.frame_out(frame.t_capture, now)
+        elif outcome == "dropped":
+            stats.frame_dropped(reason)
+        elif outcome == "stale":
+            stats.frame_stale()
+        else:
+            raise ValueError(f"unknown frame outcome {outcome!r}")
+        for listener in self.outcome_listeners:
+            listener(frame, outcome, reason, now)
+        return outcome
 
     def _fail(self, text: str) -> None:
         self.events.fatal(text)

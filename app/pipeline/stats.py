@@ -1,5 +1,11 @@
 """Run statistics: what the status bar shows live and what `--stats` writes.
 
+Every frame the source emits ends exactly once, in one of three counts: shown (painted in the
+window, recorded headless), dropped (replaced in a latest-frame-wins slot; the reason says
+which stage was busy) or stale (made obsolete by a seek before it could be shown). Frames still
+in the pipeline when a run is stopped midway are `in_flight`, so that
+frames_in = frames_out + dropped + stale + in_flight always holds.
+
 Memory stays constant however long the run: whole-run percentiles come from a log-spaced
 histogram (about 1 % resolution), live readouts from small ring buffers.
 """
@@ -47,6 +53,14 @@ class Histogram:
         return self.LO * math.exp((i - 0.5) / self._scale)
 
 
+DROP_REASONS = {
+    "preprocess_busy": "replaced before preprocessing took it (resize / colour conversion still busy)",
+    "model_busy": "replaced in front of the model (inference still busy with an earlier frame)",
+    "display_busy": "replaced before the window painted it (the GUI thread still busy)",
+    "no_model": "no backend could run the model",
+}
+
+
 class RunStats:
     """Thread-safe counters for one pipeline run (one source)."""
 
@@ -55,6 +69,9 @@ class RunStats:
         self.frames_in = 0  # decoded / grabbed by the source
         self.frames_out = 0  # shown (window) or handed to the recorder (headless)
         self.dropped = 0  # replaced in a latest-frame-wins slot before being processed or shown
+        self.drop_reasons: collections.Counter = collections.Counter()  # DROP_REASONS -> frames
+        self.stale = 0  # obsolete after a seek before they could be shown
+        self.first_epoch = 0  # frames of an earlier epoch belong to an earlier source's run
         self.infer_hist = Histogram()
         self.infer_b_hist = Histogram()  # compare mode: model B
         self.analyzer = None  # analysis.Analyzer of this run (temporal, cue, agreement figures)
@@ -73,9 +90,16 @@ class RunStats:
         with self._lock:
             self.frames_in += 1
 
-    def frame_dropped(self, _item=None) -> None:
+    def frame_dropped(self, reason: str) -> None:
+        if reason not in DROP_REASONS:
+            raise ValueError(f"unknown drop reason {reason!r}; one of {sorted(DROP_REASONS)}")
         with self._lock:
             self.dropped += 1
+            self.drop_reasons[reason] += 1
+
+    def frame_stale(self) -> None:
+        with self._lock:
+            self.stale += 1
 
     def inference(self, ms: float) -> None:
         with self._lock:
@@ -118,7 +142,7 @@ class RunStats:
             infer = list(self._infer_recent)
             infer_b = list(self._infer_b_recent)
             lat = list(self._latency_recent)
-            dropped, seen = self.dropped, self.frames_in
+            dropped, seen, stale = self.dropped, self.frames_in, self.stale
         now = time.perf_counter()
         recent = [t for t in times if now - t <= 2.0]
         fps = (len(recent) - 1) / (recent[-1] - recent[0]) if len(recent) >= 2 and recent[-1] > recent[0] else 0.0
@@ -130,6 +154,7 @@ class RunStats:
             "latency_ms_p95": float(np.percentile(lat, 95)) if lat else None,
             "dropped": dropped,
             "dropped_pct": 100.0 * dropped / seen if seen else 0.0,
+            "stale": stale,
         }
 
     def summary(self) -> dict:
@@ -144,6 +169,10 @@ class RunStats:
                 "frames_out": self.frames_out,
                 "dropped": self.dropped,
                 "dropped_pct": round(100.0 * self.dropped / self.frames_in, 3) if self.frames_in else 0.0,
+                "dropped_by": {reason: self.drop_reasons[reason] for reason in DROP_REASONS},
+                "stale": self.stale,
+                # frames still between the stages when the run stopped (0 when a file played to its end)
+                "in_flight": self.frames_in - self.frames_out - self.dropped - self.stale,
                 "wall_s": round(wall, 3),
                 "wall_s_total": round(total, 3),  # including the interleaved model-only bursts
                 "fps": round(self.frames_out / wall, 3) if wall > 0 else 0.0,

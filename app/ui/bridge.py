@@ -51,14 +51,15 @@ class QtEvents(QObject, PipelineEvents):
 
 class DisplaySink(QObject):
     """Pipeline sink for the screen. Latest frame wins: if the GUI has not painted the previous
-    frame yet, it is replaced (and counted as dropped), so a busy GUI never builds up latency
-    or memory. The QImage is made here, in the overlay thread; the GUI thread only paints it."""
+    frame yet, it is replaced (and counted as dropped, reason display_busy), so a busy GUI never
+    builds up latency or memory. The QImage is made here, in the overlay thread; the GUI thread
+    only paints it, and counts it shown there. `account` is Pipeline.account."""
 
     frameReady = pyqtSignal()
 
-    def __init__(self, stats_ref: Callable):
+    def __init__(self, account: Callable):
         super().__init__()
-        self._stats_ref = stats_ref
+        self._account = account
         self._lock = threading.Lock()
         self._pending: tuple[QImage, Frame] | None = None
         self._last: Frame | None = None
@@ -67,15 +68,15 @@ class DisplaySink(QObject):
         image = to_qimage(frame.view_overlay if frame.view_overlay is not None else frame.overlay)
         meta = Frame(index=frame.index, pts=frame.pts, image=_EMPTY, t_capture=frame.t_capture,
                      epoch=frame.epoch, infer_ms=frame.infer_ms, refresh=frame.refresh,
-                     infer_ms_b=frame.infer_ms_b, analysis=frame.analysis)
+                     infer_ms_b=frame.infer_ms_b, probs_b=frame.probs_b, analysis=frame.analysis)
         with self._lock:
             replaced = self._pending
             self._pending = (image, meta)
             self._last = frame
         if replaced is None:
             self.frameReady.emit()
-        elif not replaced[1].refresh:
-            self._stats_ref().frame_dropped()
+        else:
+            self._account(replaced[1], "dropped", "display_busy")  # a replaced re-render counts nowhere
 
     def full_image(self) -> QImage | None:
         """The last frame handed to the screen, overlaid at source resolution (for snapshots:

@@ -99,11 +99,10 @@ class MainWindow(QMainWindow):
         self.pipeline = Pipeline(model_path, backend, settings=self.settings, events=self.events, realtime=True, device=device,
                                  backend_factory=backend_factory, threads=threads, analysis=self.analysis,
                                  compare_path=compare_path)
-        self.display = DisplaySink(lambda: self.pipeline.stats)
+        self.display = DisplaySink(lambda *a: self.pipeline.account(*a))
         self.recording = RecordingSink(on_error=lambda text: self.events.notice(text, "recording"))
-        if self.frames_csv is not None:
-            self.pipeline.sinks.append(self.frames_csv)
-            self.pipeline.drop_listeners.append(self.frames_csv.dropped)
+        if self.frames_csv is not None:  # one row per frame, when the pipeline counts it (painted or not)
+            self.pipeline.outcome_listeners.append(self.frames_csv)
         self.pipeline.sinks += [self.recording, self.display]
 
         self._build_ui()
@@ -486,12 +485,13 @@ class MainWindow(QMainWindow):
             return
         image, meta = item
         if meta.epoch != self.pipeline.epoch.value:
-            return  # painted after a seek/source change: stale
+            self.pipeline.account(meta, "stale")  # arrived after a seek/source change: not painted
+            return
         self.video.set_image(image)
         if meta.analysis is not None:
             self._show_cue(meta.analysis.cue_on, meta.analysis.area_pct)
         if not meta.refresh:
-            self.pipeline.stats.frame_out(meta.t_capture)
+            self.pipeline.account(meta, "shown")
             if meta.pts is not None:
                 self.last_pts = meta.pts
                 if not self.seek_slider.isSliderDown() and not self._seek_timer.isActive():
