@@ -110,13 +110,13 @@ def analysis_settings(args) -> AnalysisSettings:
 def add_weights_argument(p, default: str) -> None:
     """--weights PATH, any model file (as in engines.bench); --engine PATH is its old spelling."""
     p.add_argument("--weights", metavar="PATH",
-                   help=f"the model: a .safetensors checkpoint, an .onnx export or a TensorRT .engine/.plan "
-                        f"(python -m engines.build); default: {default}")
+                   help=f"the model: a .safetensors checkpoint, an .onnx export, a TensorRT .engine/.plan "
+                        f"(python -m engines.build) or a training run folder (its best.safetensors); default: {default}")
     add_deprecated_alias(p, "--engine", "--weights", "weights")
 
 
 def resolve_compare(args) -> str | None:
-    path = args.compare_weights
+    path = args.compare_weights and _from_run(args.compare_weights, "--compare-weights")
     if path and not os.path.isfile(path):
         raise AppError(f"--compare-weights {path}: no such file; give a .safetensors checkpoint, an .onnx or an .engine")
     return path
@@ -211,8 +211,19 @@ def check_model(path: str):
     return src
 
 
+def _from_run(path: str, flag: str) -> str:
+    """A train/distill run folder's best.safetensors (said on stderr), else `path` itself."""
+    from kdas_core.cli.conventions import UsageError, weights_from_run
+
+    try:
+        return weights_from_run(path, flag)
+    except UsageError as exc:
+        raise AppError(str(exc)) from exc
+
+
 def resolve_model(args):
     if args.weights:
+        args.weights = _from_run(args.weights, "--weights")
         if not os.path.isfile(args.weights):
             what = "checkpoint" if args.weights.lower().endswith(".safetensors") else "model"
             raise AppError(f"--weights {args.weights}: no such {what} file"

@@ -148,15 +148,10 @@ def main(argv: list[str] | None = None) -> int:
 def resolve_weights(path: str) -> str:
     """The checkpoint --weights names: the file itself, or a train/distill run folder's
     best.safetensors (said on stderr). An export (.onnx, an engine) is refused with what to do."""
-    from kdas_core.cli.conventions import UsageError
+    from kdas_core.cli.conventions import UsageError, weights_from_run
 
     if os.path.isdir(path):
-        best = os.path.join(path, "best.safetensors")
-        if not os.path.isfile(best):
-            raise UsageError(f"--weights {path}: a folder with no best.safetensors; give a checkpoint file "
-                             "or the run folder of kdas_core.train / kdas_core.distill")
-        _say(f"--weights {path}: a run folder; building its best.safetensors")
-        return best
+        return weights_from_run(path)
     if path.lower().endswith((".onnx", *ENGINE_SUFFIXES)):
         raise UsageError(f"--weights {path}: engines.build takes a .safetensors checkpoint (from kdas_core.train / "
                          "distill); this file is already an export: run it as it is (python -m app --weights, "

@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     p.add_argument("--weights", required=True, metavar="MODEL",
-                   help="checkpoint (.safetensors) from kdas_core.train/distill, or an export (.onnx, .engine) from engines.build")
+                   help="checkpoint (.safetensors) from kdas_core.train/distill, its run folder (best.safetensors is "
+                        "used), or an export (.onnx, .engine) from engines.build")
     p.add_argument("--backend", metavar="NAME",
                    help="run through this backend of the engines package: auto or one of its backends, listed in "
                         "`python -m engines.bench --help` (default: PyTorch in-process for a checkpoint, onnxruntime "
@@ -108,8 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def go() -> int:
+        from kdas_core.cli.conventions import weights_from_run
         from kdas_core.io.atomic import check_output_path
 
+        args.weights = weights_from_run(args.weights)  # a run folder: its best.safetensors
         for path, flag in ((args.json, "--json"), (args.csv, "--csv")):
             if path:  # before the model loads and the images are scored
                 check_output_path(path, flag, inputs=(args.weights,))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -130,6 +131,26 @@ def test_missing_weights_clear_error(assets, tmp_path, monkeypatch, capsys):
     code = cli.main([assets["clip"], "--headless", "--out", str(tmp_path / "o.mp4")])
     err = capsys.readouterr().err
     assert code == 2 and "polyppvt-lite0.safetensors are missing" in err and "--weights" in err
+
+
+def test_a_run_folder_as_weights_plays_its_best_checkpoint(short_clip, assets, tmp_path, capsys):
+    from app import cli
+
+    run = tmp_path / "run"
+    run.mkdir()
+    code = cli.main([short_clip, "--headless", "--out", str(tmp_path / "o.mp4"), "--weights", str(run)])
+    err = capsys.readouterr().err
+    assert code == 2 and "a folder with no best.safetensors" in err and "run folder" in err
+    shutil.copyfile(assets["ckpt"], run / "best.safetensors")
+    stats = tmp_path / "s.json"
+    code = cli.main([short_clip, "--headless", "--out", str(tmp_path / "o.mp4"), "--weights", str(run),
+                     "--compare-weights", str(run), "--backend", "torch", "--threads", "1", "--json", str(stats)])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "--weights " + str(run) + ": a run folder; using its best.safetensors" in err
+    assert "--compare-weights " + str(run) + ": a run folder" in err
+    s = json.loads(stats.read_text())
+    assert s["model"] == str(run / "best.safetensors") and s["compare"]["model"] == str(run / "best.safetensors")
 
 
 def test_a_checkpoint_that_is_not_one_fails_cleanly(assets, tmp_path, capsys):

@@ -117,7 +117,7 @@ def test_a_failed_start_leaves_no_empty_out_folder(synthetic, tmp_path, capsys):
     assert not out.exists()
 
 
-def test_distill_kdas_then_evaluate(synthetic, teacher_run, tmp_path):
+def test_distill_kdas_then_evaluate(synthetic, teacher_run, tmp_path, capsys):
     run = tmp_path / "student"
     teacher = str(teacher_run / "best.safetensors")
     assert distill.main(["--teacher", teacher, "--model", "polyppvt-lite0", "--data", str(synthetic), "--out", str(run),
@@ -130,8 +130,10 @@ def test_distill_kdas_then_evaluate(synthetic, teacher_run, tmp_path):
     assert "train_kdas/attn_kl" in log and "train_kdas/sgm" in log
 
     out_json = tmp_path / "eval.json"
-    assert evaluate.main(["--weights", str(run / "best.safetensors"), "--data", str(synthetic), "--json", str(out_json),
+    capsys.readouterr()
+    assert evaluate.main(["--weights", str(run), "--data", str(synthetic), "--json", str(out_json),  # the run folder
                           "--device", "cpu"]) == 0
+    assert f"--weights {run}: a run folder; using its best.safetensors" in capsys.readouterr().err
     result = json.loads(out_json.read_text())
     assert set(result) == {"Synthetic"}
     assert {"mDice", "mIoU", "Sm", "Em", "wFm", "MAE", "n"} <= set(result["Synthetic"])

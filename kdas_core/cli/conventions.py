@@ -111,6 +111,23 @@ def run_cli(fn: Callable[[], int | None], prog: str, *, user_errors: tuple[type[
         return EXIT_FAILURE
 
 
+RUN_BEST = "best.safetensors"  # the checkpoint a train/distill run folder chose on validation
+
+
+def weights_from_run(path: str, flag: str = "--weights") -> str:
+    """What a `--weights` value names: the path itself, or, for the run folder of
+    kdas_core.train / distill, its best.safetensors (said on stderr, so a user knows which
+    file ran). A folder without one is a usage error that says what to give instead."""
+    if not os.path.isdir(path):
+        return path
+    best = os.path.join(path, RUN_BEST)
+    if not os.path.isfile(best):
+        raise UsageError(f"{flag} {path}: a folder with no {RUN_BEST}; give a model file or the run folder "
+                         "of kdas_core.train / kdas_core.distill")
+    print(f"{flag} {path}: a run folder; using its {RUN_BEST}", file=sys.stderr)
+    return best
+
+
 def short_prog(prog: str) -> str:
     """The name every message of a command starts with: `kdas_core.train`, not `python -m kdas_core.train`."""
     return prog.removeprefix("python -m ").strip()

@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from kdas_core.io.atomic import staged, write_json
-from kdas_core.cli.conventions import RunFailure, UsageError, bars_wanted
+from kdas_core.cli.conventions import RUN_BEST, RunFailure, UsageError, bars_wanted
 from kdas_core.io.checkpoint import build_metadata, file_sha256, load_checkpoint, read_tensors, save_checkpoint
 from kdas_core.data.dataset import TrainDataset, resolve_layout, split_by_groups, subset_pairs
 from kdas_core.losses import build_distillers, structure_loss
@@ -358,7 +358,7 @@ def setup_run(cfg: TrainConfig) -> Run:
     if cfg.subset:
         train_pairs = subset_pairs(train_pairs, cfg.subset)
 
-    paths = {k: os.path.join(cfg.out, f) for k, f in (("last", "last.safetensors"), ("best", "best.safetensors"),
+    paths = {k: os.path.join(cfg.out, f) for k, f in (("last", "last.safetensors"), ("best", RUN_BEST),
                                                       ("state", "train_state.safetensors"), ("config", "config.json"))}
     if cfg.resume and not (os.path.exists(paths["last"]) and os.path.exists(paths["state"])):
         raise FileNotFoundError(f"--resume: {cfg.out} has no last.safetensors + train_state.safetensors to resume from")
