@@ -140,6 +140,29 @@ def test_distill_kdas_then_evaluate(synthetic, teacher_run, tmp_path, capsys):
     assert result["Synthetic"]["n"] == 6
 
 
+def test_pretrained_timm_without_network_says_what_to_do_instead(synthetic, tmp_path, capsys, monkeypatch):
+    """The hub download failing (here: no network, as the hub library reports it) is exit 4 with
+    the way out, not the hub library's own message as a usage error."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from kdas_core.models import encoder
+
+    real = encoder.timm.create_model
+
+    def offline(name, pretrained=False, **kw):
+        if pretrained:
+            raise LocalEntryNotFoundError("An error happened while trying to locate the file on the Hub")
+        return real(name, pretrained=False, **kw)
+
+    monkeypatch.setattr(encoder.timm, "create_model", offline)
+    code = train.main(["--model", "polyppvt-lite0", "--data", str(synthetic), "--out", str(tmp_path / "r"), *FAST,
+                       "--pretrained", "timm"])
+    err = capsys.readouterr().err
+    assert code == 4, err
+    assert "--pretrained timm" in err and "need the network" in err and "--pretrained PATH" in err
+    assert "internal error" not in err and not (tmp_path / "r" / "last.safetensors").exists()
+
+
 def test_cli_errors_are_clear(synthetic, teacher_run, tmp_path, capsys):
     assert train.main(["--model", "polyppvt-lite0", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r"), *FAST]) == 2
     assert "no such data folder" in capsys.readouterr().err

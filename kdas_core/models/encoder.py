@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from kdas_core.models.efficientnet_lite_weights import PACKAGES as OFFLINE_PACKAGES, load_offline_imagenet
-from kdas_core.cli.conventions import UsageError
+from kdas_core.cli.conventions import UnavailableError, UsageError
 
 
 class Encoder(nn.Module):
@@ -133,7 +133,7 @@ class Encoder(nn.Module):
             if source == "none":
                 return "none (no offline ImageNet weights for this backbone; use --pretrained timm or PATH)"
         if source == "timm":
-            full = timm.create_model(self.backbone_name, pretrained=True)
+            full = _from_hub(self.backbone_name)
             state, desc = full.state_dict(), f"timm hub ({self.backbone_name})"
         elif source == "offline":
             full = timm.create_model(self.backbone_name, pretrained=False)
@@ -156,6 +156,22 @@ class Encoder(nn.Module):
                 f"(e.g. {missing[:4]}); is it a checkpoint of {self.backbone_name!r}?"
             )
         self.body.load_state_dict(matched, strict=False)
+
+
+def _from_hub(backbone: str) -> nn.Module:
+    """timm's model with its hub weights (downloaded once into the hub cache, then read from it).
+    The architecture itself was already built without weights, so a failure here is fetching or
+    reading the weights: most often no network. Say what to do instead of the hub's own words."""
+    try:
+        return timm.create_model(backbone, pretrained=True)
+    except Exception as exc:  # huggingface_hub / httpx / OSError: which one depends on versions
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UnavailableError(
+            f"--pretrained timm: the ImageNet weights of {backbone} could not be fetched from the timm hub "
+            f"({type(exc).__name__}: {reason[:160]}). They need the network (huggingface.co) once; timm's cache "
+            f"serves them afterwards. Without network: --pretrained PATH (a timm-format .safetensors/.pth of "
+            f"{backbone}, e.g. copied from a machine that has it in ~/.cache/huggingface), or --pretrained none"
+        ) from exc
 
 
 def _read_state_file(path: str) -> dict[str, torch.Tensor]:
