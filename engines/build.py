@@ -90,6 +90,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.weights = resolve_weights(args.weights)
+    from kdas_core.io.atomic import check_output_dir
+
+    check_output_dir(args.out, "--out", inputs=(args.weights, args.calibration, args.verify_frames),
+                     file_suffixes=(".onnx", ".safetensors", *ENGINE_SUFFIXES))  # before any export
     if args.threads:  # the export and the INT8 calibration run in this process: torch and ORT alike
         os.environ["KDAS_ORT_THREADS"] = str(args.threads)
         import torch

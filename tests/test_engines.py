@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -962,6 +963,32 @@ def test_bench_argument_errors_exit_2(onnx_path):
         with pytest.raises(SystemExit) as exc:
             run(main, argv)
         assert exc.value.code == 2, argv
+
+
+@pytest.mark.parametrize("case", ["the checkpoint", "a file name", "under a file", "a data folder", "unwritable"])
+def test_build_checks_its_output_folder_against_its_inputs_before_exporting(tmp_path, capsys, case):
+    from engines.build import main
+    from engines.cli_common import EXIT_USAGE, run
+
+    from .conftest import STUDENT
+
+    ckpt = tmp_path / "ck.safetensors"
+    shutil.copyfile(STUDENT, ckpt)
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    out, expect = {
+        "the checkpoint": (ckpt, "is an input of this command"),
+        "a file name": (tmp_path / "model.onnx", "--out is a folder"),
+        "under a file": (ckpt / "deploy", "is a file, so no folder can be made"),
+        "a data folder": (frames, "is an input of this command"),
+        "unwritable": (Path("/proc/kdas-out"), "cannot create files in /proc"),
+    }[case]
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    rc = run(main, ["--weights", str(ckpt), "--out", str(out), "--verify", "--verify-frames", str(frames)])
+    err = capsys.readouterr().err
+    assert rc == EXIT_USAGE and expect in err and f"--out {out}" in err, err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing exported, nothing made
+    assert ckpt.read_bytes() == Path(STUDENT).read_bytes()
 
 
 def test_build_says_what_it_takes_for_an_onnx_file_and_takes_a_run_folders_best(tmp_path, capsys):

@@ -93,3 +93,32 @@ def check_output_path(path: str | os.PathLike, flag: str, inputs: tuple = ()) ->
     problem = unwritable(path, flag)
     if problem:
         raise UsageError(problem)
+
+
+def check_output_dir(path: str | os.PathLike, flag: str, inputs: tuple = (), file_suffixes: tuple = ()) -> None:
+    """Before the work starts, for an output *folder*: UsageError naming `flag` when `path` is a
+    file (an input, or any file), is one of the `inputs` (folders of data included: outputs never
+    land among what is read), looks like a file name (`file_suffixes`, for users who expect to
+    name the output file), or cannot be created (its nearest existing folder is not writable)."""
+    from kdas_core.cli.conventions import UsageError
+
+    path = os.fspath(path)
+    for other in inputs:
+        if other and same_file(path, other):
+            raise UsageError(f"{flag} {path} is an input of this command ({other}); give another output folder")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"{flag} {path} is a file; {flag} is the folder the output is written into")
+    if not os.path.exists(path) and path.lower().endswith(tuple(s.lower() for s in file_suffixes)):
+        raise UsageError(f"{flag} {path}: {flag} is a folder (the file name is made for you); give a folder, "
+                         f"e.g. {flag} {os.path.dirname(path) or '.'}")
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):  # the folders are made later: probe the deepest one that exists
+        parent = os.path.dirname(existing)
+        if parent == existing:
+            break
+        existing = parent
+    if not os.path.isdir(existing):
+        raise UsageError(f"{flag} {path}: {existing} is a file, so no folder can be made under it")
+    problem = unwritable(os.path.join(existing, "probe"), flag)
+    if problem:
+        raise UsageError(problem.replace(f"{flag} {os.path.join(existing, 'probe')}", f"{flag} {path}"))
