@@ -237,6 +237,9 @@ def test_kdas_standardised_maps_do_not_blow_a_near_constant_teacher_map_up_into_
     assert std(empty).std() < 0.05  # centred, left about as flat as it was: not unit-variance noise to match
     assert abs(std(empty).mean()) < 1e-4
     assert std(polyp).std().item() == pytest.approx(1.0, abs=1e-3)  # a map with structure is standardised as before
+    # the ablation (kdas-nofloor) is what came before the floor: the flat map becomes unit-variance noise
+    assert MAPS["std-nofloor"](empty).std().item() > 0.9  # (just under 1: the eps beside a variance of 1e-4)
+    assert torch.allclose(MAPS["std-nofloor"](polyp), std(polyp), atol=1e-4)
     # a flat student and a flat teacher agree: the SGM term on them is near zero, not the distance of two noises
     other = -7.0 + 0.01 * torch.randn(1, 1, 32, 32, generator=g)
     assert kdas_terms({"p1": other, "p2": other}, {"p1": empty, "p2": empty}, sgm_space="std")["sgm"] < 1e-3
