@@ -28,8 +28,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def masks_only(cfg):
+    """train never distils: a --config from a distill run replays as its no-KD twin (everything
+    else as recorded), said on stderr."""
+    if cfg.kd in (None, "", "none") and not cfg.teachers and not cfg.teacher_targets:
+        return cfg
+    import dataclasses
+
+    print(f"kdas_core.train: the --config is a distillation run's (kd={cfg.kd}); train learns from masks alone, so its "
+          "KD settings (kd, teachers, teacher targets) are left out: this is its no-KD twin. To replay the "
+          "distillation itself: python -m kdas_core.distill --config ...", file=sys.stderr)
+    return dataclasses.replace(cfg, kd="none", teachers=[], teacher_targets=None)
+
+
 def main(argv: list[str] | None = None) -> int:
-    return run_training_cli(build_parser().parse_args(argv), "kdas_core.train")
+    return run_training_cli(build_parser().parse_args(argv), "kdas_core.train", check=masks_only)
 
 
 if __name__ == "__main__":

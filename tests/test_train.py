@@ -163,6 +163,20 @@ def test_pretrained_timm_without_network_says_what_to_do_instead(synthetic, tmp_
     assert "internal error" not in err and not (tmp_path / "r" / "last.safetensors").exists()
 
 
+def test_train_replays_a_distillation_config_as_its_no_kd_twin(teacher_run, tmp_path, capsys):
+    config = json.loads((teacher_run / "config.json").read_text())
+    config.update(kd="kdas", teachers=[str(tmp_path / "gone.safetensors")], teacher_targets=str(tmp_path / "gone"))
+    path = tmp_path / "distill-config.json"
+    path.write_text(json.dumps(config))
+    run = tmp_path / "twin"
+    assert train.main(["--config", str(path), "--out", str(run), "--epochs", "1"]) == 0
+    assert "no-KD twin" in capsys.readouterr().err
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["kd"] == "none" and saved["teachers"] == [] and saved["teacher_targets"] is None
+    assert {k: v for k, v in saved.items() if k not in ("kd", "teachers", "teacher_targets", "out", "epochs", "resolved")} \
+        == {k: v for k, v in config.items() if k not in ("kd", "teachers", "teacher_targets", "out", "epochs", "resolved")}
+
+
 def test_cli_errors_are_clear(synthetic, teacher_run, tmp_path, capsys):
     assert train.main(["--model", "polyppvt-lite0", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r"), *FAST]) == 2
     assert "no such data folder" in capsys.readouterr().err

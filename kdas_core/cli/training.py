@@ -13,7 +13,8 @@ RESUME_HINT = "interrupted; checkpoints written so far are complete (use --resum
 
 def run_training_cli(args: argparse.Namespace, prog: str, check: Callable[[object], object] | None = None) -> int:
     """`train` and `distill`: resolve the configuration (flags over --config), `check(cfg)` it
-    cheaply, run the loop, report the chosen checkpoint (rank 0)."""
+    cheaply (it may return a changed configuration), run the loop, report the chosen checkpoint
+    (rank 0)."""
 
     def go() -> None:
         from kdas_core.training.config import config_from_args
@@ -21,7 +22,7 @@ def run_training_cli(args: argparse.Namespace, prog: str, check: Callable[[objec
 
         cfg = config_from_args(args)
         if check is not None:
-            check(cfg)
+            cfg = check(cfg) or cfg  # a check may also hand back the configuration it settled on
         result = run_training(cfg)
         if not result["is_main"]:
             return
