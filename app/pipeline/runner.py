@@ -165,9 +165,7 @@ class Pipeline:
         still in flight are skipped; stats start afresh."""
         self._stop_source()
         self.epoch.bump()
-        stats = RunStats()
-        stats.first_epoch = self.epoch.value  # the old source's frames still in flight count nowhere now
-        self.stats = stats
+        self.stats = RunStats(first_epoch=self.epoch.value)  # the old source's frames in flight count nowhere
         self.analyzer = self.stats.analyzer = Analyzer(self.analysis_settings)
         self._last_inferred = None
         self.source = SourceStage(reader, self.q_source, stats=self.stats, events=self.events, epoch=self.epoch,

@@ -64,14 +64,14 @@ DROP_REASONS = {
 class RunStats:
     """Thread-safe counters for one pipeline run (one source)."""
 
-    def __init__(self, window: int = 120):
+    def __init__(self, window: int = 120, first_epoch: int = 0):
         self._lock = threading.Lock()
         self.frames_in = 0  # decoded / grabbed by the source
         self.frames_out = 0  # shown (window) or handed to the recorder (headless)
         self.dropped = 0  # replaced in a latest-frame-wins slot before being processed or shown
         self.drop_reasons: collections.Counter = collections.Counter()  # DROP_REASONS -> frames
         self.stale = 0  # obsolete after a seek before they could be shown
-        self.first_epoch = 0  # frames of an earlier epoch belong to an earlier source's run
+        self.first_epoch = first_epoch  # frames of an earlier epoch belong to an earlier source's run
         self.infer_hist = Histogram()
         self.infer_b_hist = Histogram()  # compare mode: model B
         self.analyzer = None  # analysis.Analyzer of this run (temporal, cue, agreement figures)

@@ -66,10 +66,11 @@ def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
         return os.path.realpath(a) == os.path.realpath(b)
 
 
-def unwritable(path: str | os.PathLike, flag: str) -> str | None:
-    """Why `path` cannot be created in its (existing) folder, as a message naming `flag`, or None:
-    a real probe file is made and removed, so /proc or a read-only mount are caught."""
-    folder = os.path.dirname(os.path.abspath(path))
+def unwritable(path: str | os.PathLike, flag: str, folder: str | os.PathLike | None = None) -> str | None:
+    """Why `path` cannot be created, as a message naming `flag` and `path`, or None. A real probe
+    file is made and removed in `folder` (default: the folder of `path`, which must exist), so /proc
+    or a read-only mount are caught."""
+    folder = os.path.dirname(os.path.abspath(path)) if folder is None else os.fspath(folder)
     try:
         fd, probe = tempfile.mkstemp(dir=folder, prefix=".kdas-probe-")
     except OSError as exc:
@@ -119,6 +120,6 @@ def check_output_dir(path: str | os.PathLike, flag: str, inputs: tuple = (), fil
         existing = parent
     if not os.path.isdir(existing):
         raise UsageError(f"{flag} {path}: {existing} is a file, so no folder can be made under it")
-    problem = unwritable(os.path.join(existing, "probe"), flag)
+    problem = unwritable(path, flag, folder=existing)
     if problem:
-        raise UsageError(problem.replace(f"{flag} {os.path.join(existing, 'probe')}", f"{flag} {path}"))
+        raise UsageError(problem)
