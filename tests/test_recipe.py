@@ -166,6 +166,24 @@ def test_config_file_replays_a_run_and_flags_override(syn, tmp_path):
         _cfg("--config", str(bad))
 
 
+
+def test_config_replay_starts_afresh_and_names_the_options_an_old_config_lacks(tmp_path, capsys):
+    """A resumed run's config.json says resume: true; replaying it into a new folder must not try
+    to resume there. A config written before some options existed says which take today's values."""
+    full = {**defaults(), "model": "polyppvt-lite0", "data": "d", "out": "o", "resume": True}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**full, "multiscale": list(full["multiscale"]), "progressive": list(full["progressive"])}))
+    assert _cfg("--config", str(path), "--out", "new").resume is False
+    assert _cfg("--config", str(path), "--resume").resume is True
+    assert "note" not in capsys.readouterr().err
+    old = {k: v for k, v in json.loads(path.read_text()).items() if k not in ("frozen_stages", "step")}
+    path.write_text(json.dumps(old))
+    _cfg("--config", str(path))
+    err = capsys.readouterr().err
+    assert "--frozen-stages, --step" in err and str(path) in err and "--resume" not in err
+    assert _cfg("--config", str(path), "--step", "baseline").step == "baseline"
+    assert "note" not in capsys.readouterr().err  # --step sets both
+
 def test_missing_required_flags_are_named():
     with pytest.raises(ValueError, match="--data, --out"):
         _cfg("--model", "polyppvt-lite0")

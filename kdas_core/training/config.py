@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
@@ -280,7 +281,9 @@ def read_config_file(path: str) -> dict[str, Any]:
     unknown = sorted(k for k in raw if k not in known and k != "resolved")
     if unknown:
         raise UsageError(f"--config {path}: unknown field(s) {', '.join(unknown)} (written by another version?)")
-    out = {k: v for k, v in raw.items() if k in known}
+    # --resume says how this command is driven, not what the run was: a replay starts afresh
+    # unless --resume is given (a resumed run's config.json says resume: true).
+    out = {k: v for k, v in raw.items() if k in known and k != "resume"}
     if out.get("multiscale") is not None:
         out["multiscale"] = tuple(out["multiscale"])
     if out.get("progressive") is not None:
@@ -294,7 +297,13 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     given = {k: v for k, v in vars(args).items() if not k.startswith("_")}
     values = defaults()
     values.update(getattr(args, "_command_defaults", {}))
-    from_file = read_config_file(given.pop("config")) if "config" in given else {}
+    config_path = given.pop("config", None)
+    from_file = read_config_file(config_path) if config_path else {}
+    chosen = set(given) | set(RECIPES.get(given.get("recipe"), ())) | set(STEPS.get(given.get("step"), ()))
+    absent = sorted(k for k in values if from_file and k not in from_file and k != "resume" and k not in chosen)
+    if absent:
+        print(f"[kdas] note: --config {config_path} has no {', '.join(_flag(k) for k in absent)} (written by an "
+              "older version): they take today's defaults, which the new run's config.json records", file=sys.stderr)
     values.update(from_file)
     recipe = given.get("recipe", values["recipe"])
     if "recipe" in given or not from_file:
