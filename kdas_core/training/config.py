@@ -261,7 +261,8 @@ def add_training_args(p: argparse.ArgumentParser, kd: str | None = None,
         p.set_defaults(_command_defaults={"kd": kd})
     g = groups[RUN]
     g.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS,
-                   help="a run's config.json: replays that run exactly (flags given here override it)")
+                   help="a run's config.json: replays that run exactly (flags given here override it; "
+                        "a new run unless --resume is given)")
     p.epilog = ((p.epilog + "\n\n") if p.epilog else "") + recipes_help()
     p.formatter_class = argparse.RawDescriptionHelpFormatter
 
