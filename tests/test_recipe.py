@@ -166,7 +166,6 @@ def test_config_file_replays_a_run_and_flags_override(syn, tmp_path):
         _cfg("--config", str(bad))
 
 
-
 def test_config_replay_starts_afresh_and_names_the_options_an_old_config_lacks(tmp_path, capsys):
     """A resumed run's config.json says resume: true; replaying it into a new folder must not try
     to resume there. A config written before some options existed says which take today's values."""
@@ -183,6 +182,7 @@ def test_config_replay_starts_afresh_and_names_the_options_an_old_config_lacks(t
     assert "--frozen-stages, --step" in err and str(path) in err and "--resume" not in err
     assert _cfg("--config", str(path), "--step", "baseline").step == "baseline"
     assert "note" not in capsys.readouterr().err  # --step sets both
+
 
 def test_missing_required_flags_are_named():
     with pytest.raises(ValueError, match="--data, --out"):

@@ -267,6 +267,11 @@ def add_training_args(p: argparse.ArgumentParser, kd: str | None = None,
     p.formatter_class = argparse.RawDescriptionHelpFormatter
 
 
+# Says how this command is driven, not what the run was: a replay starts afresh unless --resume
+# is given (a resumed run's config.json says resume: true).
+NOT_REPLAYED = frozenset({"resume"})
+
+
 def read_config_file(path: str) -> dict[str, Any]:
     """The fields of a run's config.json (what `run_training` wrote), checked by name."""
     if not os.path.isfile(path):
@@ -282,9 +287,7 @@ def read_config_file(path: str) -> dict[str, Any]:
     unknown = sorted(k for k in raw if k not in known and k != "resolved")
     if unknown:
         raise UsageError(f"--config {path}: unknown field(s) {', '.join(unknown)} (written by another version?)")
-    # --resume says how this command is driven, not what the run was: a replay starts afresh
-    # unless --resume is given (a resumed run's config.json says resume: true).
-    out = {k: v for k, v in raw.items() if k in known and k != "resume"}
+    out = {k: v for k, v in raw.items() if k in known and k not in NOT_REPLAYED}
     if out.get("multiscale") is not None:
         out["multiscale"] = tuple(out["multiscale"])
     if out.get("progressive") is not None:
@@ -301,7 +304,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     config_path = given.pop("config", None)
     from_file = read_config_file(config_path) if config_path else {}
     chosen = set(given) | set(RECIPES.get(given.get("recipe"), ())) | set(STEPS.get(given.get("step"), ()))
-    absent = sorted(k for k in values if from_file and k not in from_file and k != "resume" and k not in chosen)
+    absent = sorted(set(values) - set(from_file) - NOT_REPLAYED - chosen) if from_file else []
     if absent:
         print(f"[kdas] note: --config {config_path} has no {', '.join(_flag(k) for k in absent)} (written by an "
               "older version): they take today's defaults, which the new run's config.json records", file=sys.stderr)
