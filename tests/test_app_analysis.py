@@ -256,13 +256,14 @@ def test_real_clip_filter_cuts_toggles_and_cue_episodes_are_threshold_stable(tmp
     gt = shared_data("polyp")
     if not DEFAULT_WEIGHTS.is_file():
         pytest.skip("bundled weights missing")
-    res = evaluate(str(clip), str(gt), str(DEFAULT_WEIGHTS), backend="torch", threads=1, max_frames=100,
+    # 300 frames: enough that the shipped student's few one-frame dropouts occur at every threshold
+    res = evaluate(str(clip), str(gt), str(DEFAULT_WEIGHTS), backend="torch", threads=1, max_frames=300,
                    thresholds=[0.45, 0.5, 0.55])
     rows = {(r["filter"], r["threshold"]): r for r in res["rows"]}
     spec = SmoothSpec().describe()
     for t in (0.45, 0.5, 0.55):
         off, on = rows[("off", t)], rows[(spec, t)]
-        assert off["mask_toggles"] >= 2  # the student does flicker on these frames...
+        assert off["mask_toggles"] >= 2, f"the student no longer flickers at {t} on these frames: nothing to filter"  # it does...
         assert on["mask_toggles"] <= off["mask_toggles"] / 2  # ...and the filter halves it at least
         assert on["dice_mean"] >= off["dice_mean"] - 0.005  # without costing Dice vs the ground truth
     # cue episodes with hysteresis do not move with the threshold; without hysteresis they would count flicker
