@@ -7,6 +7,15 @@ Examples:
   python -m kdas_core.teacher_targets --teacher T1 --teacher T2 --tta flip --data DATA --out runs/targets-ens
   python -m kdas_core.distill --teacher-targets runs/targets-256 --kd kdas --model polyppvt-lite0 \\
       --data ../shared/data/polyp-352 --out runs/student-kdas
+  python -m kdas_core.teacher_targets --score runs/targets-a --score runs/targets-b --data DATA
+
+`--score` judges caches before a student trains on them: each is scored on the validation split
+that a training run on the same --data holds out (its --val-fraction and --groups), as the student
+sees it (the stored S/8 logits upsampled to S, sigmoid(P1 + P2), resized to the mask), and with two
+or more, so is their average in logit space: what --teacher A --teacher B would cache with the same
+sizes and TTA, without running the teachers again. The teachers must have been trained with that
+split held out, or the figures say nothing. Metrics as in kdas_core.evaluate --minmax: Dice at the
+threshold on the probabilities, meanDic over 256 thresholds on min-max normalised maps.
 
 What is stored (OUT/targets.safetensors): for each training image, the teachers' logits P1 and P2
 on the image resized to the training size S (as the training loader resizes it, before any
@@ -38,7 +47,7 @@ from pathlib import Path
 from kdas_core.cli.conventions import (DEVICE_HELP, Parser, UsageError, add_progress_flag, device_arg, positive_int,
                                       require_device, run_cli)
 from kdas_core.data.targets import FILE, FORMAT, STRIDE, data_digest, save
-from kdas_core.models.presets import TTA_MODES, image_size_arg, image_size_problem
+from kdas_core.models.presets import DEFAULT_THRESHOLD, TTA_MODES, image_size_arg, image_size_problem
 
 TEACHER_SIZES = ("train", "native")
 
@@ -120,10 +129,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = Parser(exit_codes=(0, 1, 2, 4, 130), prog="python -m kdas_core.teacher_targets", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--teacher", action="append", required=True, metavar="CKPT",
+    p.add_argument("--teacher", action="append", metavar="CKPT",
                    help="teacher checkpoint; repeat to average several teachers")
+    p.add_argument("--score", action="append", metavar="CACHE",
+                   help="instead of making targets: score this cache (a folder or its targets.safetensors) on "
+                        "the validation split of --data; repeat to score several and their average")
     p.add_argument("--data", required=True, metavar="DIR", help="the training data the student will use (as --data of distill)")
-    p.add_argument("--out", required=True, metavar="DIR", help=f"folder for {FILE}")
+    p.add_argument("--out", metavar="DIR", help=f"folder for {FILE} (required with --teacher)")
+    p.add_argument("--json", metavar="OUT", help="with --score: write the scores here as JSON")
+    p.add_argument("--val-fraction", type=float, default=defaults()["val_fraction"], metavar="F",
+                   help="with --score: the training run's --val-fraction (default: %(default)s, the training default)")
+    p.add_argument("--groups", default=defaults()["groups"], metavar="auto|none|CSV",
+                   help="with --score: the training run's --groups (default: %(default)s, the training default)")
+    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, metavar="T",
+                   help="with --score: threshold for Dice/IoU (default: %(default)s, the shipped one)")
     p.add_argument("--image-size", type=image_size_arg, default=defaults()["image_size"] or PRESET_SIZE, metavar="S",
                    help="the student's training size, as its --image-size (default: %(default)s, the training default)")
     p.add_argument("--tta", choices=TTA_MODES, default="none", help="average with the flipped image (default: none)")
@@ -138,12 +157,37 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _score_cli(args) -> None:
+    from kdas_core.evaluation.scoring import format_table, score_cached_targets
+    from kdas_core.io.atomic import check_output_path, write_json
+
+    if args.out:
+        raise UsageError("--out goes with --teacher; --score writes only --json")
+    if args.json:
+        check_output_path(args.json, "--json", inputs=tuple(args.score))
+    results = score_cached_targets(args.score, args.data, args.val_fraction, args.groups, args.threshold)
+    print(f"validation split of {args.data} (--val-fraction {args.val_fraction:g}, --groups {args.groups}), "
+          f"threshold {args.threshold:g}, meanDic on min-max normalised maps", file=sys.stderr)
+    print(format_table(results, label="targets"))
+    if args.json:
+        write_json(args.json, {k: {m: v if isinstance(v, int) else float(v) for m, v in r.items()} for k, r in results.items()})
+        print(f"wrote {args.json}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def go() -> None:
         from kdas_core.io.checkpoint import read_metadata
 
+        if bool(args.teacher) == bool(args.score):
+            raise UsageError("give --teacher (make targets) or --score (score caches), not both and not neither")
+        if args.score:
+            return _score_cli(args)
+        if args.json:
+            raise UsageError("--json goes with --score; making targets writes only --out")
+        if not args.out:
+            raise UsageError("--out is required with --teacher: the folder the targets are written to")
         device = require_device(args.device)  # a GPU that is not here: exit 4, before any work
         if args.threads:
             import torch

@@ -10,6 +10,7 @@ import torch
 
 from kdas_core import distill, teacher_targets
 from kdas_core.data import targets as targets_file
+from kdas_core.evaluation.scoring import score_cached_targets
 from kdas_core.io.checkpoint import build_metadata, save_checkpoint
 from kdas_core.data import resolve_layout
 from kdas_core.data.dataset import TrainDataset
@@ -183,3 +184,61 @@ def test_teacher_targets_on_a_machine_without_the_gpu_asked_for_exits_4(tmp_path
     rc = main(["--teacher", str(STUDENT), "--data", str(tmp_path), "--out", str(tmp_path / "t"), "--device", "cuda"])
     err = capsys.readouterr().err
     assert rc == EXIT_UNAVAILABLE and "no CUDA GPU is visible" in err and "internal error" not in err
+
+
+def _cache_from_masks(setup, folder, sign=1.0):
+    """A cache whose logits are the masks themselves (±10 per map), sign -1 their inverse."""
+    data, path, _ = setup
+    pairs = {Path(i).stem: m for i, m in resolve_layout(data).train}
+    _, meta = teacher_targets.compute([str(path)], str(data), SIZE, progress=False)
+    side = SIZE // targets_file.STRIDE
+    rows = []
+    for stem in meta["stems"]:
+        mask = cv2.resize(cv2.imread(pairs[stem], cv2.IMREAD_GRAYSCALE), (side, side), interpolation=cv2.INTER_AREA)
+        logit = torch.where(torch.from_numpy(mask) > 127, 10.0, -10.0) * sign
+        rows.append(torch.stack([logit, logit]))
+    targets_file.save(str(folder), torch.stack(rows).half(), meta)
+    return folder
+
+
+def test_score_rates_caches_on_the_validation_split_and_their_average(setup, tmp_path, capsys):
+    data, _, _ = setup
+    good = _cache_from_masks(setup, tmp_path / "good")
+    bad = _cache_from_masks(setup, tmp_path / "bad", sign=-1.0)
+    res = score_cached_targets([str(good), str(bad)], str(data), val_fraction=0.5)
+    assert set(res) == {str(good), str(bad), "average of 2"}
+    n = res[str(good)]["n"]
+    assert n >= 1 and all(r["n"] == n for r in res.values())
+    # the right mask is scored against the right cached row: the mask-shaped logits score high, their inverse near 0
+    assert res[str(good)]["mDice"] > 0.75 and res[str(bad)]["mDice"] < 0.25
+    # the logit average of a map and its inverse is 0 everywhere: p = .5, every pixel at the threshold predicted
+    assert res["average of 2"]["mDice"] < res[str(good)]["mDice"]
+    same = score_cached_targets([str(good), str(good)], str(data), val_fraction=0.5)
+    assert same["average of 2"]["mDice"] == pytest.approx(same[str(good)]["mDice"], abs=1e-6)
+
+    out = tmp_path / "scores.json"
+    assert teacher_targets.main(["--score", str(good), "--data", str(data), "--val-fraction", "0.5",
+                                 "--json", str(out)]) == 0
+    assert "targets" in capsys.readouterr().out
+    import json
+    saved = json.loads(out.read_text())
+    assert saved[str(good)]["mDice"] == pytest.approx(res[str(good)]["mDice"]) and saved[str(good)]["n"] == n
+
+
+def test_score_refuses_what_it_cannot_judge(setup, tmp_path, capsys):
+    data, path, _ = setup
+    good = _cache_from_masks(setup, tmp_path / "good")
+    common = ["--data", str(data), "--val-fraction", "0.5"]
+    assert teacher_targets.main(["--score", str(good), "--teacher", str(path), *common]) == 2  # both modes
+    assert teacher_targets.main(common) == 2  # neither
+    assert teacher_targets.main(["--score", str(tmp_path / "nothing"), *common]) == 2
+    assert "--score" in capsys.readouterr().err
+    assert teacher_targets.main(["--score", str(path), *common]) == 2  # a checkpoint, not a cache
+    assert "not a teacher-targets file" in capsys.readouterr().err
+    stored, meta = teacher_targets.compute([str(path)], str(data), 128, progress=False)
+    targets_file.save(str(tmp_path / "big"), stored, meta)
+    assert teacher_targets.main(["--score", str(good), "--score", str(tmp_path / "big"), *common]) == 2
+    assert "same --image-size" in capsys.readouterr().err
+    assert teacher_targets.main(["--score", str(good), *common[:2], "--val-fraction", "0"]) == 2
+    assert teacher_targets.main(["--teacher", str(path), "--data", str(data)]) == 2  # making targets needs --out
+    assert "--out is required" in capsys.readouterr().err

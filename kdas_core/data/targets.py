@@ -39,33 +39,40 @@ def save(out_dir: str, targets, meta: dict) -> str:
     return path
 
 
-def load(path: str, pairs: list[tuple[str, str]], size: int, teacher_sha256: list[str] | None = None,
-         select: list[tuple[str, str]] | None = None):
-    """(targets as float16 (N, 2, S/8, S/8), metadata); refuses stale ones. `pairs`: all the
-    training images the file was made for (the key is checked on them); the rows returned are
-    aligned with `select` (a part of `pairs`, e.g. the training side of the split), or `pairs`."""
+def read(path: str, flag: str = "--teacher-targets"):
+    """(tensors, metadata) of a targets file (or the folder holding one), checked to be one;
+    `flag` names the option it came from in the messages."""
     from kdas_core.io.checkpoint import CheckpointError, read_tensors
 
     file = os.path.join(path, FILE) if os.path.isdir(path) else path
     if not os.path.isfile(file):
-        raise TeacherTargetsError(f"--teacher-targets {path}: no {FILE} (make it with python -m kdas_core.teacher_targets)")
+        raise TeacherTargetsError(f"{flag} {path}: no {FILE} (make it with python -m kdas_core.teacher_targets)")
     try:
         tensors, meta = read_tensors(file)
     except CheckpointError as exc:
-        raise TeacherTargetsError(f"--teacher-targets {path}: {exc}") from None
+        raise TeacherTargetsError(f"{flag} {path}: {exc}") from None
     if meta.get("format") != FORMAT or "targets" not in tensors:
-        raise TeacherTargetsError(f"--teacher-targets {path}: not a teacher-targets file (format {meta.get('format')!r})")
+        raise TeacherTargetsError(f"{flag} {path}: not a teacher-targets file (format {meta.get('format')!r})")
+    return tensors, meta
+
+
+def load(path: str, pairs: list[tuple[str, str]], size: int, teacher_sha256: list[str] | None = None,
+         select: list[tuple[str, str]] | None = None, flag: str = "--teacher-targets"):
+    """(targets as float16 (N, 2, S/8, S/8), metadata); refuses stale ones. `pairs`: all the
+    training images the file was made for (the key is checked on them); the rows returned are
+    aligned with `select` (a part of `pairs`, e.g. the training side of the split), or `pairs`."""
+    tensors, meta = read(path, flag)
     key = meta["key"]
     if key["image_size"] != size:
-        raise TeacherTargetsError(f"--teacher-targets {path}: made at {key['image_size']} px, this run trains at {size} px; "
+        raise TeacherTargetsError(f"{flag} {path}: made at {key['image_size']} px, this run trains at {size} px; "
                                   f"make targets with --image-size {size}")
     if teacher_sha256 is not None and sorted(teacher_sha256) != key["teachers"]:
-        raise TeacherTargetsError(f"--teacher-targets {path}: made from other teacher checkpoints than the --teacher "
+        raise TeacherTargetsError(f"{flag} {path}: made from other teacher checkpoints than the --teacher "
                                   f"given ({', '.join(t['path'] for t in meta['teachers'])})")
     digest = data_digest(pairs)
     if digest != key["data_sha1"]:
-        raise TeacherTargetsError(f"--teacher-targets {path}: made for other training images (made from "
-                                  f"{meta.get('data_root')}); make them again for this --data")
+        raise TeacherTargetsError(f"{flag} {path}: made for other training images (made from "
+                                  f"{meta.get('data_root')}); use that --data, or make them again for this one")
     index = {s: i for i, s in enumerate(meta["stems"])}
     order = [index[Path(p[0]).stem] for p in (pairs if select is None else select)]
     return tensors["targets"][order], meta

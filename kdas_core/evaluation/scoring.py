@@ -33,7 +33,7 @@ from kdas_core.cli.conventions import UsageError, bars_wanted, require_device
 from kdas_core.data.dataset import EvalDataset, Pair, eval_collate, read_pair, resolve_layout, split_by_groups
 from kdas_core.data.transforms import to_tensor
 from kdas_core.evaluation.metrics import SUMMARY_KEYS, SegMetrics
-from kdas_core.models.presets import TTA_MODES
+from kdas_core.models.presets import DEFAULT_THRESHOLD, TTA_MODES
 
 # ---------------------------------------------------------------- overlays
 
@@ -231,6 +231,51 @@ def evaluate_backend(backend, pairs: list[Pair], threshold: float | None = None,
                   progress, minmax, num_workers, workers)
 
 
+def score_cached_targets(caches: list[str], data: str, val_fraction: float, groups: str = "auto",
+                         threshold: float = DEFAULT_THRESHOLD) -> dict[str, dict]:
+    """`teacher_targets --score`: {cache: summary} of cached teacher targets (kdas_core.data.targets)
+    on the validation split of `data` that a training run with this `val_fraction` and `groups`
+    holds out, plus "average of N" (their logit-space mean, what one cache of all those teachers
+    holds) when several are given. Each row is scored as the student's loss sees it: the S/8
+    logits upsampled to S, sigmoid(P1 + P2), resized to the mask; summaries as evaluate_pairs'
+    with minmax meanDic."""
+    from kdas_core.data import targets as targets_file
+    from kdas_core.data.dataset import read_mask
+
+    if not 0 < val_fraction < 1:
+        raise UsageError(f"--val-fraction must be in (0, 1) with --score, got {val_fraction}")
+    if not 0.0 <= threshold <= 1.0:
+        raise UsageError(f"--threshold must be in [0, 1], got {threshold}")
+    layout = resolve_layout(data)
+    if not layout.train:
+        raise UsageError(f"{data}: no training data (TrainDataset/ or images/+masks/) to hold the validation split out of")
+    split = split_by_groups(layout.train, val_fraction, groups)
+    if not split.val:
+        raise UsageError(f"{data}: the validation split is empty (--val-fraction {val_fraction}); nothing to score")
+    maps, size = {}, None
+    for cache in caches:
+        _, meta = targets_file.read(cache, "--score")
+        s_ = int(meta["key"]["image_size"])
+        if size is not None and s_ != size:
+            raise UsageError(f"--score {cache}: made at {s_} px, the first cache at {size} px; caches averaged "
+                             "together must be made for the same --image-size")
+        size = s_
+        maps[cache] = targets_file.load(cache, layout.train, s_, select=split.val, flag="--score")[0]
+    if len(caches) > 1:
+        maps[f"average of {len(caches)}"] = sum(m.float() for m in maps.values()) / len(caches)
+    results = {}
+    for name, stored in maps.items():
+        with SegMetrics(threshold, minmax=True) as acc:
+            for (_, mask_path), t in zip(split.val, stored):
+                mask = read_mask(mask_path)
+                logits = targets_file.upsample(t, size)  # (2, S, S), as the student's loss sees them
+                prob = torch.sigmoid(logits[0] + logits[1])[None, None]
+                prob = F.interpolate(prob, size=mask.shape, mode="bilinear", align_corners=False)[0, 0]
+                acc.submit(prob.clamp_(0, 1).numpy(), mask, Path(mask_path).stem, lambda row: None)
+        results[name] = acc.summary()
+    return results
+
+
 # ---------------------------------------------------------------- CLI
 
 TABLE_COLUMNS = ("n", "mDice", "mIoU", "Sm", "Em", "wFm", "MAE", "mDice_mean256", "mIoU_mean256")
@@ -238,9 +283,9 @@ CSV_COLUMNS = ("set", "name", "height", "width", "gt_pixels", "pred_pixels", "Di
                "Dice_mean256", "IoU_mean256", "Sm", "Em", "wFm", "MAE")
 
 
-def format_table(results: dict[str, dict]) -> str:
-    name_w = max([len("test set")] + [len(k) for k in results])
-    head = f"{'test set':<{name_w}}  " + "  ".join(f"{c:>{max(6, len(c))}}" for c in TABLE_COLUMNS)
+def format_table(results: dict[str, dict], label: str = "test set") -> str:
+    name_w = max([len(label)] + [len(k) for k in results])
+    head = f"{label:<{name_w}}  " + "  ".join(f"{c:>{max(6, len(c))}}" for c in TABLE_COLUMNS)
     lines = [head, "-" * len(head)]
     for name, s in results.items():
         cells = []
