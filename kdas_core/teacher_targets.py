@@ -166,8 +166,8 @@ def _score_cli(args) -> None:
     if args.json:
         check_output_path(args.json, "--json", inputs=tuple(args.score))
     results = score_cached_targets(args.score, args.data, args.val_fraction, args.groups, args.threshold)
-    print(f"validation split of {args.data} (--val-fraction {args.val_fraction:g}, --groups {args.groups}), "
-          f"threshold {args.threshold:g}, meanDic on min-max normalised maps", file=sys.stderr)
+    print(f"cached maps as the student's loss sees them: Dice/IoU at threshold {args.threshold:g}, "
+          "meanDic/meanIoU (_mean256) on min-max normalised maps", file=sys.stderr)
     print(format_table(results, label="targets"))
     if args.json:
         write_json(args.json, {k: {m: v if isinstance(v, int) else float(v) for m, v in r.items()} for k, r in results.items()})

@@ -242,16 +242,10 @@ def score_cached_targets(caches: list[str], data: str, val_fraction: float, grou
     from kdas_core.data import targets as targets_file
     from kdas_core.data.dataset import read_mask
 
-    if not 0 < val_fraction < 1:
-        raise UsageError(f"--val-fraction must be in (0, 1) with --score, got {val_fraction}")
     if not 0.0 <= threshold <= 1.0:
         raise UsageError(f"--threshold must be in [0, 1], got {threshold}")
     layout = resolve_layout(data)
-    if not layout.train:
-        raise UsageError(f"{data}: no training data (TrainDataset/ or images/+masks/) to hold the validation split out of")
-    split = split_by_groups(layout.train, val_fraction, groups)
-    if not split.val:
-        raise UsageError(f"{data}: the validation split is empty (--val-fraction {val_fraction}); nothing to score")
+    val = validation_pairs(layout, data, val_fraction, groups)
     maps, size = {}, None
     for cache in caches:
         _, meta = targets_file.read(cache, "--score")
@@ -260,13 +254,13 @@ def score_cached_targets(caches: list[str], data: str, val_fraction: float, grou
             raise UsageError(f"--score {cache}: made at {s_} px, the first cache at {size} px; caches averaged "
                              "together must be made for the same --image-size")
         size = s_
-        maps[cache] = targets_file.load(cache, layout.train, s_, select=split.val, flag="--score")[0]
+        maps[cache] = targets_file.load(cache, layout.train, s_, select=val, flag="--score")[0]
     if len(caches) > 1:
         maps[f"average of {len(caches)}"] = sum(m.float() for m in maps.values()) / len(caches)
     results = {}
     for name, stored in maps.items():
         with SegMetrics(threshold, minmax=True) as acc:
-            for (_, mask_path), t in zip(split.val, stored):
+            for (_, mask_path), t in zip(val, stored):
                 mask = read_mask(mask_path)
                 logits = targets_file.upsample(t, size)  # (2, S, S), as the student's loss sees them
                 prob = torch.sigmoid(logits[0] + logits[1])[None, None]
@@ -384,17 +378,24 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _validation_set(layout, args: argparse.Namespace) -> dict[str, list[Pair]]:
-    """{"validation": pairs}: the images a training run on the same --data (with this
-    --val-fraction and --groups) held out to choose its checkpoints."""
+def validation_pairs(layout, data: str, val_fraction: float, groups: str) -> list[Pair]:
+    """The images a training run on the same `data` (with this --val-fraction and --groups) held
+    out to choose its checkpoints; the split is described on stderr."""
     if not layout.train:
-        raise UsageError(f"{args.data}: --split val needs training data (TrainDataset/ or images/+masks/) "
-                         "to hold the validation split out of")
-    if not 0 < args.val_fraction < 1:
-        raise UsageError(f"--val-fraction must be in (0, 1) with --split val, got {args.val_fraction}")
-    split = split_by_groups(layout.train, args.val_fraction, args.groups)
-    print(f"validation split of {args.data}: {split.describe()}", file=sys.stderr)
-    return {"validation": split.val}
+        raise UsageError(f"{data}: scoring the validation split needs training data (TrainDataset/ or "
+                         "images/+masks/) to hold it out of")
+    if not 0 < val_fraction < 1:
+        raise UsageError(f"--val-fraction must be in (0, 1) to score the validation split, got {val_fraction}")
+    split = split_by_groups(layout.train, val_fraction, groups)
+    if not split.val:
+        raise UsageError(f"{data}: the validation split is empty (--val-fraction {val_fraction:g}); nothing to score")
+    print(f"validation split of {data}: {split.describe()}", file=sys.stderr)
+    return split.val
+
+
+def _validation_set(layout, args: argparse.Namespace) -> dict[str, list[Pair]]:
+    """{"validation": pairs} for `evaluate --split val`."""
+    return {"validation": validation_pairs(layout, args.data, args.val_fraction, args.groups)}
 
 
 RUNTIMES_GROUP = "kdas_core.runtimes"  # entry points: callables that open an exported model for scoring
