@@ -24,7 +24,8 @@ bilinear upsamplings of exactly these maps, so nothing is lost but float16 round
 per image at 256). With `--teacher-size native` each teacher sees the image at its own input
 size instead (a teacher trained at 352 is best at 352), and its maps are resampled to the S/8
 grid. Several teachers are averaged in logit space; `--tta flip` also averages each teacher with
-its prediction on the horizontally flipped image, flipped back.
+its prediction on the horizontally flipped image, flipped back, and `--scales 0.75,1,1.25` with
+its predictions at those multiples of its size (multi-scale TTA, at the sum of the rates' costs).
 
 During `distill --teacher-targets`, each stored pair is upsampled to S and then goes through
 exactly the geometric augmentation its image gets (the same flips, rotation and crop, in the same
@@ -47,18 +48,22 @@ from pathlib import Path
 from kdas_core.cli.conventions import (DEVICE_HELP, Parser, UsageError, add_progress_flag, device_arg, positive_int,
                                       require_device, run_cli)
 from kdas_core.data.targets import FILE, FORMAT, STRIDE, data_digest, save
-from kdas_core.models.presets import DEFAULT_THRESHOLD, TTA_MODES, image_size_arg, image_size_problem
+from kdas_core.models.presets import DEFAULT_THRESHOLD, TTA_MODES, image_size_arg, image_size_problem, scaled_size
 
 TEACHER_SIZES = ("train", "native")
 
 
 def compute(teachers: list[str], data: str, size: int, tta: str = "none", batch_size: int = 8,
-            device: str = "cpu", progress: bool = True, teacher_size: str = "train"):
+            device: str = "cpu", progress: bool = True, teacher_size: str = "train",
+            scales: tuple[float, ...] = (1.0,)):
     """(targets (N, 2, S/8, S/8) float16, metadata) for every training image of `data`.
 
     teacher_size "train": each teacher sees the image at the training size S, as a live teacher
     in `distill --teacher` does; "native": at its own checkpoint's input size, its P1/P2 logits
-    then resampled (bilinear) to the S/8 grid: a teacher trained at 352 keeps its 352 accuracy."""
+    then resampled (bilinear) to the S/8 grid: a teacher trained at 352 keeps its 352 accuracy.
+    `scales`: multi-scale TTA, each teacher also run at its size times each rate (rounded to the
+    encoder's stride, as multi-scale training rounds), every map resampled to the S/8 grid and
+    averaged with the others in logit space."""
     import torch
     import torch.nn.functional as F
 
@@ -75,8 +80,13 @@ def compute(teachers: list[str], data: str, size: int, tta: str = "none", batch_
         raise UsageError(f"{data}: no training data (TrainDataset/ or images/+masks/)")
     if teacher_size not in TEACHER_SIZES:
         raise UsageError(f"--teacher-size must be one of {', '.join(TEACHER_SIZES)}, got {teacher_size!r}")
+    scales = tuple(float(r) for r in scales)
+    if not scales or any(not 0.25 <= r <= 4.0 for r in scales):
+        raise UsageError(f"--scales must be rates from 0.25 to 4, e.g. 0.75,1,1.25; got {','.join(map(str, scales)) or 'none'}")
     models = [load_checkpoint(p, device) for p in teachers]
-    sizes = [int(meta["input_size"]) if teacher_size == "native" else size for _, meta in models]
+    base = [int(meta["input_size"]) if teacher_size == "native" else size for _, meta in models]
+    runs = [(model, meta, scaled_size(b, r)) for (model, meta), b in zip(models, base) for r in scales]
+    sizes = [t_size for _, _, t_size in runs]
     shas = [file_sha256(p) for p in teachers]  # the key and the record: each file hashed once
     out = torch.empty(len(pairs), 2, size // STRIDE, size // STRIDE, dtype=torch.float16)
     started = time.time()
@@ -93,7 +103,7 @@ def compute(teachers: list[str], data: str, size: int, tta: str = "none", batch_
             images = [read_image(p[0]) for p in chunk]
             resized = {s_: torch.stack([to_tensor(im, None, s_)[0] for im in images]) for s_ in set(sizes)}
             acc = torch.zeros(len(chunk), 2, size // STRIDE, size // STRIDE)
-            for (model, meta), t_size in zip(models, sizes):
+            for model, meta, t_size in runs:
                 x = torch.stack([_normalise(im, meta["mean"], meta["std"]) for im in resized[t_size]]).to(device)
                 views = [(x, False)] + ([(torch.flip(x, dims=[-1]), True)] if tta == "flip" else [])
                 for v, flipped in views:
@@ -102,7 +112,7 @@ def compute(teachers: list[str], data: str, size: int, tta: str = "none", batch_
                     if maps.shape[-1] != size // STRIDE:
                         maps = F.interpolate(maps, size=(size // STRIDE, size // STRIDE), mode="bilinear",
                                              align_corners=False)
-                    acc += (torch.flip(maps, dims=[-1]) if flipped else maps) / (len(views) * len(models))
+                    acc += (torch.flip(maps, dims=[-1]) if flipped else maps) / (len(views) * len(runs))
             out[start:start + len(chunk)] = acc.half()
             if bar is not None:
                 bar.update(len(chunk))
@@ -111,6 +121,7 @@ def compute(teachers: list[str], data: str, size: int, tta: str = "none", batch_
     meta = {
         "format": FORMAT,
         "key": {"teachers": sorted(shas), "image_size": size, "tta": tta, "teacher_sizes": sorted(set(sizes)),
+                "scales": list(scales),
                 "data_sha1": data_digest(pairs)},
         "stems": [Path(p[0]).stem for p in pairs],
         "teachers": [{"path": os.path.abspath(p), "preset": m["preset"], "sha256": sha,
@@ -119,6 +130,17 @@ def compute(teachers: list[str], data: str, size: int, tta: str = "none", batch_
         "seconds": round(time.time() - started, 1),
     }
     return out, meta
+
+
+def _rates(text: str) -> tuple[float, ...]:
+    """argparse `type=` for --scales: comma-separated rates."""
+    try:
+        rates = tuple(float(r) for r in text.split(",") if r.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 0.75,1,1.25, got {text!r}") from None
+    if not rates:
+        raise argparse.ArgumentTypeError(f"expected at least one rate, got {text!r}")
+    return rates
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -150,6 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train: each teacher sees the image at --image-size, as a live teacher does; native: at "
                         "its own checkpoint's input size (e.g. 352 for a teacher trained at 352), its maps then "
                         "resampled to the training grid (default: %(default)s)")
+    p.add_argument("--scales", type=_rates, default=(1.0,), metavar="R,R,...",
+                   help="multi-scale TTA: also run each teacher at its size times each rate (rounded to a "
+                        "multiple of 32) and average the maps, e.g. 0.75,1,1.25 for three times the cost "
+                        "(default: 1, one scale)")
     p.add_argument("--batch-size", type=int, default=8, metavar="B", help="teacher batch size (default: 8)")
     p.add_argument("--device", type=device_arg, metavar="DEV", help=f"{DEVICE_HELP} (default: cuda when available)")
     p.add_argument("--threads", type=positive_int, metavar="N", help="PyTorch CPU threads (default: PyTorch's choice)")
@@ -196,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         for t in args.teacher:
             read_metadata(t)  # a bad checkpoint fails before any work
         targets, meta = compute(args.teacher, args.data, args.image_size, args.tta, args.batch_size, device,
-                                progress=args.progress, teacher_size=args.teacher_size)
+                                progress=args.progress, teacher_size=args.teacher_size, scales=args.scales)
         path = save(args.out, targets, meta)
         size_mb = os.path.getsize(path) / 1e6
         seen = "/".join(str(s_) for s_ in meta["key"]["teacher_sizes"])

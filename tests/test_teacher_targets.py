@@ -242,3 +242,23 @@ def test_score_refuses_what_it_cannot_judge(setup, tmp_path, capsys):
     assert teacher_targets.main(["--score", str(good), *common[:2], "--val-fraction", "0"]) == 2
     assert teacher_targets.main(["--teacher", str(path), "--data", str(data)]) == 2  # making targets needs --out
     assert "--out is required" in capsys.readouterr().err
+
+
+def test_multi_scale_targets_average_the_teacher_over_the_rates(setup, tmp_path, capsys):
+    data, path, _ = setup
+    one, _ = teacher_targets.compute([str(path)], str(data), SIZE, progress=False)
+    twice, _ = teacher_targets.compute([str(path)], str(data), SIZE, progress=False, scales=(1.0, 1.0))
+    assert torch.allclose(twice.float(), one.float(), atol=2e-3)  # the mean of a map with itself
+    two, meta = teacher_targets.compute([str(path)], str(data), SIZE, progress=False, scales=(0.5, 1.0))
+    half, _ = teacher_targets.compute([str(path)], str(data), SIZE, progress=False, scales=(0.5,))
+    # the average of the per-scale maps, each resampled to the S/8 grid
+    assert torch.allclose(two.float(), (one.float() + half.float()) / 2, atol=2e-2)
+    assert not torch.allclose(half.float(), one.float(), atol=1e-2)
+    assert meta["key"]["scales"] == [0.5, 1.0] and meta["key"]["teacher_sizes"] == [32, 64]
+    common = ["--teacher", str(path), "--data", str(data), "--out", str(tmp_path / "t")]
+    with pytest.raises(SystemExit) as bad:
+        teacher_targets.main([*common, "--scales", "0.75,x"])
+    assert bad.value.code == 2
+    assert teacher_targets.main([*common, "--scales", "0.1"]) == 2
+    assert "--scales" in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()

@@ -63,6 +63,12 @@ def image_size_problem(size: int) -> str | None:
     return None
 
 
+def scaled_size(size: int, rate: float) -> int:
+    """`size` scaled by `rate` and rounded to the encoder's stride (at least one stride): the side
+    of Polyp-PVT's multi-scale training batches and of multi-scale teacher targets."""
+    return max(STRIDE, int(round(size * rate / STRIDE) * STRIDE))
+
+
 def image_size_arg(text: str) -> int:
     """argparse `type=` for --image-size: an integer that obeys image_size_problem()."""
     try:

@@ -29,6 +29,7 @@ from kdas_core.losses import build_distillers, structure_loss
 from kdas_core.losses.structure import boundary_weights
 from kdas_core.models import create_model, resolve
 from kdas_core.models.cost import count_params
+from kdas_core.models.presets import scaled_size
 from kdas_core.training import distributed
 from kdas_core.training.config import TrainConfig
 from kdas_core.training.state import load_train_state, save_train_state
@@ -113,7 +114,7 @@ def _rescale(image: torch.Tensor, mask: torch.Tensor, rate: float) -> tuple[torc
     """Polyp-PVT multi-scale training: whole batch to round(size * rate / 32) * 32."""
     if rate == 1.0:
         return image, mask
-    side = max(32, int(round(image.shape[-1] * rate / 32) * 32))
+    side = scaled_size(image.shape[-1], rate)
     image = F.interpolate(image, size=(side, side), mode="bilinear", align_corners=True)
     mask = (F.interpolate(mask, size=(side, side), mode="bilinear", align_corners=True) > 0.5).float()
     return image, mask
@@ -500,7 +501,7 @@ def train_one_epoch(run: Run, epoch: int) -> dict[str, Any]:
     progress["train_seconds"] += epoch_seconds
     row: dict[str, Any] = {"epoch": epoch + 1, "lr": lr, "seconds": round(epoch_seconds, 1),
                            "img_per_s": round(n_seen * run.world / max(1e-6, epoch_seconds), 2),
-                           "train_side": int(round(run.size * size_rate / 32) * 32) if size_rate != 1.0 else run.size}
+                           "train_side": scaled_size(run.size, size_rate) if size_rate != 1.0 else run.size}
     means = {k: distributed.mean_across(v / max(1, steps_done), device) for k, v in sums.items()}
     row.update({f"train_{k}": v for k, v in means.items()})
     # Each term's share of the total loss: a reader sees at once whether one term dominates.
