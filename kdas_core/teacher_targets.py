@@ -189,6 +189,11 @@ def _score_cli(args) -> None:
 
     if args.out:
         raise UsageError("--out goes with --teacher; --score writes only --json")
+    made = [flag for flag, given in (("--tta", args.tta != "none"), ("--scales", args.scales != (1.0,)),
+                                     ("--teacher-size", args.teacher_size != "train")) if given]
+    if made:
+        raise UsageError(f"{', '.join(made)}: options for making targets with --teacher; a cache given to "
+                         "--score is scored as it was made")
     if args.json:
         check_output_path(args.json, "--json", inputs=tuple(args.score))
     results = score_cached_targets(args.score, args.data, args.val_fraction, args.groups, args.threshold)

@@ -240,6 +240,8 @@ def test_score_refuses_what_it_cannot_judge(setup, tmp_path, capsys):
     assert teacher_targets.main(["--score", str(good), "--score", str(tmp_path / "big"), *common]) == 2
     assert "same --image-size" in capsys.readouterr().err
     assert teacher_targets.main(["--score", str(good), *common[:2], "--val-fraction", "0"]) == 2
+    assert teacher_targets.main(["--score", str(good), *common, "--tta", "flip"]) == 2  # scored as made
+    assert "scored as it was made" in capsys.readouterr().err
     assert teacher_targets.main(["--teacher", str(path), "--data", str(data)]) == 2  # making targets needs --out
     assert "--out is required" in capsys.readouterr().err
 
