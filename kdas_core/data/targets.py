@@ -61,7 +61,13 @@ def load(path: str, pairs: list[tuple[str, str]], size: int, teacher_sha256: lis
     """(targets as float16 (N, 2, S/8, S/8), metadata); refuses stale ones. `pairs`: all the
     training images the file was made for (the key is checked on them); the rows returned are
     aligned with `select` (a part of `pairs`, e.g. the training side of the split), or `pairs`."""
-    tensors, meta = read(path, flag)
+    return rows(*read(path, flag), path, pairs, size, teacher_sha256, select, flag)
+
+
+def rows(tensors: dict, meta: dict, path: str, pairs: list[tuple[str, str]], size: int,
+         teacher_sha256: list[str] | None = None, select: list[tuple[str, str]] | None = None,
+         flag: str = "--teacher-targets"):
+    """`load` on a file already `read`: its key checked, its rows aligned with `select`."""
     key = meta["key"]
     if key["image_size"] != size:
         raise TeacherTargetsError(f"{flag} {path}: made at {key['image_size']} px, this run trains at {size} px; "

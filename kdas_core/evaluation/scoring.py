@@ -248,13 +248,13 @@ def score_cached_targets(caches: list[str], data: str, val_fraction: float, grou
     val = validation_pairs(layout, data, val_fraction, groups)
     maps, size = {}, None
     for cache in caches:
-        _, meta = targets_file.read(cache, "--score")
+        tensors, meta = targets_file.read(cache, "--score")  # read once: its size, then its rows
         s_ = int(meta["key"]["image_size"])
         if size is not None and s_ != size:
             raise UsageError(f"--score {cache}: made at {s_} px, the first cache at {size} px; caches averaged "
                              "together must be made for the same --image-size")
         size = s_
-        maps[cache] = targets_file.load(cache, layout.train, s_, select=val, flag="--score")[0]
+        maps[cache] = targets_file.rows(tensors, meta, cache, layout.train, s_, select=val, flag="--score")[0]
     if len(caches) > 1:
         maps[f"average of {len(caches)}"] = sum(m.float() for m in maps.values()) / len(caches)
     results = {}
